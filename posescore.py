@@ -1,0 +1,623 @@
+"""Stage 2 of DrPose: skeleton maps, the g_skel network, PoseScore and the reward registry.
+
+    python posescore.py train --preset demo --run-dir runs/demo        # g_skel on data/scans/, ~1.5 min CPU
+    python posescore.py train --preset demo --train-on broad           # + broad poses rendered on the fly
+    python posescore.py score --views-dir runs/demo/recon/base         # score generated views vs GT poses
+    python posescore.py score --views-dir runs/demo/data/bench/bench.npz   # score GT renders
+
+PoseScore (the paper's reward) is r(x0, theta) = -BCE(g_skel(x0), S(theta)):
+    S(theta)   `skeleton_maps`: the body joints projected into the six views, one soft line per bone
+    g_skel     a small diffusers UNet2DModel, one view latent (6, H, W) + its view index -> K logits
+    BCE        per pixel, averaged over views, bones and pixels; higher reward is better
+
+Writes `posescore/` under the run folder: the U-Net (`save_pretrained`), `posescore_config.json`
+(line width, resolution, training args, time), `validation.json` (map PSNR / SSIM, 2D joint
+error, true-vs-perturbed pose accuracy on val scans and on bench hard poses), `metrics.jsonl`
+(one line per log step: step, loss, lr, seconds) and `maps.png` (views | target | predicted maps).
+
+Every reward in REWARDS has one signature, so finetune.py's `--reward NAME` swaps it:
+    fn(views (B, V, 6, H, W) in [-1, 1], batch {"joints": (B, 55, 3), ...}, ctx: RewardContext)
+        -> (rewards (B,), parts {name: (B,)})      higher is better, differentiable in views
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Callable, Literal, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+
+from prepare_data import (BONE_GROUPS, BONES, NUM_BODY_JOINTS, NUM_VIEWS, POSE_KEYS, VIEW_AZIMUTHS,
+                          UserError, atomic_dir, body_forward, from_uint8, load_body_model, load_split,
+                          run_cli, views_to_latents, views_to_pixels, world_to_views, write_json)
+
+
+@dataclass
+class TrainArgs:
+    """Train g_skel on scan renders and write posescore/ (weights, config, validation numbers)."""
+
+    preset: Literal["demo", "full"] = "demo"
+    """demo: a tiny U-Net, ~1.5 min on 2 CPU cores at 32 px; full: a wider one for one GPU at 64 px
+    (fields below left unset take the preset's value)"""
+    run_dir: Path = Path("runs/demo")
+    """the run folder: reads data/scans/, data/bench/, body/; writes posescore/"""
+    train_on: Literal["scans", "broad"] = "scans"
+    """scans: the scan renders only, as in the paper; broad: scans plus broad poses rendered here
+    (prepare_data.generate_poses + render_subjects), the fix if g_skel does not transfer to hard poses"""
+    num_broad: int | None = None
+    """extra broad-pose subjects rendered for --train-on broad (demo 240, full 3000)"""
+    steps: int | None = None
+    """optimiser steps (demo 500, full 6000)"""
+    batch_size: int | None = None
+    """single views per step (demo 32, full 64)"""
+    lr: float = 3e-3
+    """peak AdamW learning rate (linear warm-up over 5% of steps, then cosine to zero)"""
+    channels: tuple[int, ...] | None = None
+    """U-Net block widths; the number of entries is the number of resolution levels (demo 16 32 64)"""
+    width: float | None = None
+    """skeleton-map line width: Gaussian sigma in pixels (demo 1.0 at 32 px, full 1.5 at 64 px)"""
+    pos_weight: float = 1.0
+    """BCE weight of bone pixels; 1 keeps the predicted maps calibrated (what PSNR/SSIM measure)"""
+    blur: float = 1.0
+    """augmentation: views are blended towards a Gaussian blur of this sigma (px) by a random amount,
+    so g_skel holds up on generated, softer views"""
+    noise: float = 0.05
+    """augmentation: the largest std of added Gaussian noise (latents are in [-1, 1])"""
+    perturb_levels: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
+    """validation: std (radians) of the noise added to every body_pose joint for perturbed poses"""
+    log_every: int = 50
+    """steps between log lines (also appended to posescore/metrics.jsonl)"""
+    seed: int = 0
+    """seeds the weights, batches, augmentation and the perturbation directions"""
+    device: str = "cpu"
+    """torch device"""
+
+    def resolved(self) -> "TrainArgs":
+        """The preset's values for every field left unset (an explicit flag always wins)."""
+        table = TRAIN_PRESETS[self.preset]
+        return dataclasses.replace(self, **{k: v for k, v in table.items() if getattr(self, k) is None})
+
+
+@dataclass
+class ScoreArgs:
+    """Score views against their poses with any reward of the registry; print and write json."""
+
+    views_dir: Path
+    """a reconstruct.py output folder (recon/<tag>/ with {i:05d}/views.npz, key `latents`), or a
+    dataset npz with `color`, `normal` and `joints` (data/scans/val.npz, data/bench/bench.npz)"""
+    poses: Path | None = None
+    """npz with the GT `joints` (N, 55, 3) for a recon folder; sample folder i takes row i
+    (default: <run-dir>/data/bench/bench.npz; ignored when --views-dir is a dataset npz)"""
+    run_dir: Path = Path("runs/demo")
+    """the run folder holding posescore/"""
+    posescore_dir: Path | None = None
+    """g_skel folder (default: <run-dir>/posescore)"""
+    reward: str = "posescore"
+    """a name in posescore.REWARDS"""
+    lpips_weights: Path | None = None
+    """optional perceptual term: a TorchScript LPIPS module (see `load_perceptual`); off by default"""
+    out: Path | None = None
+    """where to write the scores json (default: <views-dir>/score_<reward>.json for a folder,
+    none for a dataset npz)"""
+    batch_size: int = 16
+    """subjects per reward call"""
+    device: str = "cpu"
+    """torch device"""
+
+
+TRAIN_PRESETS = {
+    "demo": dict(steps=500, batch_size=32, channels=(16, 32, 64), width=1.0, num_broad=240),
+    "full": dict(steps=6000, batch_size=64, channels=(32, 64, 128, 128), width=1.5, num_broad=3000),
+}
+NUM_BONES = len(BONES)  # K = 21
+PAPER_MAP_PSNR, PAPER_MAP_SSIM = 22.48, 0.93
+
+
+# --- S(theta): skeleton maps ----------------------------------------------------------------------
+
+def project_joints(joints: torch.Tensor, resolution: int) -> torch.Tensor:
+    """(B, J >= 22, 3) world joints -> (B, V, 22, 2) pixel coordinates (u, v) of the body joints."""
+    return views_to_pixels(world_to_views(joints[:, :NUM_BODY_JOINTS]), resolution)
+
+
+def skeleton_maps(joints: torch.Tensor, resolution: int, width: float = 1.0) -> torch.Tensor:
+    """S(theta): (B, 55 or 22, 3) world joints -> (B, V, K, H, W) soft bone lines in [0, 1].
+
+    Channel k is bone BONES[k] drawn as exp(-d^2 / (2 width^2)), d the distance in pixels from each
+    pixel centre to the projected segment. No occlusion: every bone shows in every view, so the
+    maps carry the full pose even where the body hides a limb. Differentiable in the joints."""
+    _check_joints(joints)
+    pix = project_joints(joints, resolution)  # (B, V, 22, 2)
+    parent, child = (torch.tensor(side, device=joints.device) for side in zip(*BONES))
+    start, stop = pix[:, :, parent], pix[:, :, child]  # (B, V, K, 2)
+    centres = torch.arange(resolution, device=joints.device, dtype=joints.dtype) + 0.5
+    rows, cols = torch.meshgrid(centres, centres, indexing="ij")
+    grid = torch.stack([cols, rows], -1)  # (H, W, 2) as (u, v)
+    along = (stop - start)[:, :, :, None, None]  # (B, V, K, 1, 1, 2)
+    offset = grid - start[:, :, :, None, None]  # (B, V, K, H, W, 2)
+    # Closest point on the segment: t in [0, 1] along it (eps keeps zero-length bones finite).
+    t = ((offset * along).sum(-1) / (along.pow(2).sum(-1) + 1e-8)).clamp(0, 1)  # (B, V, K, H, W)
+    dist2 = (offset - t[..., None] * along).pow(2).sum(-1)
+    return torch.exp(-dist2 / (2 * width ** 2))
+
+
+@functools.lru_cache
+def _joint_bones() -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, int], ...]]:
+    """For each body joint, the bones that meet at it; and (leaf joint, its bone) pairs."""
+    incident = tuple(tuple(k for k, bone in enumerate(BONES) if j in bone) for j in range(NUM_BODY_JOINTS))
+    leaves = tuple((j, bones[0]) for j, bones in enumerate(incident) if len(bones) == 1)
+    return incident, leaves
+
+
+def _soft_argmax(weights: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) non-negative weights -> (..., 2) weighted centroid in pixels (u, v)."""
+    res = weights.shape[-1]
+    centres = torch.arange(res, device=weights.device, dtype=weights.dtype) + 0.5
+    weights = weights / (weights.sum((-2, -1), keepdim=True) + 1e-12)
+    u = (weights.sum(-2) * centres).sum(-1)
+    v = (weights.sum(-1) * centres).sum(-1)
+    return torch.stack([u, v], -1)
+
+
+def joints_from_maps(maps: torch.Tensor, sharpness: float = 4.0) -> torch.Tensor:
+    """Read the 22 body joints off skeleton maps: (B, V, K, H, W) in [0, 1] -> (B, V, 22, 2) pixels.
+
+    A joint where bones meet is the soft-argmax of the product of those bones' maps (each line
+    fades past its end, so the product peaks at the shared end). A leaf (head, hands, feet) is its
+    bone's centre mirrored through the parent joint. Powers (`sharpness`) keep a faint background
+    from dragging centroids to the image centre. Differentiable."""
+    incident, leaves = _joint_bones()
+    bone_centres = _soft_argmax(maps.clamp(min=0) ** sharpness)  # (B, V, K, 2)
+    joints = [None] * NUM_BODY_JOINTS
+    for j, bones in enumerate(incident):
+        if len(bones) > 1:
+            product = maps[:, :, list(bones)].clamp(min=0).prod(2)  # (B, V, H, W)
+            joints[j] = _soft_argmax(product ** (sharpness / 2))
+    for j, k in leaves:
+        parent = BONES[k][0]
+        joints[j] = 2 * bone_centres[:, :, k] - joints[parent]
+    return torch.stack(joints, 2)
+
+
+# --- g_skel: views -> skeleton-map logits --------------------------------------------------------
+
+def build_gskel(resolution: int, channels: tuple[int, ...]):
+    """A small diffusers U-Net: one view latent (6, H, W) + view index -> K bone logits.
+    The timestep is always 0 (nothing is noised); the view index enters as a class embedding,
+    which is what lets one network tell a side view's left arm from a front view's."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=resolution, in_channels=6, out_channels=NUM_BONES, block_out_channels=tuple(channels),
+        layers_per_block=1, down_block_types=("DownBlock2D",) * len(channels),
+        up_block_types=("UpBlock2D",) * len(channels), norm_num_groups=8, add_attention=False,
+        num_class_embeds=NUM_VIEWS)
+
+
+def gskel_apply(gskel, images: torch.Tensor, view_ids: torch.Tensor) -> torch.Tensor:
+    """(N, 6, H, W) single views + (N,) view indices -> (N, K, H, W) float32 logits."""
+    timestep = torch.zeros(images.shape[0], device=images.device)
+    return gskel(images.to(gskel.dtype), timestep, class_labels=view_ids).sample.float()
+
+
+def gskel_logits(gskel, views: torch.Tensor) -> torch.Tensor:
+    """(B, V, 6, H, W) -> (B, V, K, H, W) logits; all B * V views go through the U-Net as one batch
+    (GroupNorm normalises per image, so this equals a loop over views)."""
+    batch, num_views = views.shape[:2]
+    view_ids = torch.arange(num_views, device=views.device).repeat(batch)  # (B * V,) v fastest
+    logits = gskel_apply(gskel, views.flatten(0, 1), view_ids)
+    return logits.unflatten(0, (batch, num_views))
+
+
+def load_gskel(folder: Path, device="cpu"):
+    """(g_skel frozen in eval mode, config dict) from a posescore/ folder."""
+    from diffusers import UNet2DModel
+
+    folder = Path(folder)
+    config_path = folder / "posescore_config.json"
+    if not config_path.exists():
+        raise UserError(f"{folder} holds no trained g_skel ({config_path.name} missing); "
+                        f"make it with `python posescore.py train --run-dir {folder.parent}`")
+    config = json.loads(config_path.read_text())
+    gskel = UNet2DModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
+    return gskel, config
+
+
+# --- rewards: one signature, a registry --------------------------------------------------------
+
+@dataclass
+class RewardContext:
+    """What every reward may use besides the views and the batch. Frozen; built once per run."""
+
+    gskel: torch.nn.Module
+    """the frozen skeleton-map U-Net (eval mode, no grad on its weights)"""
+    resolution: int
+    """view resolution H = W the rewards expect"""
+    width: float
+    """skeleton-map line width (Gaussian sigma, px) g_skel was trained with"""
+    device: torch.device
+    """where g_skel lives"""
+    perceptual: Callable | None = None
+    """optional LPIPS-style distance (N, 3, H, W) x2 in [-1, 1] -> (N,) or (N, 1, 1, 1); None = off"""
+    perceptual_weight: float = 1.0
+    """weight of the perceptual term in PoseScore when `perceptual` is set"""
+
+
+def check_reward_inputs(views: torch.Tensor, batch: dict, ctx: RewardContext) -> torch.Tensor:
+    """Refuse malformed inputs in one line; return the joints tensor (B, 55 or 22, 3)."""
+    res = ctx.resolution
+    if not torch.is_tensor(views) or views.ndim != 5 or tuple(views.shape[1:]) != (NUM_VIEWS, 6, res, res):
+        shape = tuple(views.shape) if torch.is_tensor(views) else type(views).__name__
+        raise UserError(f"views must be a (B, {NUM_VIEWS}, 6, {res}, {res}) tensor in [-1, 1] "
+                        f"(colour + normal latents at g_skel's resolution), got {shape}")
+    if not torch.isfinite(views).all():
+        raise UserError("views hold NaN or Inf; check the sampler that produced them")
+    joints = batch.get("joints") if isinstance(batch, dict) else None
+    if joints is None:
+        raise UserError("the reward batch needs 'joints' (B, 55, 3), the GT SMPL-X joints in metres")
+    _check_joints(joints)
+    if joints.shape[0] != views.shape[0]:
+        raise UserError(f"views hold {views.shape[0]} subjects but batch['joints'] holds {joints.shape[0]}")
+    return joints
+
+
+def _check_joints(joints) -> None:
+    if not torch.is_tensor(joints) or joints.ndim != 3 or joints.shape[1] not in (NUM_BODY_JOINTS, 55) \
+            or joints.shape[2] != 3:
+        shape = tuple(joints.shape) if torch.is_tensor(joints) else type(joints).__name__
+        raise UserError(f"joints must be a (B, 55, 3) or (B, 22, 3) tensor (SMPL-X order, metres), got {shape}")
+    if not torch.isfinite(joints).all():
+        raise UserError("joints hold NaN or Inf")
+
+
+def posescore(views: torch.Tensor, batch: dict, ctx: RewardContext):
+    """The paper's reward: -BCE(g_skel(views), S(theta)), mean over views, bones and pixels.
+
+    views (B, V, 6, H, W) in [-1, 1]; batch['joints'] (B, 55, 3). Returns rewards (B,) and parts
+    view_<azimuth> (B,) and bones_<group> (B,), each the same -BCE restricted to that view or
+    bone group (and `perceptual` when ctx has one). A perfect match scores -H(S), not 0: BCE of
+    soft targets bottoms out at their entropy; only differences between poses matter."""
+    joints = check_reward_inputs(views, batch, ctx)
+    target = skeleton_maps(joints.to(ctx.device, torch.float32), ctx.resolution, ctx.width)  # (B, V, K, H, W)
+    logits = gskel_logits(ctx.gskel, views.to(ctx.device))
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((-2, -1))  # (B, V, K)
+    rewards = -bce.mean((1, 2))
+    parts = {f"view_{az:03d}": -bce[:, v].mean(1) for v, az in enumerate(VIEW_AZIMUTHS)}
+    parts |= {f"bones_{name}": -bce[:, :, bones].mean((1, 2)) for name, bones in BONE_GROUPS.items()}
+    if ctx.perceptual is not None:
+        # LPIPS sees the maps as colour images (one hue per bone), as the paper compares them.
+        pred_rgb, target_rgb = maps_to_rgb(torch.sigmoid(logits)), maps_to_rgb(target)  # (B, V, 3, H, W)
+        dist = ctx.perceptual(pred_rgb.flatten(0, 1) * 2 - 1, target_rgb.flatten(0, 1) * 2 - 1)
+        dist = dist.reshape(views.shape[0], NUM_VIEWS).mean(1)
+        parts["perceptual"] = -dist
+        rewards = rewards - ctx.perceptual_weight * dist
+    return rewards, parts
+
+
+def keypoints(views: torch.Tensor, batch: dict, ctx: RewardContext):
+    """A forked reward in a few lines: joints read off g_skel's maps (soft-argmax) against the
+    projected GT joints. Reward = -mean 2D distance as a fraction of the image width (0 is
+    perfect, about -0.05 is a few pixels off at 32 px); parts per view."""
+    joints = check_reward_inputs(views, batch, ctx)
+    maps = torch.sigmoid(gskel_logits(ctx.gskel, views.to(ctx.device)))  # (B, V, K, H, W)
+    error = (joints_from_maps(maps) - project_joints(joints.to(ctx.device, torch.float32), ctx.resolution))
+    error = error.norm(dim=-1).mean(-1) / ctx.resolution  # (B, V)
+    return -error.mean(1), {f"view_{az:03d}": -error[:, v] for v, az in enumerate(VIEW_AZIMUTHS)}
+
+
+REWARDS = {"posescore": posescore, "keypoints": keypoints}
+
+
+def load_perceptual(path: Path, device="cpu") -> Callable:
+    """An LPIPS distance from local weights, never downloaded: a TorchScript module taking two
+    (N, 3, H, W) images in [-1, 1]. A user with the `lpips` package and its weights makes one with
+        m = lpips.LPIPS(net="vgg").eval(); x = torch.zeros(1, 3, 64, 64)
+        torch.jit.trace(m, (x, x)).save("lpips_vgg.pt")"""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"--lpips-weights {path} does not exist; pass a TorchScript LPIPS file (see "
+                        "posescore.load_perceptual) or leave the flag out to use BCE only")
+    try:
+        module = torch.jit.load(str(path), map_location=device).eval()
+    except Exception as err:
+        raise UserError(f"{path} is not a TorchScript module ({type(err).__name__}); export it with "
+                        "torch.jit.trace as posescore.load_perceptual describes") from None
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module
+
+
+def load_reward_context(posescore_dir: Path, device="cpu", lpips_weights: Path | None = None,
+                        perceptual_weight: float = 1.0) -> RewardContext:
+    """The frozen g_skel of a posescore/ folder, ready for any reward in REWARDS."""
+    gskel, config = load_gskel(posescore_dir, device)
+    perceptual = load_perceptual(lpips_weights, device) if lpips_weights is not None else None
+    return RewardContext(gskel=gskel, resolution=config["resolution"], width=config["width"],
+                         device=torch.device(device), perceptual=perceptual, perceptual_weight=perceptual_weight)
+
+
+def maps_to_rgb(maps: torch.Tensor) -> torch.Tensor:
+    """(..., K, H, W) maps in [0, 1] -> (..., 3, H, W) one hue per bone on black, for LPIPS and pngs."""
+    hue = torch.arange(NUM_BONES, device=maps.device, dtype=maps.dtype) / NUM_BONES * 2 * math.pi
+    palette = torch.stack([torch.cos(hue + phase) for phase in (0, 2.094, 4.189)], -1) * 0.5 + 0.5  # (K, 3)
+    return torch.einsum("...khw,kc->...chw", maps, palette).clamp(0, 1)
+
+
+# --- data: views and joints to train on --------------------------------------------------------
+
+def load_views(path: Path, keys=("joints",)) -> dict:
+    """A dataset npz -> latents (N, V, 6, H, W) in [-1, 1], joints (N, 55, 3) and the raw arrays."""
+    arrays = load_split(path, expect_keys=("color", "normal", *keys))
+    latents = views_to_latents(from_uint8(arrays["color"]), from_uint8(arrays["normal"]))
+    return dict(arrays, latents=latents, joints_t=torch.from_numpy(arrays["joints"]).float())
+
+
+def render_broad(run_dir: Path, count: int, outfits: np.ndarray, resolution: int, seed: int, device) -> dict:
+    """`count` broad poses rendered through prepare_data's own path (what made data/scans/)."""
+    try:
+        from prepare_data import generate_poses, render_subjects
+    except ImportError:
+        raise UserError("--train-on broad needs prepare_data.generate_poses and render_subjects; "
+                        "update prepare_data.py") from None
+    rng = np.random.default_rng(seed + 1)  # not the scans' stream: new poses
+    params = {k: torch.from_numpy(np.asarray(v)).float().to(device) for k, v in generate_poses("broad", count, rng).items()}
+    body = load_body_model(run_dir / "body", device)
+    out = render_subjects(body, params, rng.choice(outfits, count), resolution, device)
+    as_float = lambda x: from_uint8(x) if isinstance(x, np.ndarray) and x.dtype == np.uint8 else torch.as_tensor(x).float()
+    return dict(latents=views_to_latents(as_float(out["color"]).cpu(), as_float(out["normal"]).cpu()),
+                joints_t=torch.as_tensor(out["joints"]).float().cpu())
+
+
+def augment(images: torch.Tensor, blur: float, noise: float, generator: torch.Generator) -> torch.Tensor:
+    """(N, 6, H, W) in [-1, 1] -> the same, softened: a random blend towards a Gaussian blur, a
+    per-channel gain and Gaussian noise. Generated views are blurrier and noisier than renders."""
+    num = images.shape[0]
+    if blur > 0:
+        taps = torch.arange(-2, 3, dtype=images.dtype)
+        kernel = torch.exp(-taps ** 2 / (2 * blur ** 2))
+        kernel = (kernel / kernel.sum()).to(images.device)
+        blurred = F.pad(images, (2, 2, 2, 2), mode="replicate")
+        blurred = F.conv2d(blurred, kernel.view(1, 1, 1, 5).expand(6, 1, 1, 5), groups=6)
+        blurred = F.conv2d(blurred, kernel.view(1, 1, 5, 1).expand(6, 1, 5, 1), groups=6)
+        amount = torch.rand(num, 1, 1, 1, generator=generator).to(images.device)
+        images = images + amount * (blurred - images)
+    gain = 1 + 0.1 * torch.randn(num, 6, 1, 1, generator=generator).to(images.device)
+    std = noise * torch.rand(num, 1, 1, 1, generator=generator).to(images.device)
+    jitter = torch.randn(images.shape, generator=generator).to(images.device)
+    return (images * gain + std * jitter).clamp(-1, 1)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, log_path: Path | None = None):
+    """Fit g_skel by per-pixel BCE on single views. latents (N, V, 6, H, W), joints (N, 55, 3).
+    Targets are drawn on the fly (a full set of maps would be N*V*K*H*W floats). Returns g_skel."""
+    from tqdm import tqdm
+
+    resolution, device = latents.shape[-1], torch.device(args.device)
+    torch.manual_seed(args.seed)  # the initial weights
+    generator = torch.Generator().manual_seed(args.seed)  # batches and augmentation
+    gskel = build_gskel(resolution, args.channels).to(device).train()
+    optimiser = torch.optim.AdamW(gskel.parameters(), lr=args.lr, weight_decay=0.0)
+    warmup = max(1, args.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / warmup)
+                                                 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+    pos_weight = torch.tensor(args.pos_weight, device=device)
+    start, num = time.time(), latents.shape[0]
+    bar = tqdm(range(args.steps), desc="g_skel", leave=False)
+    for step in bar:
+        subject = torch.randint(num, (args.batch_size,), generator=generator)
+        view = torch.randint(NUM_VIEWS, (args.batch_size,), generator=generator)
+        images = augment(latents[subject, view].to(device), args.blur, args.noise, generator)  # (N, 6, H, W)
+        target = skeleton_maps(joints[subject].to(device), resolution, args.width)  # (N, V, K, H, W)
+        target = target[torch.arange(args.batch_size), view.to(device)]  # (N, K, H, W)
+        logits = gskel_apply(gskel, images, view.to(device))
+        loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            line = dict(step=step + 1, loss=round(loss.item(), 5), lr=schedule.get_last_lr()[0],
+                        seconds=round(time.time() - start, 1))
+            bar.set_postfix(loss=line["loss"])
+            print(json.dumps(line), flush=True)
+            if log_path is not None:
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps(line) + "\n")
+    return gskel.eval().requires_grad_(False)
+
+
+# --- validation: map quality, joint error, true vs perturbed poses -----------------------------
+
+def perturbed_joints(body, arrays: dict, levels, seed: int, device="cpu") -> torch.Tensor:
+    """(L, N, 55, 3) joints of each subject's pose with noise level * eps added to every body_pose
+    joint (eps ~ N(0, 1), drawn once per subject so the pose moves further along one direction
+    as the level grows). Orientation, shape and translation stay."""
+    generator = torch.Generator().manual_seed(seed)
+    params = {k: torch.from_numpy(arrays[k]).float().to(device) for k in POSE_KEYS if k in arrays}
+    direction = torch.randn(params["body_pose"].shape, generator=generator).to(device)
+    out = []
+    with torch.no_grad():
+        for level in levels:
+            _, joints = body_forward(body, dict(params, body_pose=params["body_pose"] + level * direction))
+            out.append(joints.cpu())
+    return torch.stack(out)
+
+
+def reward_in_chunks(fn, latents: torch.Tensor, joints: torch.Tensor, ctx: RewardContext, chunk: int = 16):
+    """(N,) rewards and {part: (N,)} of a registry reward over N subjects, without gradients."""
+    rewards, parts = [], {}
+    with torch.no_grad():
+        for i in range(0, len(latents), chunk):
+            r, p = fn(latents[i:i + chunk], {"joints": joints[i:i + chunk]}, ctx)
+            rewards.append(r.cpu())
+            for k, v in p.items():
+                parts.setdefault(k, []).append(v.cpu())
+    return torch.cat(rewards), {k: torch.cat(v) for k, v in parts.items()}
+
+
+def true_vs_perturbed(fn, latents, true_joints, moved_joints, levels, ctx) -> dict:
+    """How a reward ranks GT renders' own pose against perturbed poses: accuracy (true scores
+    higher) over all (subject, level) pairs, per level, and Spearman rank correlation between
+    perturbation size (0 = true) and reward, per subject then averaged, and pooled."""
+    from scipy.stats import spearmanr
+
+    true_r, _ = reward_in_chunks(fn, latents, true_joints, ctx)  # (N,)
+    moved_r = torch.stack([reward_in_chunks(fn, latents, j, ctx)[0] for j in moved_joints])  # (L, N)
+    wins = (true_r[None] > moved_r).float()
+    table = torch.cat([true_r[None], moved_r]).numpy()  # (L + 1, N)
+    sizes = np.array([0.0, *levels])
+    per_subject = [spearmanr(sizes, table[:, n])[0] for n in range(table.shape[1])]
+    pooled = spearmanr(np.repeat(sizes, table.shape[1]), table.reshape(-1))[0]
+    return dict(accuracy=wins.mean().item(), accuracy_per_level=dict(zip(map(str, levels), wins.mean(1).tolist())),
+                spearman_mean=float(np.nanmean(per_subject)), spearman_pooled=float(pooled),
+                reward_per_level=dict(zip(map(str, sizes.tolist()), table.mean(1).tolist())))
+
+
+def map_quality(ctx: RewardContext, latents: torch.Tensor, joints: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Skeleton-map PSNR / SSIM (skimage, data range 1, per view over all K channels, averaged) and
+    the 2D joint error in pixels read off predicted maps (and off the target maps: the reader's
+    own floor). Returns the numbers and the predicted maps (N, V, K, H, W)."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    preds, targets = [], []
+    with torch.no_grad():
+        for i in range(0, len(latents), 16):
+            preds.append(torch.sigmoid(gskel_logits(ctx.gskel, latents[i:i + 16].to(ctx.device))).cpu())
+            targets.append(skeleton_maps(joints[i:i + 16], ctx.resolution, ctx.width))
+    pred, target = torch.cat(preds), torch.cat(targets)
+    pred_np, target_np = pred.flatten(0, 1).numpy(), target.flatten(0, 1).numpy()  # (N * V, K, H, W)
+    psnr = [peak_signal_noise_ratio(t, p, data_range=1.0) for t, p in zip(target_np, pred_np)]
+    ssim = [structural_similarity(t, p, data_range=1.0, channel_axis=0) for t, p in zip(target_np, pred_np)]
+    gt_pix = project_joints(joints, ctx.resolution)
+    error = (joints_from_maps(pred) - gt_pix).norm(dim=-1)
+    floor = (joints_from_maps(target) - gt_pix).norm(dim=-1)
+    return dict(map_psnr=float(np.mean(psnr)), map_ssim=float(np.mean(ssim)), joint_error_px=error.mean().item(),
+                joint_error_px_median=error.median().item(), joint_error_px_reader_floor=floor.mean().item(),
+                subjects=len(latents)), pred
+
+
+def validate(ctx: RewardContext, splits: dict, body, args: TrainArgs, folder: Path) -> dict:
+    """Every validation number for every split, and maps.png (views | target | predicted)."""
+    import imageio.v3 as iio
+
+    results, rows = {}, []
+    for name, data in splits.items():
+        quality, pred = map_quality(ctx, data["latents"], data["joints_t"])
+        moved = perturbed_joints(body, data, args.perturb_levels, args.seed)
+        results[name] = dict(quality, **{
+            f"true_vs_perturbed_{reward}": true_vs_perturbed(REWARDS[reward], data["latents"], data["joints_t"],
+                                                             moved, args.perturb_levels, ctx)
+            for reward in REWARDS})
+        for n in range(min(2, len(pred))):  # two subjects per split: colour | normal | target | predicted
+            views = (data["latents"][n] + 1) / 2  # (V, 6, H, W)
+            target = maps_to_rgb(skeleton_maps(data["joints_t"][n:n + 1], ctx.resolution, ctx.width)[0])
+            strip = torch.cat([views[:, :3], views[:, 3:], target, maps_to_rgb(pred[n])], 2)  # (V, 3, 4H, W)
+            rows.append(torch.cat(list(strip), 2))  # (3, 4H, V*W)
+    grid = torch.cat(rows, 1).permute(1, 2, 0).repeat_interleave(4, 0).repeat_interleave(4, 1)
+    iio.imwrite(folder / "maps.png", (grid.clamp(0, 1) * 255).round().byte().numpy())
+    return results
+
+
+# --- score: a folder of views against their poses ----------------------------------------------
+
+def read_scored_views(args: ScoreArgs) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """latents (N, V, 6, H, W), GT joints (N, 55, 3) and a name per sample, from --views-dir."""
+    if args.views_dir.suffix == ".npz":
+        data = load_views(args.views_dir)
+        return data["latents"], data["joints_t"], [f"{i:05d}" for i in range(len(data["latents"]))]
+    folders = sorted(p for p in args.views_dir.glob("[0-9]" * 5) if (p / "views.npz").exists())
+    if not folders:
+        raise UserError(f"{args.views_dir} holds no {{i:05d}}/views.npz sample folders; make them with "
+                        "`python reconstruct.py` or pass a dataset npz")
+    poses_path = args.poses or args.run_dir / "data" / "bench" / "bench.npz"
+    joints = torch.from_numpy(load_split(poses_path, expect_keys=("joints",))["joints"]).float()
+    latents = []
+    for folder in folders:
+        with np.load(folder / "views.npz") as npz:
+            if "latents" not in npz.files:
+                raise UserError(f"{folder / 'views.npz'} lacks key 'latents'; re-run reconstruct.py")
+            latents.append(torch.from_numpy(npz["latents"]).float())
+    index = [int(f.name) for f in folders]
+    if max(index) >= len(joints):
+        raise UserError(f"{args.views_dir} has sample {max(index):05d} but {poses_path} holds {len(joints)} "
+                        "poses; pass the dataset the views were made from with --poses")
+    return torch.stack(latents), joints[index], [f.name for f in folders]
+
+
+def score(args: ScoreArgs) -> None:
+    if args.reward not in REWARDS:
+        raise UserError(f"--reward {args.reward} is not one of {sorted(REWARDS)}")
+    ctx = load_reward_context(args.posescore_dir or args.run_dir / "posescore", args.device, args.lpips_weights)
+    latents, joints, names = read_scored_views(args)
+    rewards, parts = reward_in_chunks(REWARDS[args.reward], latents, joints, ctx, args.batch_size)
+    result = dict(reward=args.reward, views=str(args.views_dir), count=len(names), mean=rewards.mean().item(),
+                  parts_mean={k: v.mean().item() for k, v in parts.items()},
+                  per_sample=[dict(name=n, reward=rewards[i].item(), **{k: v[i].item() for k, v in parts.items()})
+                              for i, n in enumerate(names)])
+    print(f"{args.reward}: mean {result['mean']:.4f} over {len(names)} samples of {args.views_dir}")
+    for key, value in result["parts_mean"].items():
+        print(f"  {key:16s} {value:.4f}")
+    out = args.out or (None if args.views_dir.suffix == ".npz" else args.views_dir / f"score_{args.reward}.json")
+    if out is not None:
+        write_json(out, result)
+        print(f"wrote {out}")
+
+
+# --- main --------------------------------------------------------------------------------------
+
+def train(args: TrainArgs) -> None:
+    args = args.resolved()
+    data_dir, folder = args.run_dir / "data", args.run_dir / "posescore"
+    scans = load_views(data_dir / "scans" / "train.npz", keys=("joints", "outfit"))
+    resolution = scans["latents"].shape[-1]
+    latents, joints = scans["latents"], scans["joints_t"]
+    if args.train_on == "broad":
+        broad = render_broad(args.run_dir, args.num_broad, np.unique(scans["outfit"]), resolution, args.seed, args.device)
+        latents, joints = torch.cat([latents, broad["latents"]]), torch.cat([joints, broad["joints_t"]])
+    print(f"g_skel: {len(latents)} subjects x {NUM_VIEWS} views at {resolution} px, {args.steps} steps")
+
+    with atomic_dir(folder) as tmp:
+        start = time.time()
+        gskel = train_gskel(latents, joints, args, log_path=tmp / "metrics.jsonl")
+        train_seconds = time.time() - start
+        gskel.save_pretrained(tmp)
+        config = dict(resolution=resolution, width=args.width, train_seconds=round(train_seconds, 1),
+                      subjects=len(latents), args=dataclasses.asdict(args),
+                      versions=dict(torch=torch.__version__, diffusers=__import__("diffusers").__version__))
+        write_json(tmp / "posescore_config.json", config)
+        # --- validation on held-out scans and on the hard-pose bench ---
+        ctx = RewardContext(gskel=gskel, resolution=resolution, width=args.width, device=torch.device(args.device))
+        splits = {"val": load_views(data_dir / "scans" / "val.npz", keys=("joints", *POSE_KEYS)),
+                  "bench": load_views(data_dir / "bench" / "bench.npz", keys=("joints", *POSE_KEYS))}
+        body = load_body_model(args.run_dir / "body", args.device)
+        results = validate(ctx, splits, body, args, tmp)
+        write_json(tmp / "validation.json", dict(results, paper=dict(map_psnr=PAPER_MAP_PSNR, map_ssim=PAPER_MAP_SSIM),
+                                                 train_on=args.train_on, perturb_levels_rad=args.perturb_levels,
+                                                 train_seconds=round(train_seconds, 1)))
+    print(f"trained in {train_seconds:.0f} s; wrote {folder}/")
+    for name, r in results.items():
+        acc = r["true_vs_perturbed_posescore"]
+        print(f"  {name:5s} PSNR {r['map_psnr']:.2f} SSIM {r['map_ssim']:.3f} joint err {r['joint_error_px']:.2f} px"
+              f" | PoseScore true>perturbed {acc['accuracy']:.1%}, Spearman {acc['spearman_mean']:.2f}")
+
+
+def main(args) -> None:
+    train(args) if isinstance(args, TrainArgs) else score(args)
+
+
+Command = Union[Annotated[TrainArgs, tyro.conf.subcommand("train")],
+                Annotated[ScoreArgs, tyro.conf.subcommand("score")]]
+
+if __name__ == "__main__":
+    run_cli(main, Command)
