@@ -1,0 +1,669 @@
+"""Stage 6 of DrPose: score the reconstructions of the hard-pose bench, base model vs DrPose.
+
+    python evaluate.py --run-dir runs/demo                       # base and drpose, demo preset
+    python evaluate.py --run-dir runs/demo --models drpose       # one model alone
+    python evaluate.py --run-dir runs/full --preset full --align translation
+
+Reads runs/<name>/data/bench/ (GT joints, six-view GT renders, GT meshes) and
+runs/<name>/recon/<model>/ (what reconstruct.py wrote), and writes runs/<name>/eval/:
+    results.json        per metric and model: mean, std, per-subject values; relative changes
+    results.md          the same as a table (mean +- std, change vs the first model)
+    metrics.png         every metric side by side, one bar per model
+    reward_curve.png    the fine-tuning reward per step (from drpose/metrics.jsonl, when present)
+    scatter.png         per subject: first model (x) vs each other model (y)
+    grids/NNNNN.png     per subject: input, GT / model views, GT and model meshes front and side
+    report.html         all of the above, offline (relative paths only)
+
+Protocol (also written into results.json):
+- Geometry. Both meshes are already in the same centred world frame (the front view is the world
+  frame and every subject is centred on its bounding box), so nothing is aligned by default;
+  `--align translation` runs translation-only ICP of the prediction onto the GT first. Each mesh is
+  sampled uniformly by area (`num_samples` points, numpy Generator seeded per subject, so every
+  model meets the same GT samples). Chamfer = the mean of the two directions' mean Euclidean (L2,
+  not squared) nearest-sample distances, in cm. P2S = mean exact distance from the predicted
+  samples to the GT surface (trimesh closest points), in cm. Normal consistency = mean |cos| between
+  a sample's face normal and its nearest sample's, both directions averaged (absolute value, as in
+  Occupancy Networks: a carved mesh's orientation is not guaranteed). F-score = harmonic mean of
+  precision (predicted samples within tau of the GT samples) and recall (the reverse); tau = 5 cm by
+  default: under one demo pixel (2.2 m / 32 px = 6.9 cm) and 1.5 full pixels (3.4 cm), so a score
+  near 1 means sub-pixel agreement at either preset, and one tau keeps both tables comparable.
+- Pose. MPJPE (mm) of the 22 SMPL-X body joints after moving both pelvises (joint 0) to the origin
+  (Human3.6M protocol 1); PA-MPJPE (mm) after the best similarity transform (rotation, scale,
+  translation; protocol 2). PoseScore of the generated views with the bench GT joints, when
+  runs/<name>/posescore/ exists (higher is better; the GT renders' score is given as a reference).
+- Appearance. PSNR (dB; one MSE over all six views and channels, images in [0, 1]) and SSIM (mean
+  over the six views; skimage, 7x7 window, data range 1) of the generated colour and normal views
+  against the GT renders.
+- Spread. std is the population standard deviation (ddof = 0) over bench subjects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from prepare_data import (NUM_BODY_JOINTS, ORTHO_HALF_EXTENT, UserError, VIEW_AZIMUTHS, atomic_write,
+                          from_uint8, latents_to_views, load_split, read_manifest, run_cli,
+                          view_rotations, views_to_latents, write_json)
+
+
+@dataclass
+class Args:
+    """Score base and DrPose reconstructions of the hard-pose bench and write a report."""
+
+    preset: Literal["demo", "full"] = "demo"
+    """demo: 5K surface samples per mesh; full: 20K (fields below left unset take the preset's value)"""
+    run_dir: Path = Path("runs/demo")
+    """the run folder: reads data/bench/, recon/<model>/, drpose/metrics.jsonl, posescore/; writes eval/"""
+    models: tuple[str, ...] = ("base", "drpose")
+    """model tags under recon/; the first is the reference the others' relative change is against"""
+    num_samples: int | None = None
+    """surface samples per mesh for the geometry metrics (demo 5000, full 20000)"""
+    fscore_cm: float = 5.0
+    """F-score threshold tau in cm (under one demo pixel of 6.9 cm; see the module docstring)"""
+    align: Literal["none", "translation"] = "none"
+    """none: meshes share the centred world frame as written; translation: ICP shift first"""
+    posescore: bool = True
+    """also score the generated views with PoseScore when run_dir/posescore/ exists"""
+    max_grids: int | None = None
+    """image grids for the first N bench subjects (demo 12, full 16)"""
+    seed: int = 0
+    """seed of the surface sampling (its own numpy Generator per subject; global RNG untouched)"""
+    device: str = "cpu"
+    """torch device for PoseScore"""
+
+    def resolved(self) -> "Args":
+        """The preset's values for every field left unset (an explicit flag always wins)."""
+        table = PRESETS[self.preset]
+        return dataclasses.replace(self, **{k: v for k, v in table.items() if getattr(self, k) is None})
+
+
+PRESETS = {
+    "demo": dict(num_samples=5000, max_grids=12),
+    "full": dict(num_samples=20000, max_grids=16),
+}
+
+# name -> (table label, unit, which way is better). The order is the table's and the plots'.
+METRICS = {
+    "chamfer_cm": ("Chamfer", "cm", "lower"),
+    "p2s_cm": ("P2S", "cm", "lower"),
+    "normal_consistency": ("normal consistency", "", "higher"),
+    "fscore": ("F-score", "", "higher"),
+    "mpjpe_mm": ("MPJPE", "mm", "lower"),
+    "pa_mpjpe_mm": ("PA-MPJPE", "mm", "lower"),
+    "posescore": ("PoseScore", "", "higher"),
+    "psnr_color_db": ("PSNR colour", "dB", "higher"),
+    "ssim_color": ("SSIM colour", "", "higher"),
+    "psnr_normal_db": ("PSNR normal", "dB", "higher"),
+    "ssim_normal": ("SSIM normal", "", "higher"),
+}
+
+
+def bench_command(run_dir: Path) -> str:
+    return f"python prepare_data.py --run-dir {run_dir}"
+
+
+def recon_command(run_dir: Path, tag: str) -> str:
+    return f"python reconstruct.py --run-dir {run_dir} --model {tag}"
+
+
+# --- geometry metrics ------------------------------------------------------------------------------
+
+def sample_surface(mesh, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Area-uniform surface samples (P, 3) and their face normals (P, 3)."""
+    import trimesh
+
+    points, faces = trimesh.sample.sample_surface(mesh, count, seed=rng)
+    return np.asarray(points), np.asarray(mesh.face_normals)[faces]
+
+
+def _nearest(queries: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distance (Q,) and index (Q,) of each query's nearest point."""
+    from scipy.spatial import cKDTree
+
+    dist, index = cKDTree(points).query(queries)
+    return dist, index
+
+
+def chamfer_cm(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Symmetric Chamfer in cm: mean of the two directions' mean Euclidean nearest-point distance."""
+    return float(100 * 0.5 * (_nearest(pred, gt)[0].mean() + _nearest(gt, pred)[0].mean()))
+
+
+def point_to_surface_cm(points: np.ndarray, mesh) -> float:
+    """Mean exact distance (cm) from points (P, 3) to the surface of `mesh`."""
+    import trimesh
+
+    _, dist, _ = trimesh.proximity.closest_point(mesh, points)
+    return 100 * float(np.mean(dist))
+
+
+def normal_consistency(pred: np.ndarray, pred_normals: np.ndarray, gt: np.ndarray,
+                       gt_normals: np.ndarray) -> float:
+    """Mean |cos| between each sample's normal and its nearest sample's, both directions averaged."""
+    _, to_gt = _nearest(pred, gt)
+    _, to_pred = _nearest(gt, pred)
+    forward = np.abs(np.sum(pred_normals * gt_normals[to_gt], axis=-1)).mean()
+    backward = np.abs(np.sum(gt_normals * pred_normals[to_pred], axis=-1)).mean()
+    return float(0.5 * (forward + backward))
+
+
+def fscore(pred: np.ndarray, gt: np.ndarray, threshold_m: float) -> float:
+    """F-score at `threshold_m`: precision = pred samples near gt, recall = gt samples near pred."""
+    precision = (_nearest(pred, gt)[0] < threshold_m).mean()
+    recall = (_nearest(gt, pred)[0] < threshold_m).mean()
+    return 0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))
+
+
+def icp_translation(source: np.ndarray, target: np.ndarray, iterations: int = 30) -> np.ndarray:
+    """The shift (3,) that translation-only ICP moves `source` by to meet `target`."""
+    shift = target.mean(0) - source.mean(0)  # start from the centroids, then refine on nearest points
+    for _ in range(iterations):
+        _, index = _nearest(source + shift, target)
+        step = (target[index] - (source + shift)).mean(0)
+        shift = shift + step
+        if np.linalg.norm(step) < 1e-7:
+            break
+    return shift
+
+
+def geometry_metrics(pred_mesh, gt_mesh, num_samples: int, threshold_m: float,
+                     rng: np.random.Generator, align: str = "none") -> dict:
+    """Chamfer, P2S, normal consistency and F-score of one predicted mesh against its GT."""
+    gt, gt_normals = sample_surface(gt_mesh, num_samples, rng)  # GT first: same samples for every model
+    pred, pred_normals = sample_surface(pred_mesh, num_samples, rng)
+    shift = icp_translation(pred, gt) if align == "translation" else np.zeros(3)
+    pred = pred + shift
+    return dict(chamfer_cm=chamfer_cm(pred, gt), p2s_cm=point_to_surface_cm(pred, gt_mesh),
+                normal_consistency=normal_consistency(pred, pred_normals, gt, gt_normals),
+                fscore=fscore(pred, gt, threshold_m), shift_cm=100 * shift)
+
+
+# --- pose metrics ----------------------------------------------------------------------------------
+
+def mpjpe_mm(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Mean per-joint error (mm) of (J, 3) joints after putting both pelvises (joint 0) at the origin."""
+    return 1000 * float(np.linalg.norm((pred - pred[0]) - (gt - gt[0]), axis=-1).mean())
+
+
+def procrustes_align(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """`pred` (J, 3) moved by the similarity transform (s, R, t) that best fits it to `gt` (Umeyama)."""
+    mu_pred, mu_gt = pred.mean(0), gt.mean(0)
+    p, g = pred - mu_pred, gt - mu_gt
+    u, sigma, vt = np.linalg.svd(p.T @ g)  # row vectors: minimise |s p R - g|, so R = U D V^T
+    d = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])  # a rotation, never a reflection
+    rot = u @ d @ vt
+    scale = np.trace(np.diag(sigma) @ d) / np.sum(p ** 2)
+    return scale * p @ rot + mu_gt
+
+
+def pa_mpjpe_mm(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Mean per-joint error (mm) after the best similarity transform of pred onto gt."""
+    return 1000 * float(np.linalg.norm(procrustes_align(pred, gt) - gt, axis=-1).mean())
+
+
+# --- appearance metrics ----------------------------------------------------------------------------
+
+def psnr_db(pred: np.ndarray, gt: np.ndarray) -> float:
+    """PSNR (dB) of images in [0, 1], one MSE over every view, channel and pixel (capped at 100 dB)."""
+    mse = float(np.mean((pred.astype(np.float64) - gt.astype(np.float64)) ** 2))
+    return 10 * math.log10(1 / max(mse, 1e-10))
+
+
+def ssim(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Mean SSIM over views of (V, 3, H, W) images in [0, 1]."""
+    from skimage.metrics import structural_similarity
+
+    return float(np.mean([structural_similarity(p, g, channel_axis=0, data_range=1.0)
+                          for p, g in zip(pred.astype(np.float64), gt.astype(np.float64))]))
+
+
+# --- inputs: the bench ground truth and each model's reconstructions -------------------------------
+
+def load_bench(run_dir: Path) -> dict:
+    """GT arrays of data/bench/bench.npz plus its resolution and mesh paths (checked to exist)."""
+    folder = run_dir / "data" / "bench"
+    made_by = bench_command(run_dir)
+    manifest = read_manifest(folder, made_by)
+    bench = load_split(folder / "bench.npz", expect_keys=("joints", "image", "color", "normal"),
+                       made_by=made_by)
+    bench["resolution"] = manifest.get("resolution", bench["color"].shape[-1])
+    bench["mesh_paths"] = [folder / "meshes" / f"{i:05d}.ply" for i in range(len(bench["joints"]))]
+    for path in bench["mesh_paths"]:
+        if not path.exists():
+            raise UserError(f"{path} is missing; make it with `{made_by}`")
+    return bench
+
+
+def load_recon(run_dir: Path, tag: str, bench: dict) -> dict:
+    """One model's reconstructions: latents (N, V, 6, H, W), joints (N, 55, 3), mesh paths."""
+    folder = run_dir / "recon" / tag
+    made_by = recon_command(run_dir, tag)
+    manifest = read_manifest(folder, made_by)
+    count = int(manifest.get("count", -1))
+    if not 0 < count <= len(bench["joints"]):
+        raise UserError(f"{folder / 'manifest.json'}: count {count} does not fit the "
+                        f"{len(bench['joints'])} bench subjects; re-run `{made_by}`")
+    if manifest.get("resolution", bench["resolution"]) != bench["resolution"]:
+        raise UserError(f"{folder / 'manifest.json'}: resolution {manifest['resolution']} differs from the "
+                        f"bench's {bench['resolution']}; re-run `{made_by}`")
+    latents, joints, meshes = [], [], []
+    for i in range(count):
+        sample = folder / f"{i:05d}"
+        for name in ("views.npz", "joints.npz", "mesh.ply"):
+            if not (sample / name).exists():
+                raise UserError(f"{sample / name} is missing; make it with `{made_by}`")
+        latents.append(_npz_key(sample / "views.npz", "latents", made_by))
+        joints.append(_npz_key(sample / "joints.npz", "joints", made_by))
+        meshes.append(sample / "mesh.ply")
+    latents = np.stack(latents)
+    if latents.shape[1:] != (len(VIEW_AZIMUTHS), 6) + bench["color"].shape[-2:]:
+        raise UserError(f"{folder}: views.npz latents have shape {latents.shape[1:]}, expected "
+                        f"(V, 6, H, W) = {(len(VIEW_AZIMUTHS), 6) + bench['color'].shape[-2:]}; re-run `{made_by}`")
+    return dict(latents=latents, joints=np.stack(joints), mesh_paths=meshes)
+
+
+def _npz_key(path: Path, key: str, made_by: str) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return npz[key].astype(np.float32)
+    except KeyError:
+        raise UserError(f"{path} lacks key '{key}'; re-run `{made_by}`") from None
+    except Exception as err:  # a truncated or foreign file means the same to a user
+        raise UserError(f"{path} is not a readable npz ({type(err).__name__}); re-run `{made_by}`") from None
+
+
+def load_mesh(path: Path, made_by: str):
+    import trimesh
+
+    mesh = trimesh.load(path, force="mesh", process=False)
+    if len(mesh.faces) == 0 or mesh.area <= 0:
+        raise UserError(f"{path} has no surface; re-run `{made_by}`")
+    return mesh
+
+
+# --- per-subject scores ----------------------------------------------------------------------------
+
+def score_model(args: Args, bench: dict, recon: dict, count: int, run_dir: Path, tag: str) -> dict:
+    """metric name -> (N,) per-subject values for one model (all but PoseScore)."""
+    from tqdm import tqdm
+
+    color, normal = latents_to_views(torch.from_numpy(recon["latents"][:count]))  # (N, V, 3, H, W) each
+    gt_color, gt_normal = from_uint8(bench["color"][:count]), from_uint8(bench["normal"][:count])
+    rows = []
+    for i in tqdm(range(count), desc=f"evaluate {tag}", leave=False):
+        # One Generator per subject: base and drpose meet identical GT samples, global RNG untouched.
+        rng = np.random.default_rng([args.seed, i])
+        geometry = geometry_metrics(load_mesh(recon["mesh_paths"][i], recon_command(run_dir, tag)),
+                                    load_mesh(bench["mesh_paths"][i], bench_command(run_dir)),
+                                    args.num_samples, args.fscore_cm / 100, rng, args.align)
+        pred_joints = recon["joints"][i, :NUM_BODY_JOINTS].astype(np.float64)
+        gt_joints = bench["joints"][i, :NUM_BODY_JOINTS].astype(np.float64)
+        rows.append(dict(
+            chamfer_cm=geometry["chamfer_cm"], p2s_cm=geometry["p2s_cm"],
+            normal_consistency=geometry["normal_consistency"], fscore=geometry["fscore"],
+            mpjpe_mm=mpjpe_mm(pred_joints, gt_joints), pa_mpjpe_mm=pa_mpjpe_mm(pred_joints, gt_joints),
+            psnr_color_db=psnr_db(color[i].numpy(), gt_color[i].numpy()),
+            ssim_color=ssim(color[i].numpy(), gt_color[i].numpy()),
+            psnr_normal_db=psnr_db(normal[i].numpy(), gt_normal[i].numpy()),
+            ssim_normal=ssim(normal[i].numpy(), gt_normal[i].numpy()),
+        ))
+    return {name: np.array([row[name] for row in rows]) for name in rows[0]}
+
+
+def posescore_values(args: Args, latents: dict[str, np.ndarray], bench: dict, count: int) -> dict | None:
+    """PoseScore (N,) per model of the generated views, plus 'gt' for the GT renders; None when
+    PoseScore is off, or posescore/ or posescore.py is absent."""
+    folder = args.run_dir / "posescore"
+    if not args.posescore or not folder.exists():
+        print(f"PoseScore skipped: {folder} not found (make it with `python posescore.py --run-dir {args.run_dir}`)")
+        return None
+    try:
+        from posescore import REWARDS, load_reward_context  # imported late: optional, later in the tree
+    except ModuleNotFoundError as err:
+        if err.name != "posescore":
+            raise
+        print("PoseScore skipped: posescore.py is not importable")
+        return None
+    ctx = load_reward_context(folder, args.device)
+    gt_latents = views_to_latents(from_uint8(bench["color"][:count]), from_uint8(bench["normal"][:count]))
+    joints = torch.from_numpy(bench["joints"][:count]).float()
+    scores = {}
+    for tag, views in list(latents.items()) + [("gt", gt_latents.numpy())]:
+        values = []
+        for start in range(0, count, 16):  # small batches keep a full-preset bench within memory
+            batch = {"joints": joints[start:start + 16].to(args.device)}
+            with torch.no_grad():
+                rewards, _ = REWARDS["posescore"](torch.as_tensor(views[start:start + 16]).float().to(args.device),
+                                                  batch, ctx)
+            values.append(rewards.detach().float().cpu().numpy())
+        scores[tag] = np.concatenate(values)
+    return scores
+
+
+# --- summaries: results.json and results.md --------------------------------------------------------
+
+def summarise(args: Args, per_subject: dict, posescore_gt, bench: dict, count: int) -> dict:
+    """The results.json object: protocol, per model per metric mean/std/per-subject, changes."""
+    models = {}
+    for tag, values in per_subject.items():
+        models[tag] = {name: dict(mean=float(np.mean(values[name])), std=float(np.std(values[name])),
+                                  per_subject=[float(v) for v in values[name]])
+                       for name in METRICS if name in values}
+    reference = args.models[0]
+    change = {}
+    for tag in args.models[1:]:
+        change[tag] = {}
+        for name in models[tag]:
+            base = models[reference][name]["mean"]
+            delta = models[tag][name]["mean"] - base
+            better = METRICS[name][2]
+            tied = abs(delta) <= 1e-9 * max(1.0, abs(base))  # float noise is no change
+            change[tag][name] = dict(
+                absolute=delta, relative=delta / abs(base) if base != 0 else None,
+                verdict="same" if tied else "better" if (delta < 0) == (better == "lower") else "worse")
+    return dict(
+        run_dir=str(args.run_dir), models=models, reference=reference, change=change,
+        subjects=count, bench_subjects=len(bench["joints"]),
+        categories=[str(c) for c in bench.get("category", np.array([""] * count))[:count]],
+        posescore_gt=None if posescore_gt is None else dict(mean=float(np.mean(posescore_gt)),
+                                                            std=float(np.std(posescore_gt))),
+        protocol=dict(
+            alignment="none (shared centred world frame)" if args.align == "none"
+            else "translation-only ICP of prediction onto GT",
+            surface_samples=args.num_samples, sampling_seed=args.seed,
+            chamfer="mean of both directions' mean Euclidean (L2, not squared) nearest-sample distance, cm "
+                    "(identical surfaces score a small floor from sampling that shrinks as samples grow)",
+            p2s="mean exact distance from predicted samples to the GT surface (trimesh), cm",
+            normal_consistency="mean |cos| to the nearest sample's face normal, both directions",
+            fscore_threshold_cm=args.fscore_cm,
+            mpjpe="22 SMPL-X body joints, pelvis-aligned, mm", pa_mpjpe="after similarity Procrustes, mm",
+            psnr="one MSE over 6 views x 3 channels, images in [0, 1], dB",
+            ssim="mean over 6 views, skimage 7x7 window, data range 1",
+            std="population (ddof=0) over bench subjects"),
+        metrics={name: dict(label=label, unit=unit, better=better) for name, (label, unit, better) in METRICS.items()},
+    )
+
+
+def metric_label(name: str, results: dict) -> str:
+    label, unit, better = METRICS[name]
+    if name == "fscore":
+        label = f"F-score@{results['protocol']['fscore_threshold_cm']:g}cm"
+    return f"{label}{f' ({unit})' if unit else ''} {'↓' if better == 'lower' else '↑'}"
+
+
+def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the results table: metric, mean +- std per model, change per other model."""
+    tags = list(results["models"])
+    others = list(results["change"])
+    header = ["metric"] + tags + [f"{tag} vs {results['reference']}" for tag in others]
+    rows = []
+    for name in METRICS:
+        if name not in results["models"][tags[0]]:
+            continue
+        row = [metric_label(name, results)]
+        row += [f"{results['models'][t][name]['mean']:.4g} ± {results['models'][t][name]['std']:.2g}" for t in tags]
+        for tag in others:
+            c = results["change"][tag][name]
+            rel = "n/a" if c["relative"] is None else f"{100 * c['relative']:+.1f}%"
+            row.append(f"{rel} ({c['verdict']})")
+        rows.append(row)
+    return header, rows
+
+
+def write_markdown(path: Path, results: dict) -> str:
+    header, rows = table_rows(results)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    note = (f"{results['subjects']} bench subjects; mean ± std (population) over subjects; "
+            f"alignment: {results['protocol']['alignment']}; Chamfer = mean of both directions' mean "
+            f"L2 distance. Made by `python evaluate.py --run-dir {results['run_dir']} "
+            f"--models {' '.join(results['models'])}`.")
+    if results["posescore_gt"] is not None:
+        note += f" PoseScore of the GT renders: {results['posescore_gt']['mean']:.4g}."
+    text = "\n".join(lines) + "\n\n" + note + "\n"
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+    return "\n".join(lines)
+
+
+# --- plots -----------------------------------------------------------------------------------------
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def plot_metrics(path: Path, results: dict) -> None:
+    """One small panel per metric, one bar (mean, std as error bar) per model."""
+    import matplotlib.pyplot as plt
+
+    tags = list(results["models"])
+    names = [n for n in METRICS if n in results["models"][tags[0]]]
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(3 * cols, 2.4 * math.ceil(len(names) / cols)),
+                             squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        means = [results["models"][t][name]["mean"] for t in tags]
+        stds = [results["models"][t][name]["std"] for t in tags]
+        ax.bar(tags, means, yerr=stds, color=[f"C{k}" for k in range(len(tags))], capsize=3)
+        ax.set_title(metric_label(name, results), fontsize=9)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.tick_params(labelsize=8)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_scatter(path: Path, results: dict) -> None:
+    """Per subject, the reference model (x) against every other model (y); below/above y = x wins."""
+    import matplotlib.pyplot as plt
+
+    ref = results["reference"]
+    names = [n for n in METRICS if n in results["models"][ref]]
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(3 * cols, 2.8 * math.ceil(len(names) / cols)),
+                             squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        x = np.array(results["models"][ref][name]["per_subject"])
+        for k, tag in enumerate(results["change"]):
+            ax.scatter(x, results["models"][tag][name]["per_subject"], s=12, color=f"C{k + 1}", label=tag)
+        values = np.concatenate([x] + [results["models"][t][name]["per_subject"] for t in results["change"]])
+        lo, hi = float(values.min()), float(values.max())
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
+        ax.set_title(metric_label(name, results), fontsize=9)
+        ax.set_xlabel(ref, fontsize=8)
+        ax.set_ylabel(" / ".join(results["change"]), fontsize=8)
+        ax.ticklabel_format(useOffset=False)  # tiny spreads otherwise get unreadable offset labels
+        ax.tick_params(labelsize=7)
+    axes.flat[0].legend(fontsize=7)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def read_reward_log(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, rewards) from a metrics.jsonl: every line with both 'step' and 'reward'."""
+    steps, rewards = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed run; the rest of the log is still good
+        if "step" in entry and "reward" in entry:
+            steps.append(entry["step"])
+            rewards.append(entry["reward"])
+    return np.array(steps, dtype=float), np.array(rewards, dtype=float)
+
+
+def plot_reward_curve(path: Path, log: Path) -> bool:
+    """The fine-tuning reward per step; False (nothing written) when there is no usable log."""
+    import matplotlib.pyplot as plt
+
+    if not log.exists():
+        return False
+    steps, rewards = read_reward_log(log)
+    if len(steps) == 0:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(steps, rewards, lw=0.8, alpha=0.5, label="reward")
+    if len(rewards) >= 10:  # a running mean makes the trend readable through per-batch noise
+        width = max(len(rewards) // 20, 5)
+        smooth = np.convolve(rewards, np.ones(width) / width, mode="valid")
+        ax.plot(steps[width - 1:], smooth, lw=1.5, label=f"mean of {width}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("PoseScore reward (higher is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+# --- per-subject image grids -----------------------------------------------------------------------
+
+def render_mesh(mesh, view: int, size: int = 128, samples: int = 60000, seed: int = 0) -> np.ndarray:
+    """A cheap grey headlight render (size, size, 3) in [0, 1] of `mesh` in one of the six views:
+    dense surface samples splatted into a z-buffer (nearest sample per pixel wins). No renderer
+    dependency, and fast enough for a 50K-face mesh."""
+    rng = np.random.default_rng(seed)
+    points, normals = sample_surface(mesh, samples, rng)
+    rot = view_rotations(dtype=torch.float64)[view].numpy()  # (3, 3) world -> camera
+    cam, cam_normals = points @ rot.T, normals @ rot.T
+    scale = size / (2 * ORTHO_HALF_EXTENT)
+    u = np.clip(((cam[:, 0] + ORTHO_HALF_EXTENT) * scale).astype(int), 0, size - 1)
+    v = np.clip(((ORTHO_HALF_EXTENT - cam[:, 1]) * scale).astype(int), 0, size - 1)
+    pixel = v * size + u
+    order = np.lexsort((-cam[:, 2], pixel))  # per pixel, the sample nearest the camera (largest z) first
+    first = order[np.r_[True, pixel[order][1:] != pixel[order][:-1]]]
+    image = np.ones(size * size)
+    image[pixel[first]] = 0.25 + 0.7 * np.abs(cam_normals[first, 2])  # |n_z|: mesh orientation may vary
+    return np.repeat(image.reshape(size, size, 1), 3, axis=2)
+
+
+def plot_grid(path: Path, index: int, bench: dict, recons: dict, run_dir: Path, title: str) -> None:
+    """Row 0: input image, then GT and every model's mesh (front, side). Then colour and normal
+    views: GT, then each model."""
+    import matplotlib.pyplot as plt
+
+    views = len(VIEW_AZIMUTHS)
+    meshes = [("GT", load_mesh(bench["mesh_paths"][index], bench_command(run_dir)))]
+    meshes += [(tag, load_mesh(r["mesh_paths"][index], recon_command(run_dir, tag))) for tag, r in recons.items()]
+    image_rows = [("GT colour", bench["color"][index] / 255), ("GT normal", bench["normal"][index] / 255)]
+    for tag, recon in recons.items():
+        color, normal = latents_to_views(torch.from_numpy(recon["latents"][index:index + 1]))
+        image_rows += [(f"{tag} colour", color[0].numpy()), (f"{tag} normal", normal[0].numpy())]
+    cols = 1 + max(views, 2 * len(meshes))
+    fig, axes = plt.subplots(1 + len(image_rows), cols, figsize=(1.3 * cols, 1.4 * (1 + len(image_rows))),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes[0, 0].imshow(bench["image"][index].transpose(1, 2, 0))
+    axes[0, 0].set_title("input", fontsize=7)
+    side = VIEW_AZIMUTHS.index(90)
+    for k, (name, mesh) in enumerate(meshes):
+        for j, (view, label) in enumerate(((0, "front"), (side, "side"))):
+            ax = axes[0, 1 + 2 * k + j]
+            ax.imshow(render_mesh(mesh, view))
+            ax.set_title(f"{name} mesh {label}", fontsize=7)
+    for r, (label, images) in enumerate(image_rows, start=1):
+        axes[r, 0].text(0.95, 0.5, label, ha="right", va="center", fontsize=8, transform=axes[r, 0].transAxes)
+        for v in range(views):
+            axes[r, 1 + v].imshow(np.clip(images[v].transpose(1, 2, 0), 0, 1))
+            if r == 1:
+                axes[r, 1 + v].set_title(f"az {VIEW_AZIMUTHS[v]}", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+# --- the report ------------------------------------------------------------------------------------
+
+def write_report(path: Path, results: dict, figures: dict[str, str], grids: list[tuple[str, str]]) -> None:
+    """report.html: protocol, table, plots and grids, every reference relative to eval/."""
+    esc = html.escape
+    header, rows = table_rows(results)
+    table = "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
+    table += "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>"
+    protocol = "".join(f"<li><b>{esc(k)}</b>: {esc(str(v))}</li>" for k, v in results["protocol"].items())
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>DrPose evaluation</title><style>"
+        "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}</style></head><body>",
+        f"<h1>DrPose evaluation: {esc(results['run_dir'])}</h1>",
+        f"<p>{results['subjects']} of {results['bench_subjects']} bench subjects; models "
+        f"{esc(', '.join(results['models']))}; changes are relative to {esc(results['reference'])}. "
+        "Raw numbers: <a href='results.json'>results.json</a>, <a href='results.md'>results.md</a>.</p>",
+        table, f"<h2>Protocol</h2><ul>{protocol}</ul>",
+    ]
+    for title, name in figures.items():
+        parts.append(f"<h2>{esc(title)}</h2><img src='{esc(name)}' alt='{esc(title)}'>")
+    if "Fine-tuning reward" not in figures:
+        parts.append("<p>No fine-tuning reward curve: drpose/metrics.jsonl not found or without reward.</p>")
+    parts.append("<h2>Subjects</h2>")
+    parts += [f"<h3>{esc(title)}</h3><img src='{esc(name)}' alt='{esc(title)}'>" for title, name in grids]
+    parts.append("</body></html>\n")
+    with atomic_write(path) as tmp:
+        tmp.write_text("\n".join(parts))
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+def main(args: Args) -> dict:
+    args = args.resolved()
+    if not args.models:
+        raise UserError("--models is empty; name at least one folder under recon/, e.g. --models base drpose")
+    bench = load_bench(args.run_dir)
+    recons = {tag: load_recon(args.run_dir, tag, bench) for tag in args.models}
+    count = min(len(r["joints"]) for r in recons.values())  # compare on the subjects every model has
+    if count < len(bench["joints"]):
+        print(f"note: evaluating the first {count} of {len(bench['joints'])} bench subjects")
+
+    # --- scores per subject ---
+    per_subject = {tag: score_model(args, bench, recon, count, args.run_dir, tag) for tag, recon in recons.items()}
+    scores = posescore_values(args, {t: r["latents"][:count] for t, r in recons.items()}, bench, count)
+    if scores is not None:
+        for tag in recons:
+            per_subject[tag]["posescore"] = scores[tag]
+
+    # --- results.json, results.md ---
+    out = args.run_dir / "eval"
+    results = summarise(args, per_subject, None if scores is None else scores["gt"], bench, count)
+    write_json(out / "results.json", results)
+    table = write_markdown(out / "results.md", results)
+
+    # --- plots, grids, report ---
+    figures = {"Metrics": "metrics.png"}
+    plot_metrics(out / "metrics.png", results)
+    if plot_reward_curve(out / "reward_curve.png", args.run_dir / "drpose" / "metrics.jsonl"):
+        figures["Fine-tuning reward"] = "reward_curve.png"
+    if len(recons) > 1:
+        plot_scatter(out / "scatter.png", results)
+        figures["Per subject"] = "scatter.png"
+    grids = []
+    for i in range(min(args.max_grids, count)):
+        title = f"subject {i:05d} {results['categories'][i]}".strip()
+        plot_grid(out / "grids" / f"{i:05d}.png", i, bench, recons, args.run_dir, title)
+        grids.append((title, f"grids/{i:05d}.png"))
+    write_report(out / "report.html", results, figures, grids)
+    print(table)
+    print(f"report: {out / 'report.html'}")
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main, Args)

@@ -1,0 +1,277 @@
+"""evaluate.py: every metric against an independent computation, then end to end on a fake run
+folder laid out exactly as CONTRACT.md says reconstruct.py and prepare_data.py write it."""
+
+import json
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+import evaluate
+from evaluate import (Args, chamfer_cm, fscore, geometry_metrics, mpjpe_mm, normal_consistency, pa_mpjpe_mm,
+                      point_to_surface_cm, procrustes_align, psnr_db, read_reward_log, ssim)
+from prepare_data import UserError, views_to_latents
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- geometry: brute force and trimesh against our KD-tree versions --------------------------------
+
+def test_chamfer_fscore_normals_match_brute_force():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(40, 3)) * 0.1, rng.normal(size=(60, 3)) * 0.1
+    na, nb = rng.normal(size=(40, 3)), rng.normal(size=(60, 3))
+    na /= np.linalg.norm(na, axis=1, keepdims=True)
+    nb /= np.linalg.norm(nb, axis=1, keepdims=True)
+    dist = np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))  # (40, 60) every pair
+    assert chamfer_cm(a, b) == pytest.approx(100 * (dist.min(1).mean() + dist.min(0).mean()) / 2, rel=1e-9)
+    tau = 0.05
+    p, r = (dist.min(1) < tau).mean(), (dist.min(0) < tau).mean()
+    assert fscore(a, b, tau) == pytest.approx(2 * p * r / (p + r))
+    assert fscore(a, b + 10, tau) == 0.0  # nothing near: F is 0, not a division by zero
+    forward = np.abs((na * nb[dist.argmin(1)]).sum(1)).mean()
+    backward = np.abs((nb * na[dist.argmin(0)]).sum(1)).mean()
+    assert normal_consistency(a, na, b, nb) == pytest.approx((forward + backward) / 2)
+
+
+def test_point_to_surface_is_the_known_offset_from_a_box():
+    box = trimesh.creation.box(extents=(1.0, 1.0, 1.0))
+    rng = np.random.default_rng(1)
+    # Points over the interior of the +x and -y faces, 3 cm outside: the nearest surface point is on
+    # that face, straight below, so the distance is exactly 3 cm.
+    inner = rng.uniform(-0.4, 0.4, size=(50, 2))
+    points = np.concatenate([np.c_[np.full(50, 0.53), inner], np.c_[inner[:, 0], np.full(50, -0.53), inner[:, 1]]])
+    assert point_to_surface_cm(points, box) == pytest.approx(3.0, abs=1e-6)
+
+
+def test_concentric_spheres_give_the_offset():
+    inner = trimesh.creation.icosphere(subdivisions=4, radius=0.5)
+    outer = trimesh.creation.icosphere(subdivisions=4, radius=0.52)  # 2 cm further out everywhere
+    rng = np.random.default_rng(0)
+    m = geometry_metrics(outer, inner, 4000, 0.05, rng)
+    assert m["p2s_cm"] == pytest.approx(2.0, abs=0.05)  # polyhedral error of subdivision 4 is < 0.1 mm
+    assert 1.95 < m["chamfer_cm"] < 2.6  # nearest *sample* is never closer than the surface
+    assert m["normal_consistency"] > 0.99
+    assert m["fscore"] == 1.0
+    assert geometry_metrics(outer, inner, 4000, 0.015, rng)["fscore"] == 0.0  # tau under the offset
+    same = geometry_metrics(inner, inner, 4000, 0.05, np.random.default_rng(0))
+    assert same["p2s_cm"] < 1e-6 and same["fscore"] == 1.0
+
+
+def test_translation_icp_recovers_a_known_shift():
+    gt = trimesh.creation.box(extents=(0.4, 0.9, 0.25))
+    pred = gt.copy()
+    pred.apply_translation([0.03, -0.02, 0.01])
+    plain = geometry_metrics(pred, gt, 3000, 0.05, np.random.default_rng(0), align="none")
+    aligned = geometry_metrics(pred, gt, 3000, 0.05, np.random.default_rng(0), align="translation")
+    assert np.allclose(aligned["shift_cm"], [-3, 2, -1], atol=0.3)
+    assert plain["p2s_cm"] > 1.0 and aligned["p2s_cm"] < 0.3
+
+
+# --- pose ------------------------------------------------------------------------------------------
+
+def test_mpjpe_known_offsets():
+    gt = np.random.default_rng(0).normal(size=(22, 3))
+    moved = gt.copy()
+    moved[5, 0] += 0.022  # one non-pelvis joint, 22 mm: mean over 22 joints is 1 mm
+    assert mpjpe_mm(moved, gt) == pytest.approx(1.0)
+    assert mpjpe_mm(gt + [0.3, -0.1, 0.2], gt) == pytest.approx(0.0, abs=1e-9)  # pelvis-aligned
+
+
+def test_pa_mpjpe_undoes_a_similarity_and_matches_scipy():
+    from scipy.spatial import procrustes
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(3)
+    gt = rng.normal(size=(22, 3)) * 0.3
+    rot = Rotation.random(random_state=4).as_matrix()
+    pred = 1.3 * gt @ rot.T + [0.2, -0.4, 1.0]
+    assert pa_mpjpe_mm(pred, gt) == pytest.approx(0.0, abs=1e-6)
+    assert mpjpe_mm(pred, gt) > 10
+    # With noise: scipy's disparity is the residual of the same optimal similarity, normalised by
+    # the centred GT's squared norm.
+    noisy = pred + rng.normal(size=pred.shape) * 0.02
+    _, _, disparity = procrustes(gt, noisy)
+    residual = ((procrustes_align(noisy, gt) - gt) ** 2).sum()
+    assert residual == pytest.approx(disparity * ((gt - gt.mean(0)) ** 2).sum(), rel=1e-6)
+
+
+# --- appearance ------------------------------------------------------------------------------------
+
+def test_psnr_of_a_constant_offset_and_ssim_of_constants():
+    gt = np.random.default_rng(0).uniform(0, 0.8, size=(6, 3, 16, 16))
+    assert psnr_db(gt + 0.1, gt) == pytest.approx(20.0)  # MSE 0.01
+    assert psnr_db(gt, gt) == pytest.approx(100.0)  # capped, so json never holds Infinity
+    assert ssim(gt, gt) == pytest.approx(1.0)
+    x, y = np.full((6, 3, 16, 16), 0.3), np.full((6, 3, 16, 16), 0.5)
+    c1 = 0.01 ** 2  # constant images: SSIM reduces to its luminance term
+    assert ssim(x, y) == pytest.approx((2 * 0.3 * 0.5 + c1) / (0.3 ** 2 + 0.5 ** 2 + c1))
+
+
+def test_reward_log_skips_lines_without_reward_and_broken_lines(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 0, "reward": 0.1}\n{"step": 1, "loss": 3}\n{"step": 2, "rew\n'
+                   '{"step": 3, "reward": 0.4}\n')
+    steps, rewards = read_reward_log(log)
+    assert steps.tolist() == [0, 3] and rewards.tolist() == [0.1, 0.4]
+
+
+# --- a fake run folder, exactly as the contract lays it out ----------------------------------------
+
+N, RES, V = 3, 16, 6
+OFFSET_M = 0.02  # base meshes are the GT sphere 2 cm larger
+
+
+def _manifest(folder: Path, **extra):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").write_text(json.dumps(dict(
+        count=N, views=[0, 45, 90, 180, 270, 315], resolution=RES, seed=0, source="test", preset="demo",
+        conventions={}, **extra)))
+
+
+def make_run(root: Path, models=("base", "drpose")) -> Path:
+    """bench (spheres, random joints and renders) and recon: drpose = GT exactly; base = spheres
+    2 cm larger, one joint 22 mm off, colour views 0.1 brighter."""
+    rng = np.random.default_rng(0)
+    run = root / "run"
+    bench_dir = run / "data" / "bench"
+    _manifest(bench_dir, files={"bench.npz": N})
+    joints = rng.normal(size=(N, 55, 3)).astype(np.float32) * 0.3
+    color = rng.integers(0, 200, size=(N, V, 3, RES, RES), dtype=np.uint8)  # room for +0.1
+    normal = rng.integers(0, 256, size=(N, V, 3, RES, RES), dtype=np.uint8)
+    np.savez(bench_dir / "bench.npz", joints=joints, image=color[:, 0], color=color, normal=normal,
+             mask=np.ones((N, V, RES, RES), np.uint8), category=np.array(["jump", "kick", "roll"]),
+             outfit=np.arange(N))
+    (bench_dir / "meshes").mkdir()
+    radii = [0.3, 0.35, 0.4]
+    for i, r in enumerate(radii):
+        trimesh.creation.icosphere(subdivisions=3, radius=r).export(bench_dir / "meshes" / f"{i:05d}.ply")
+    gt_latents = views_to_latents(torch.from_numpy(color).float() / 255, torch.from_numpy(normal).float() / 255)
+    for tag in models:
+        folder = run / "recon" / tag
+        _manifest(folder, model=str(run / tag))
+        for i, r in enumerate(radii):
+            sample = folder / f"{i:05d}"
+            sample.mkdir()
+            latents = gt_latents[i].clone()
+            pred_joints = joints[i].copy()
+            radius = r
+            if tag == "base":
+                latents[:, :3] += 0.2  # +0.1 in [0, 1] images
+                pred_joints[5, 0] += 0.022
+                radius = r + OFFSET_M
+            np.savez(sample / "views.npz", latents=latents.numpy())
+            np.savez(sample / "joints.npz", joints=pred_joints)
+            (sample / "body.json").write_text("{}")
+            trimesh.creation.icosphere(subdivisions=3, radius=radius).export(sample / "mesh.ply")
+    (run / "drpose").mkdir()
+    (run / "drpose" / "metrics.jsonl").write_text(
+        "".join(json.dumps(dict(step=s, reward=0.5 + 0.01 * s, loss=1.0)) + "\n" for s in range(30)))
+    return run
+
+
+def run_eval(run: Path, **kw) -> dict:
+    return evaluate.main(Args(run_dir=run, num_samples=1500, **kw))
+
+
+def test_end_to_end_numbers_files_and_report(tmp_path):
+    run = make_run(tmp_path)
+    results = run_eval(run)
+    base, drpose = results["models"]["base"], results["models"]["drpose"]
+    assert results["subjects"] == 3 and results["reference"] == "base"
+    # drpose is the GT: pose 0, images identical, samples lie on the GT surface.
+    assert drpose["mpjpe_mm"]["mean"] == pytest.approx(0, abs=1e-3)
+    assert drpose["pa_mpjpe_mm"]["mean"] == pytest.approx(0, abs=1e-3)
+    assert drpose["p2s_cm"]["mean"] < 1e-5
+    assert drpose["psnr_color_db"]["mean"] > 60 and drpose["ssim_normal"]["mean"] == pytest.approx(1)
+    # base: the known offsets.
+    assert base["mpjpe_mm"]["per_subject"] == pytest.approx([1.0] * 3, abs=1e-3)
+    assert base["psnr_color_db"]["per_subject"] == pytest.approx([20.0] * 3, abs=1e-3)
+    assert base["p2s_cm"]["mean"] == pytest.approx(100 * OFFSET_M, rel=0.05)
+    assert base["chamfer_cm"]["mean"] > drpose["chamfer_cm"]["mean"]
+    assert base["chamfer_cm"]["std"] == pytest.approx(np.std(base["chamfer_cm"]["per_subject"]))
+    change = results["change"]["drpose"]
+    assert change["mpjpe_mm"]["verdict"] == "better" and change["p2s_cm"]["verdict"] == "better"
+    assert change["psnr_normal_db"]["verdict"] == "same"  # both identical to the GT normals
+    assert change["psnr_color_db"]["relative"] > 0
+    assert "posescore" not in base  # no posescore/ folder: skipped, not failed
+
+    out = run / "eval"
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["models"]["base"]["mpjpe_mm"]["mean"] == pytest.approx(base["mpjpe_mm"]["mean"])
+    md = (out / "results.md").read_text()
+    assert "| metric | base | drpose | drpose vs base |" in md
+    assert re.search(r"\| MPJPE \(mm\) ↓ \| 1 ± \S+ \| 0 ± 0 \| -100\.0% \(better\) \|", md), md
+    assert re.search(r"\| PSNR colour \(dB\) ↑ \| 20 ± \S+ \| 100 ± 0 \| \+400\.0% \(better\) \|", md), md
+
+    page = (out / "report.html").read_text()
+    refs = re.findall(r"(?:src|href)='([^']+)'", page)
+    assert {"metrics.png", "reward_curve.png", "scatter.png", "results.json", "grids/00002.png"} <= set(refs)
+    for ref in refs:
+        assert not Path(ref).is_absolute() and (out / ref).is_file(), ref
+    import matplotlib.image
+
+    for ref in refs:
+        if ref.endswith(".png"):
+            assert matplotlib.image.imread(out / ref).ndim == 3
+
+
+def test_one_model_alone(tmp_path):
+    run = make_run(tmp_path, models=("drpose",))
+    results = run_eval(run, models=("drpose",), max_grids=1)
+    assert results["change"] == {} and "drpose" in results["models"]
+    out = run / "eval"
+    assert not (out / "scatter.png").exists()
+    assert "| metric | drpose |" in (out / "results.md").read_text()
+    for ref in re.findall(r"(?:src|href)='([^']+)'", (out / "report.html").read_text()):
+        assert (out / ref).is_file(), ref
+
+
+def test_posescore_is_used_when_present(tmp_path, monkeypatch):
+    run = make_run(tmp_path)
+    (run / "posescore").mkdir()
+    seen = {}
+
+    def fake_reward(views, batch, ctx):
+        # A reward computable by hand: the mean colour latent, so base (brighter) scores 0.2 higher.
+        assert views.shape[1:] == (V, 6, RES, RES) and batch["joints"].shape[1:] == (55, 3)
+        seen["ctx"] = ctx
+        return views[:, :, :3].mean(dim=(1, 2, 3, 4)), {"bce": torch.zeros(len(views))}
+
+    fake = types.ModuleType("posescore")
+    fake.load_reward_context = lambda folder, device: ("ctx", Path(folder).name, device)
+    fake.REWARDS = {"posescore": fake_reward}
+    monkeypatch.setitem(sys.modules, "posescore", fake)
+    results = run_eval(run, max_grids=0)
+    assert seen["ctx"] == ("ctx", "posescore", "cpu")
+    base, drpose = results["models"]["base"]["posescore"], results["models"]["drpose"]["posescore"]
+    assert np.allclose(np.array(base["per_subject"]) - drpose["per_subject"], 0.2, atol=1e-5)
+    assert results["posescore_gt"]["mean"] == pytest.approx(drpose["mean"], abs=1e-6)  # drpose = GT
+    assert "PoseScore" in (run / "eval" / "results.md").read_text()
+
+
+# --- errors a user can hit -------------------------------------------------------------------------
+
+def test_missing_inputs_name_the_file_and_the_command(tmp_path):
+    run = make_run(tmp_path, models=("base",))
+    with pytest.raises(UserError, match=r"recon/drpose/manifest.json is missing; make it with `python reconstruct.py"):
+        run_eval(run)
+    (run / "recon" / "base" / "00001" / "mesh.ply").unlink()
+    with pytest.raises(UserError, match=r"recon/base/00001/mesh.ply is missing"):
+        run_eval(run, models=("base",))
+    with pytest.raises(UserError, match=r"data/bench/manifest.json is missing; make it with `python prepare_data.py"):
+        run_eval(tmp_path / "elsewhere")
+
+
+def test_cli_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "evaluate.py", "--run-dir", str(tmp_path / "nothing"),
+                           "--models", "base", "drpose"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "bench" in lines[0]
