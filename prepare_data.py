@@ -922,7 +922,7 @@ def build_scans(body, args: Args, folder: Path, rng: np.random.Generator) -> dic
             albedo = paint_vertices(regions, outfits["colors"], outfits["style"]).numpy()
             _write_meshes(tmp / "meshes", rendered["vertices"], faces, albedo, prefix=f"{split}_")
             counts[f"{split}.npz"] = count
-            sheets += [np.concatenate([rendered["color"][i], rendered["normal"][i]]) for i in range(4)]
+            sheets += [np.concatenate([rendered["color"][i], rendered["normal"][i]]) for i in range(min(4, count))]
         contact_sheet(tmp / "contact_sheet.png", sheets)
         write_json(tmp / "manifest.json", manifest(args, "generated scan-like poses", counts))
     return counts

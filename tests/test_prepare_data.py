@@ -1,0 +1,383 @@
+"""Stage 1: the body model, poses, the renderer and the datasets, checked against independent
+computations (mannequin-x's own skinning, trimesh ray casting, hand-computed kinematics)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import prepare_data as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def body_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("body")
+    pd.export_mannequin_smplx(folder / "SMPLX_NEUTRAL.npz")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def body(body_dir):
+    return pd.load_body_model(body_dir)
+
+
+# --- body model -------------------------------------------------------------------------------------
+
+def test_exported_model_matches_mannequin_skinning(body):
+    from mannequin import Mannequin
+
+    figure = Mannequin("wooden")
+    rng = np.random.default_rng(3)
+    batch = 4
+    body_pose = rng.normal(0, 0.5, (batch, 21, 3)).astype(np.float32)
+    hand_pose = rng.normal(0, 0.4, (batch, 30, 3)).astype(np.float32)
+    orient = rng.normal(0, 1.0, (batch, 3)).astype(np.float32)
+    transl = rng.normal(0, 0.5, (batch, 3)).astype(np.float32)
+    pose = figure.rest_pose(batch_dims=(batch,))
+    # SMPL-X's global_orient rotates about the pelvis joint: the mannequin's pelvis_rotation does.
+    pose.update(body_pose=body_pose, hand_pose=hand_pose, pelvis_rotation=orient, global_translation=transl)
+    expected = figure.vertices(pose)
+    params = dict(global_orient=orient, body_pose=body_pose, left_hand_pose=hand_pose[:, :15],
+                  right_hand_pose=hand_pose[:, 15:], transl=transl)
+    with torch.no_grad():
+        vertices, joints = pd.body_forward(body, {k: torch.from_numpy(v) for k, v in params.items()})
+    assert np.abs(vertices.numpy() - expected).max() < 1e-5
+    mannequin_joints = figure.joint_transforms(pose)[..., :3, 3]
+    assert np.abs(joints.numpy()[:, list(pd.MANNEQUIN_TO_SMPLX)] - mannequin_joints).max() < 1e-5
+
+
+def test_joints_only_kinematics_equal_full_forward(body):
+    poses = pd.generate_poses("broad", 3, np.random.default_rng(0))
+    params = {k: torch.from_numpy(poses[k]) for k in pd.POSE_KEYS}
+    with torch.no_grad():
+        _, joints = pd.body_forward(body, params)
+        assert torch.allclose(pd.body_joints(body, params), joints, atol=1e-5)
+
+
+def test_shape_space_changes_height(body):
+    params = {k: torch.zeros((2,) + s) for k, s in pd.POSE_KEYS.items()}
+    params["betas"][1, 0] = 1.0
+    with torch.no_grad():
+        vertices, _ = pd.body_forward(body, params)
+    heights = vertices[..., 1].amax(1) - vertices[..., 1].amin(1)
+    assert abs(float(heights[1] - heights[0])) > 0.01  # subjects differ in size
+
+
+def _tiny_smplx(path: Path):
+    """An SMPL-X-format file with one vertex per joint, each skinned rigidly to its joint."""
+    joints = np.zeros((pd.NUM_JOINTS, 3))
+    for j in range(1, pd.NUM_JOINTS):
+        joints[j] = joints[pd.SMPLX_PARENTS[j]] + np.array([0.0, -0.1 if j in (1, 2, 4, 5, 7, 8) else 0.1, 0.0])
+    n = pd.NUM_JOINTS
+    # smplx reads extra landmarks at fixed SMPL-X vertex ids (up to 10474): pad with pelvis vertices.
+    v = 10475
+    weights = np.zeros((v, n), np.float32)
+    weights[np.arange(n), np.arange(n)] = 1
+    weights[n:, 0] = 1
+    regressor = np.zeros((n, v), np.float32)
+    regressor[np.arange(n), np.arange(n)] = 1
+    template = np.zeros((v, 3), np.float32)
+    template[:n] = joints
+    np.savez(path, v_template=template, f=np.array([[0, 1, 2], [0, 2, 3]]), J_regressor=regressor, weights=weights,
+             kintree_table=np.stack([np.array(pd.SMPLX_PARENTS), np.arange(n)]), shapedirs=np.zeros((v, 3, 20), np.float32),
+             posedirs=np.zeros((v, 3, 486), np.float32), hands_componentsl=np.eye(45), hands_componentsr=np.eye(45),
+             hands_meanl=np.zeros(45), hands_meanr=np.zeros(45), lmk_faces_idx=np.zeros(51, np.int64),
+             lmk_bary_coords=np.full((51, 3), 1 / 3))
+    return joints
+
+
+def test_tiny_smplx_file_loads_through_the_same_loader(tmp_path):
+    rest = _tiny_smplx(tmp_path / "SMPLX_NEUTRAL.npz")
+    tiny = pd.load_body_model(tmp_path)
+    params = {k: torch.zeros((1,) + s) for k, s in pd.POSE_KEYS.items()}
+    params["body_pose"][0, 3] = torch.tensor([np.pi / 2, 0, 0])  # left knee bends 90 degrees about x
+    with torch.no_grad():
+        vertices, joints = pd.body_forward(tiny, params)
+    # Independent kinematics: the ankle (0.1 m below the knee) swings to 0.1 m behind... about +x by
+    # 90 degrees, (0, -0.1, 0) -> (0, 0, -0.1).
+    expected_ankle = rest[4] + np.array([0.0, 0.0, -0.1])
+    assert np.allclose(joints[0, 7].numpy(), expected_ankle, atol=1e-6)
+    assert np.allclose(vertices[0, :pd.NUM_JOINTS].numpy(), joints[0].numpy(), atol=1e-6)
+
+
+def test_missing_and_malformed_model_files_are_refused(tmp_path):
+    with pytest.raises(pd.UserError, match="SMPLX_NEUTRAL"):
+        pd.load_body_model(tmp_path)
+    (tmp_path / "SMPLX_NEUTRAL.npz").write_bytes(b"not a zip")
+    with pytest.raises(pd.UserError, match="not a valid SMPL-X"):
+        pd.load_body_model(tmp_path)
+
+
+def test_cli_bad_body_model_exits_2_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "prepare_data.py", "--body-model", str(tmp_path),
+                             "--run-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and str(tmp_path) in lines[0]
+
+
+# --- poses -------------------------------------------------------------------------------------------
+
+def test_generated_clips_are_smooth_and_within_limits():
+    clips = pd.generate_clips("scan", 5, 40, np.random.default_rng(1))
+    table = pd._range_table("scan")
+    body_pose = clips["body_pose"]
+    assert (body_pose >= table[..., 0] - 1e-9).all() and (body_pose <= table[..., 1] + 1e-9).all()
+    step = np.abs(np.diff(body_pose, axis=1)).max()
+    span = (table[..., 1] - table[..., 0]).max()
+    assert step < 0.25 * span  # frame to frame moves are a small part of the range
+
+
+def test_broad_poses_spread_wider_than_scan_like(body):
+    rng = np.random.default_rng(2)
+    scan = pd.pose_features(body, pd.generate_poses("scan", 200, rng))
+    broad = pd.pose_features(body, pd.generate_poses("broad", 200, rng))
+    assert pd.joint_spread(broad) > 1.3 * pd.joint_spread(scan)
+
+
+def test_fps_spreads_more_than_random_selection(body):
+    rng = np.random.default_rng(4)
+    clips = pd.generate_clips("broad", 30, 20, rng)
+    features = pd.pose_features(body, {k: v.reshape((-1,) + v.shape[2:]) for k, v in clips.items()})
+    fps = pd.farthest_point_sampling(features, 40, np.random.default_rng(0))
+    random = np.random.default_rng(0).choice(len(features), 40, replace=False)
+    assert len(set(fps.tolist())) == 40
+    assert pd.joint_spread(features[fps]) > pd.joint_spread(features[random])
+    # and its minimum pairwise distance, the quantity FPS maximises greedily, is larger
+    def min_gap(idx):
+        d = torch.cdist(features[idx], features[idx])
+        return float(d[~torch.eye(len(idx), dtype=bool)].min())
+    assert min_gap(fps) > min_gap(random)
+
+
+def test_heading_is_removed_from_pose_features(body):
+    poses = pd.generate_poses("broad", 4, np.random.default_rng(5))
+    turned = dict(poses)
+    from scipy.spatial.transform import Rotation
+
+    turned["global_orient"] = (Rotation.from_euler("y", 1.1) * Rotation.from_rotvec(poses["global_orient"])).as_rotvec()
+    assert torch.allclose(pd.pose_features(body, poses), pd.pose_features(body, turned), atol=1e-4)
+
+
+def test_motionx_loader_reads_and_refuses(tmp_path):
+    frames = np.zeros((7, 322), np.float32)
+    frames[:, 3:6] = 0.3  # first body joint
+    frames[:, 309:312] = [1, 2, 3]
+    np.save(tmp_path / "clip.npy", frames)
+    clip = pd.load_motionx(tmp_path / "clip.npy")
+    assert clip["body_pose"].shape == (7, 21, 3) and np.allclose(clip["body_pose"][:, 0], 0.3)
+    assert np.allclose(clip["transl"], [1, 2, 3]) and clip["left_hand_pose"].shape == (7, 15, 3)
+    assert len(pd.load_pose_files("motionx", tmp_path)) == 1
+    np.save(tmp_path / "wide.npy", np.zeros((7, 300)))
+    with pytest.raises(pd.UserError, match="322"):
+        pd.load_motionx(tmp_path / "wide.npy")
+    bad = frames.copy()
+    bad[2, 10] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    with pytest.raises(pd.UserError, match="NaN"):
+        pd.load_motionx(tmp_path / "nan.npy")
+
+
+def test_amass_loader_reads_and_refuses(tmp_path):
+    poses = np.zeros((5, 156))
+    poses[:, 66:69] = 0.2  # first left-hand joint
+    np.savez(tmp_path / "clip.npz", poses=poses, trans=np.ones((5, 3)), betas=np.arange(16.0))
+    clip = pd.load_amass(tmp_path / "clip.npz")
+    assert np.allclose(clip["left_hand_pose"][:, 0], 0.2) and np.allclose(clip["betas"][0], np.arange(10))
+    # z-up -> y-up: a zero root orientation becomes -90 degrees about x
+    assert np.allclose(clip["global_orient"][0], [-np.pi / 2, 0, 0], atol=1e-6)
+    np.savez(tmp_path / "nokeys.npz", poses=poses)
+    with pytest.raises(pd.UserError, match="lacks AMASS keys"):
+        pd.load_amass(tmp_path / "nokeys.npz")
+    np.savez(tmp_path / "narrow.npz", poses=np.zeros((5, 72)), trans=np.ones((5, 3)), betas=np.zeros(10))
+    with pytest.raises(pd.UserError, match="156"):
+        pd.load_amass(tmp_path / "narrow.npz")
+    np.savez(tmp_path / "inf.npz", poses=poses, trans=np.full((5, 3), np.inf), betas=np.zeros(10))
+    with pytest.raises(pd.UserError, match="NaN or Inf"):
+        pd.load_amass(tmp_path / "inf.npz")
+
+
+# --- renderer ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def t_pose(body):
+    params = {k: torch.zeros((1,) + s) for k, s in pd.POSE_KEYS.items()}
+    with torch.no_grad():
+        vertices, joints = pd.body_forward(body, params)
+    return vertices, joints
+
+
+def test_depth_and_normals_match_trimesh_ray_casting(body, t_pose):
+    import trimesh
+
+    vertices, _ = t_pose
+    faces = body.faces_tensor
+    res = 64
+    out = pd.render_views(vertices, faces, torch.full_like(vertices, 0.5), res)
+    mesh = trimesh.Trimesh(vertices[0].numpy(), faces.numpy(), process=False)
+    rotations = pd.view_rotations().numpy()
+    checked = 0
+    for view in (0, 2, 3):  # front, left side, back
+        rows, cols = np.nonzero(out["mask"][0, view].numpy())
+        pick = np.random.default_rng(view).choice(len(rows), 25, replace=False)
+        for r, c in zip(rows[pick], cols[pick]):
+            # Pixel centre -> a ray from in front of the camera along -z_cam, in world coordinates.
+            x = (c + 0.5) / res * 2 * pd.ORTHO_HALF_EXTENT - pd.ORTHO_HALF_EXTENT
+            y = pd.ORTHO_HALF_EXTENT - (r + 0.5) / res * 2 * pd.ORTHO_HALF_EXTENT
+            origin = rotations[view].T @ np.array([x, y, 5.0])
+            direction = rotations[view].T @ np.array([0.0, 0.0, -1.0])
+            hits, _, tri = mesh.ray.intersects_location([origin], [direction])
+            if len(hits) == 0:
+                continue  # grazing pixel where the ray misses by a hair
+            nearest = np.argmin(np.linalg.norm(hits - origin, axis=1))
+            depth = (rotations[view] @ hits[nearest])[2]
+            assert abs(depth - float(out["depth"][0, view, r, c])) < 2e-3
+            face_normal = rotations[view] @ mesh.face_normals[tri[nearest]]
+            normal = out["normal"][0, view, :, r, c].numpy() * 2 - 1
+            assert normal @ face_normal > 0.5  # smooth vertex normal vs flat face normal
+            checked += 1
+    assert checked > 60
+
+
+def test_t_pose_mask_width_is_the_arm_span(body, t_pose):
+    vertices, _ = t_pose
+    res = 128
+    out = pd.render_views(vertices, body.faces_tensor, torch.full_like(vertices, 0.5), res)
+    cols = np.nonzero(out["mask"][0, 0].numpy().any(0))[0]
+    width_m = (cols.max() - cols.min() + 1) * 2 * pd.ORTHO_HALF_EXTENT / res
+    span = float(vertices[0, :, 0].max() - vertices[0, :, 0].min())
+    assert abs(width_m - span) < 2 * 2 * pd.ORTHO_HALF_EXTENT / res  # within two pixels
+    # The left side view sees the person's depth, much narrower than the arm span.
+    side_cols = np.nonzero(out["mask"][0, 2].numpy().any(0))[0]
+    assert side_cols.max() - side_cols.min() < 0.4 * (cols.max() - cols.min())
+
+
+def test_normals_unit_length_inside_mask_and_background_fixed(body, t_pose):
+    vertices, _ = t_pose
+    out = pd.render_views(vertices, body.faces_tensor, torch.full_like(vertices, 0.5), 48)
+    inside = out["mask"].bool()
+    normals = out["normal"].permute(0, 1, 3, 4, 2)[inside] * 2 - 1
+    assert torch.allclose(normals.norm(dim=-1), torch.ones(len(normals)), atol=1e-4)
+    assert (out["color"].permute(0, 1, 3, 4, 2)[~inside] == pd.BACKGROUND).all()
+    # The front view sees normals pointing at the camera (+z) on average.
+    assert normals[: int(inside[0, 0].sum())][:, 2].mean() > 0.5
+
+
+def test_render_is_differentiable_in_vertices(body, t_pose):
+    vertices, _ = t_pose
+    vertices = vertices.clone().requires_grad_(True)
+    out = pd.render_views(vertices, body.faces_tensor, torch.full_like(vertices, 0.5), 32)
+    (out["normal"].sum() + out["depth"].sum() + out["color"].sum()).backward()
+    assert torch.isfinite(vertices.grad).all() and vertices.grad.abs().sum() > 0
+
+
+def test_view_conventions():
+    # The front camera sees the person's left (+x) on the image's right; the left-side camera
+    # (azimuth 90) sees the person's front (+z) on the image's left.
+    points = torch.tensor([[[0.5, 0.0, 0.0], [0.0, 0.0, 0.5], [0.0, 0.5, 0.0]]])
+    pix = pd.views_to_pixels(pd.world_to_views(points), 100)
+    assert pix[0, 0, 0, 0] > 50 and pix[0, 2, 1, 0] < 50
+    assert pix[0, 0, 2, 1] < 50  # y up is image up
+    assert pd.VIEW_AZIMUTHS == (0, 45, 90, 180, 270, 315)
+
+
+# --- datasets ----------------------------------------------------------------------------------------
+
+TINY = ["--resolution", "16", "--num-scans", "6", "--num-val-scans", "2", "--num-anchors", "3",
+        "--num-bench", "6", "--pose-pool-clips", "4", "--neighbours", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    subprocess.run([sys.executable, "prepare_data.py", "--run-dir", str(run), *TINY], cwd=ROOT, check=True,
+                   capture_output=True)
+    return run
+
+
+def test_datasets_have_manifests_keys_and_no_multiview_in_drpose(tiny_run):
+    data = tiny_run / "data"
+    scans = pd.load_split(data / "scans" / "train.npz", ["color", "normal", "mask", "joints", "body_pose"])
+    assert scans["color"].shape == (6, 6, 3, 16, 16) and scans["joints"].shape == (6, 55, 3)
+    pairs = pd.load_split(data / "drpose" / "pairs.npz", ["image", "joints", "anchor"])
+    assert pairs["image"].shape == (9, 3, 16, 16)  # 3 anchors x (1 + 2 neighbours)
+    assert not {"color", "normal", "depth"} & set(pairs)  # no multi-view images, by design
+    bench = pd.load_split(data / "bench" / "bench.npz", ["image", "color", "category"])
+    assert np.array_equal(bench["image"], bench["color"][:, 0])
+    assert len(list((data / "bench" / "meshes").glob("*.ply"))) == 6
+    for folder in ("scans", "drpose", "bench"):
+        manifest = json.loads((data / folder / "manifest.json").read_text())
+        assert manifest["resolution"] == 16 and manifest["views"] == list(pd.VIEW_AZIMUTHS)
+        assert (data / folder / "contact_sheet.png").exists()
+
+
+def test_stored_params_reproduce_the_stored_mesh_and_joints(tiny_run, body):
+    import trimesh
+
+    bench = pd.load_split(tiny_run / "data" / "bench" / "bench.npz")
+    params = {k: torch.from_numpy(bench[k][:2]) for k in pd.POSE_KEYS}
+    with torch.no_grad():
+        vertices, joints = pd.body_forward(body, params)
+    mesh = trimesh.load(tiny_run / "data" / "bench" / "meshes" / "00001.ply", process=False)
+    assert np.abs(mesh.vertices - vertices[1].numpy()).max() < 1e-4
+    assert np.abs(joints.numpy() - bench["joints"][:2]).max() < 1e-4
+    # centred: the mesh's bounding box centre is the origin
+    assert np.abs((mesh.vertices.max(0) + mesh.vertices.min(0)) / 2).max() < 1e-4
+
+
+def test_bench_outfits_and_shapes_are_held_out(tiny_run):
+    scans = pd.load_split(tiny_run / "data" / "scans" / "train.npz")
+    bench = pd.load_split(tiny_run / "data" / "bench" / "bench.npz")
+    assert np.abs(scans["betas"]).max() <= 1.2 < np.abs(bench["betas"]).max(1).min()
+    from matplotlib.colors import rgb_to_hsv
+
+    bench_hues = rgb_to_hsv(bench["outfit_colors"][:, 2:4])[..., 0]
+    scan_hues = rgb_to_hsv(scans["outfit_colors"][:, 2:4])[..., 0]
+    assert (bench_hues >= 0.75 - 1e-3).all() and (scan_hues < 0.75 + 1e-3).all()
+
+
+def test_rerun_reproduces_identical_files(tiny_run, tmp_path):
+    subprocess.run([sys.executable, "prepare_data.py", "--run-dir", str(tmp_path), *TINY], cwd=ROOT, check=True,
+                   capture_output=True)
+    for name in ("scans/train.npz", "drpose/pairs.npz", "bench/bench.npz"):
+        first = np.load(tiny_run / "data" / name)
+        second = np.load(tmp_path / "data" / name)
+        for key in first.files:
+            assert np.array_equal(first[key], second[key]), (name, key)
+
+
+def test_interrupted_folder_write_leaves_old_data_and_no_accepted_half(tmp_path):
+    folder = tmp_path / "scans"
+    with pd.atomic_dir(folder) as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    with pytest.raises(KeyboardInterrupt):
+        with pd.atomic_dir(folder) as tmp:
+            (tmp / "train.npz").write_bytes(b"half")
+            raise KeyboardInterrupt  # killed mid-write
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json"]
+    assert not (tmp_path / "scans.tmp").exists()
+
+
+def test_load_split_refuses_bad_files(tmp_path):
+    with pytest.raises(pd.UserError, match="manifest.json is missing"):
+        pd.load_split(tmp_path / "train.npz")
+    pd.write_json(tmp_path / "manifest.json", {"files": {"train.npz": 2}})
+    with pytest.raises(pd.UserError, match="train.npz is missing"):
+        pd.load_split(tmp_path / "train.npz")
+    (tmp_path / "train.npz").write_bytes(b"\x00corrupt")
+    with pytest.raises(pd.UserError, match="not a readable npz"):
+        pd.load_split(tmp_path / "train.npz")
+    np.savez(tmp_path / "train.npz", joints=np.full((2, 55, 3), np.nan, np.float32))
+    with pytest.raises(pd.UserError, match="NaN"):
+        pd.load_split(tmp_path / "train.npz")
+    np.savez(tmp_path / "train.npz", joints=np.zeros((3, 55, 3), np.float32))
+    with pytest.raises(pd.UserError, match="count"):
+        pd.load_split(tmp_path / "train.npz")
+    with pytest.raises(pd.UserError, match="lacks keys"):
+        pd.load_split(tmp_path / "train.npz", ["image"])
