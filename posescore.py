@@ -80,6 +80,8 @@ class TrainArgs:
     """seeds the weights, batches, augmentation and the perturbation directions"""
     device: str = "cpu"
     """torch device"""
+    threads: int | None = None
+    """torch CPU threads (default: torch's choice); 1 can be faster when other jobs share the CPU"""
 
     def resolved(self) -> "TrainArgs":
         """The preset's values for every field left unset (an explicit flag always wins)."""
@@ -136,17 +138,21 @@ def skeleton_maps(joints: torch.Tensor, resolution: int, width: float = 1.0) -> 
     pixel centre to the projected segment. No occlusion: every bone shows in every view, so the
     maps carry the full pose even where the body hides a limb. Differentiable in the joints."""
     _check_joints(joints)
-    pix = project_joints(joints, resolution)  # (B, V, 22, 2)
-    parent, child = (torch.tensor(side, device=joints.device) for side in zip(*BONES))
-    start, stop = pix[:, :, parent], pix[:, :, child]  # (B, V, K, 2)
-    centres = torch.arange(resolution, device=joints.device, dtype=joints.dtype) + 0.5
-    rows, cols = torch.meshgrid(centres, centres, indexing="ij")
-    grid = torch.stack([cols, rows], -1)  # (H, W, 2) as (u, v)
-    along = (stop - start)[:, :, :, None, None]  # (B, V, K, 1, 1, 2)
-    offset = grid - start[:, :, :, None, None]  # (B, V, K, H, W, 2)
+    return draw_bones(project_joints(joints, resolution), resolution, width)
+
+
+def draw_bones(pix: torch.Tensor, resolution: int, width: float = 1.0) -> torch.Tensor:
+    """(..., 22, 2) joint pixel coordinates -> (..., K, H, W) soft bone lines (see skeleton_maps)."""
+    parent, child = (torch.tensor(side, device=pix.device) for side in zip(*BONES))
+    start, stop = pix[..., parent, :], pix[..., child, :]  # (..., K, 2)
+    centres = torch.arange(resolution, device=pix.device, dtype=pix.dtype) + 0.5
+    along = (stop - start)[..., None, None, :]  # (..., K, 1, 1, 2)
+    du = centres - start[..., 0, None, None]  # (..., K, 1, W): pixel centre minus segment start
+    dv = centres[:, None] - start[..., 1, None, None]  # (..., K, H, 1)
     # Closest point on the segment: t in [0, 1] along it (eps keeps zero-length bones finite).
-    t = ((offset * along).sum(-1) / (along.pow(2).sum(-1) + 1e-8)).clamp(0, 1)  # (B, V, K, H, W)
-    dist2 = (offset - t[..., None] * along).pow(2).sum(-1)
+    length2 = along.pow(2).sum(-1) + 1e-8  # (..., K, 1, 1)
+    t = ((du * along[..., 0] + dv * along[..., 1]) / length2).clamp(0, 1)  # (..., K, H, W)
+    dist2 = (du - t * along[..., 0]).pow(2) + (dv - t * along[..., 1]).pow(2)
     return torch.exp(-dist2 / (2 * width ** 2))
 
 
@@ -204,9 +210,11 @@ def build_gskel(resolution: int, channels: tuple[int, ...]):
 
 
 def gskel_apply(gskel, images: torch.Tensor, view_ids: torch.Tensor) -> torch.Tensor:
-    """(N, 6, H, W) single views + (N,) view indices -> (N, K, H, W) float32 logits."""
+    """(N, 6, H, W) single views + (N,) view indices -> (N, K, H, W) logits, at least float32
+    (a bf16 g_skel still gives the loss float32 logits; a float64 one keeps float64 for tests)."""
     timestep = torch.zeros(images.shape[0], device=images.device)
-    return gskel(images.to(gskel.dtype), timestep, class_labels=view_ids).sample.float()
+    logits = gskel(images.to(gskel.dtype), timestep, class_labels=view_ids).sample
+    return logits.to(torch.promote_types(images.dtype, torch.float32))
 
 
 def gskel_logits(gskel, views: torch.Tensor) -> torch.Tensor:
@@ -287,8 +295,8 @@ def posescore(views: torch.Tensor, batch: dict, ctx: RewardContext):
     bone group (and `perceptual` when ctx has one). A perfect match scores -H(S), not 0: BCE of
     soft targets bottoms out at their entropy; only differences between poses matter."""
     joints = check_reward_inputs(views, batch, ctx)
-    target = skeleton_maps(joints.to(ctx.device, torch.float32), ctx.resolution, ctx.width)  # (B, V, K, H, W)
-    logits = gskel_logits(ctx.gskel, views.to(ctx.device))
+    logits = gskel_logits(ctx.gskel, views.to(ctx.device))  # (B, V, K, H, W)
+    target = skeleton_maps(joints.to(ctx.device, logits.dtype), ctx.resolution, ctx.width)
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((-2, -1))  # (B, V, K)
     rewards = -bce.mean((1, 2))
     parts = {f"view_{az:03d}": -bce[:, v].mean(1) for v, az in enumerate(VIEW_AZIMUTHS)}
@@ -309,7 +317,7 @@ def keypoints(views: torch.Tensor, batch: dict, ctx: RewardContext):
     perfect, about -0.05 is a few pixels off at 32 px); parts per view."""
     joints = check_reward_inputs(views, batch, ctx)
     maps = torch.sigmoid(gskel_logits(ctx.gskel, views.to(ctx.device)))  # (B, V, K, H, W)
-    error = (joints_from_maps(maps) - project_joints(joints.to(ctx.device, torch.float32), ctx.resolution))
+    error = joints_from_maps(maps) - project_joints(joints.to(ctx.device, maps.dtype), ctx.resolution)
     error = error.norm(dim=-1).mean(-1) / ctx.resolution  # (B, V)
     return -error.mean(1), {f"view_{az:03d}": -error[:, v] for v, az in enumerate(VIEW_AZIMUTHS)}
 
@@ -361,20 +369,24 @@ def load_views(path: Path, keys=("joints",)) -> dict:
     return dict(arrays, latents=latents, joints_t=torch.from_numpy(arrays["joints"]).float())
 
 
-def render_broad(run_dir: Path, count: int, outfits: np.ndarray, resolution: int, seed: int, device) -> dict:
-    """`count` broad poses rendered through prepare_data's own path (what made data/scans/)."""
+def render_broad(run_dir: Path, count: int, resolution: int, seed: int, device) -> dict:
+    """`count` broad poses in training-hue outfits, rendered through prepare_data's own path
+    (the one that made data/scans/): latents (count, V, 6, H, W) and joints (count, 55, 3)."""
     try:
-        from prepare_data import generate_poses, render_subjects
+        from prepare_data import generate_poses, render_subjects, sample_outfits
     except ImportError:
-        raise UserError("--train-on broad needs prepare_data.generate_poses and render_subjects; "
-                        "update prepare_data.py") from None
+        raise UserError("--train-on broad needs prepare_data.generate_poses, sample_outfits and "
+                        "render_subjects; update prepare_data.py") from None
     rng = np.random.default_rng(seed + 1)  # not the scans' stream: new poses
-    params = {k: torch.from_numpy(np.asarray(v)).float().to(device) for k, v in generate_poses("broad", count, rng).items()}
+    poses, outfits = generate_poses("broad", count, rng), sample_outfits(count, rng, held_out=False)
     body = load_body_model(run_dir / "body", device)
-    out = render_subjects(body, params, rng.choice(outfits, count), resolution, device)
-    as_float = lambda x: from_uint8(x) if isinstance(x, np.ndarray) and x.dtype == np.uint8 else torch.as_tensor(x).float()
-    return dict(latents=views_to_latents(as_float(out["color"]).cpu(), as_float(out["normal"]).cpu()),
-                joints_t=torch.as_tensor(out["joints"]).float().cpu())
+    latents, joints = [], []
+    for i in range(0, count, 32):  # chunks keep the 2x render's memory small
+        out = render_subjects(body, {k: v[i:i + 32] for k, v in poses.items()},
+                              {k: v[i:i + 32] for k, v in outfits.items()}, resolution, device)
+        latents.append(views_to_latents(out["color"], out["normal"]).cpu())
+        joints.append(out["joints"].cpu())
+    return dict(latents=torch.cat(latents), joints_t=torch.cat(joints))
 
 
 def augment(images: torch.Tensor, blur: float, noise: float, generator: torch.Generator) -> torch.Tensor:
@@ -404,6 +416,8 @@ def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, lo
     from tqdm import tqdm
 
     resolution, device = latents.shape[-1], torch.device(args.device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)  # restored below: a caller's setting is its own
     torch.manual_seed(args.seed)  # the initial weights
     generator = torch.Generator().manual_seed(args.seed)  # batches and augmentation
     gskel = build_gskel(resolution, args.channels).to(device).train()
@@ -418,8 +432,8 @@ def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, lo
         subject = torch.randint(num, (args.batch_size,), generator=generator)
         view = torch.randint(NUM_VIEWS, (args.batch_size,), generator=generator)
         images = augment(latents[subject, view].to(device), args.blur, args.noise, generator)  # (N, 6, H, W)
-        target = skeleton_maps(joints[subject].to(device), resolution, args.width)  # (N, V, K, H, W)
-        target = target[torch.arange(args.batch_size), view.to(device)]  # (N, K, H, W)
+        pix = project_joints(joints[subject].to(device), resolution)[torch.arange(args.batch_size), view]
+        target = draw_bones(pix, resolution, args.width)  # (N, K, H, W): only the views in the batch
         logits = gskel_apply(gskel, images, view.to(device))
         loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
         optimiser.zero_grad(set_to_none=True)
@@ -434,6 +448,7 @@ def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, lo
             if log_path is not None:
                 with open(log_path, "a") as fh:
                     fh.write(json.dumps(line) + "\n")
+    torch.set_num_threads(threads)
     return gskel.eval().requires_grad_(False)
 
 
@@ -474,7 +489,7 @@ def true_vs_perturbed(fn, latents, true_joints, moved_joints, levels, ctx) -> di
 
     true_r, _ = reward_in_chunks(fn, latents, true_joints, ctx)  # (N,)
     moved_r = torch.stack([reward_in_chunks(fn, latents, j, ctx)[0] for j in moved_joints])  # (L, N)
-    wins = (true_r[None] > moved_r).float()
+    wins = (true_r[None] > moved_r).double()
     table = torch.cat([true_r[None], moved_r]).numpy()  # (L + 1, N)
     sizes = np.array([0.0, *levels])
     per_subject = [spearmanr(sizes, table[:, n])[0] for n in range(table.shape[1])]
@@ -579,11 +594,11 @@ def score(args: ScoreArgs) -> None:
 def train(args: TrainArgs) -> None:
     args = args.resolved()
     data_dir, folder = args.run_dir / "data", args.run_dir / "posescore"
-    scans = load_views(data_dir / "scans" / "train.npz", keys=("joints", "outfit"))
+    scans = load_views(data_dir / "scans" / "train.npz")
     resolution = scans["latents"].shape[-1]
     latents, joints = scans["latents"], scans["joints_t"]
     if args.train_on == "broad":
-        broad = render_broad(args.run_dir, args.num_broad, np.unique(scans["outfit"]), resolution, args.seed, args.device)
+        broad = render_broad(args.run_dir, args.num_broad, resolution, args.seed, args.device)
         latents, joints = torch.cat([latents, broad["latents"]]), torch.cat([joints, broad["joints_t"]])
     print(f"g_skel: {len(latents)} subjects x {NUM_VIEWS} views at {resolution} px, {args.steps} steps")
 

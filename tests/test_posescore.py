@@ -1,0 +1,242 @@
+"""posescore.py: skeleton maps, g_skel training, PoseScore's behaviour and the reward registry.
+
+One toy run folder (body model, scans, bench; 24 px renders made by prepare_data's renderer) is
+built once; g_skel is trained on it through the real `train` path in about 15 s on 2 CPU cores.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import prepare_data as pd
+import posescore as ps
+
+RES = 16  # small enough to train in seconds, large enough that a 0.1 rad pose change shows
+
+
+# --- fixtures: a toy run folder and a g_skel trained on it ------------------------------------------
+
+def _render(body, params: dict, res: int, rng: np.random.Generator, held_out=False) -> dict:
+    """Six-view renders of poses through prepare_data's own path, as dataset arrays."""
+    outfits = pd.sample_outfits(len(params["body_pose"]), rng, held_out)
+    out = pd.render_subjects(body, params, outfits, res, "cpu")
+    return dict({k: params[k] for k in pd.POSE_KEYS}, transl=out["transl"].numpy(), joints=out["joints"].numpy(),
+                color=pd.to_uint8(out["color"]), normal=pd.to_uint8(out["normal"]))
+
+
+def _write_split(folder: Path, name: str, arrays: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / name, **arrays)
+    manifest = folder / "manifest.json"
+    files = json.loads(manifest.read_text())["files"] if manifest.exists() else {}
+    files[name] = len(arrays["joints"])
+    pd.write_json(manifest, dict(count=sum(files.values()), resolution=RES, files=files))
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small renders: threads only contend with other jobs
+    pd.export_mannequin_smplx(root / "body" / "SMPLX_NEUTRAL.npz")
+    body = pd.load_body_model(root / "body")
+    rng = np.random.default_rng(0)
+    _write_split(root / "data" / "scans", "train.npz", _render(body, pd.generate_poses("scan", 48, rng), RES, rng))
+    _write_split(root / "data" / "scans", "val.npz", _render(body, pd.generate_poses("scan", 12, rng), RES, rng))
+    _write_split(root / "data" / "bench", "bench.npz", _render(body, pd.generate_poses("hard", 6, rng), RES, rng, True))
+    torch.set_num_threads(threads)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(run_dir):
+    """g_skel trained through the CLI's own path; returns (ctx, validation.json)."""
+    args = ps.TrainArgs(run_dir=run_dir, steps=400, batch_size=32, channels=(16, 32), width=1.0, log_every=100,
+                          threads=1)  # one thread: far faster when other jobs share the two cores
+    ps.train(args)
+    folder = run_dir / "posescore"
+    return ps.load_reward_context(folder), json.loads((folder / "validation.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def val(run_dir):
+    return ps.load_views(run_dir / "data" / "scans" / "val.npz")
+
+
+def _tiny_ctx(res=8, dtype=torch.float32):
+    torch.manual_seed(0)
+    gskel = ps.build_gskel(res, (8, 8)).to(dtype).eval().requires_grad_(False)
+    return ps.RewardContext(gskel=gskel, resolution=res, width=1.0, device=torch.device("cpu"))
+
+
+# --- skeleton maps -------------------------------------------------------------------------------
+
+def test_skeleton_maps_land_on_the_projected_bones(val):
+    joints = val["joints_t"][:3]
+    maps = ps.skeleton_maps(joints, RES, width=1.0)
+    assert maps.shape == (3, pd.NUM_VIEWS, len(pd.BONES), RES, RES)
+    assert maps.min() >= 0 and maps.max() <= 1
+    pix = ps.project_joints(joints, RES)  # (B, V, 22, 2)
+    for k, (parent, child) in enumerate(pd.BONES):
+        mid = (pix[:, :, parent] + pix[:, :, child]) / 2  # (B, V, 2) as (u, v)
+        col, row = mid[..., 0].floor().long(), mid[..., 1].floor().long()
+        on_bone = maps[:, :, k][torch.arange(3)[:, None], torch.arange(pd.NUM_VIEWS), row, col]
+        # a pixel centre is at most 0.71 px from the midpoint: exp(-0.5 / 2) = 0.78
+        assert (on_bone > 0.75).all(), k
+    # far from every bone nothing is drawn: the top-left corner is empty at 24 px
+    assert maps[..., 0, 0].max() < 1e-3
+    # joints read back off exact maps land on the projected joints
+    assert (ps.joints_from_maps(maps) - pix).norm(dim=-1).mean() < 0.3
+
+
+def test_skeleton_maps_are_differentiable_in_joints(val):
+    joints = val["joints_t"][:1].double().requires_grad_(True)
+    maps = ps.skeleton_maps(joints, 12, width=1.0)
+    weights = torch.rand(maps.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    (maps * weights).sum().backward()
+    assert torch.isfinite(joints.grad).all() and joints.grad[:, :22].abs().sum() > 0
+    assert joints.grad[:, 22:].abs().sum() == 0  # hands and face do not enter the maps
+    direction = torch.randn(joints.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    eps = 1e-5
+    with torch.no_grad():
+        plus = (ps.skeleton_maps(joints + eps * direction, 12) * weights).sum()
+        minus = (ps.skeleton_maps(joints - eps * direction, 12) * weights).sum()
+    assert torch.allclose((plus - minus) / (2 * eps), (joints.grad * direction).sum(), rtol=1e-4)
+
+
+# --- PoseScore on a trained g_skel ----------------------------------------------------------------
+
+def test_train_writes_a_loadable_folder(trained, run_dir):
+    ctx, validation = trained
+    folder = run_dir / "posescore"
+    for name in ("config.json", "diffusion_pytorch_model.safetensors", "posescore_config.json",
+                 "validation.json", "metrics.jsonl", "maps.png"):
+        assert (folder / name).exists(), name
+    assert ctx.resolution == RES and not any(p.requires_grad for p in ctx.gskel.parameters())
+    for split in ("val", "bench"):
+        assert {"map_psnr", "map_ssim", "joint_error_px", "true_vs_perturbed_posescore"} <= validation[split].keys()
+    # g_skel learned something: better maps than predicting nothing (all-zero maps score about 12 dB)
+    assert validation["val"]["map_psnr"] > 15
+
+
+def test_posescore_prefers_the_true_pose_and_falls_with_perturbation(trained, val, run_dir):
+    ctx, validation = trained
+    body = pd.load_body_model(run_dir / "body")
+    levels = (0.1, 0.2, 0.3, 0.4, 0.5)
+    results = [ps.true_vs_perturbed(ps.posescore, val["latents"], val["joints_t"],
+                                    ps.perturbed_joints(body, val, levels, seed=seed), levels, ctx)
+               for seed in (1, 2)]  # two fresh perturbation directions per subject: 120 pairs
+    print("toy val, true vs perturbed:", results)
+    assert np.mean([r["accuracy"] for r in results]) >= 0.95
+    assert all(r["spearman_mean"] <= -0.8 for r in results)
+
+
+def test_batched_over_views_equals_a_loop(trained, val):
+    ctx, _ = trained
+    views, joints = val["latents"][:3], val["joints_t"][:3]
+    rewards, parts = ps.posescore(views, {"joints": joints}, ctx)
+    target = ps.skeleton_maps(joints, RES, ctx.width)
+    per_view = []
+    for v, azimuth in enumerate(pd.VIEW_AZIMUTHS):
+        for b in range(len(views)):  # one view of one subject at a time
+            logits = ps.gskel_apply(ctx.gskel, views[b:b + 1, v], torch.tensor([v]))
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target[b:b + 1, v])
+            assert torch.allclose(-bce, parts[f"view_{azimuth:03d}"][b], atol=1e-5)
+            per_view.append(-bce)
+    assert torch.allclose(torch.stack(per_view).view(pd.NUM_VIEWS, -1).mean(0), rewards, atol=1e-5)
+    # bone-group parts weight each group by its bone count and add back up to the reward
+    groups = sum(parts[f"bones_{n}"] * len(b) for n, b in pd.BONE_GROUPS.items()) / len(pd.BONES)
+    assert torch.allclose(groups, rewards, atol=1e-5)
+
+
+def test_gradients_wrt_views_are_finite_nonzero_and_match_finite_differences(val):
+    ctx = _tiny_ctx(res=8, dtype=torch.float64)
+    torch.manual_seed(0)
+    views = (torch.rand(2, pd.NUM_VIEWS, 6, 8, 8, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+    batch = {"joints": val["joints_t"][:2].double()}
+    for name, fn in ps.REWARDS.items():
+        rewards, parts = fn(views, batch, ctx)
+        assert rewards.shape == (2,) and all(p.shape == (2,) for p in parts.values())
+        (grad,) = torch.autograd.grad(rewards.sum(), views)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+        direction = torch.randn(views.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        eps = 1e-6
+        with torch.no_grad():
+            plus = fn(views + eps * direction, batch, ctx)[0].sum()
+            minus = fn(views - eps * direction, batch, ctx)[0].sum()
+        assert torch.allclose((plus - minus) / (2 * eps), (grad * direction).sum(), rtol=1e-4), name
+
+
+def test_keypoint_reward_shares_the_signature_and_prefers_the_true_pose(trained, val, run_dir):
+    ctx, validation = trained
+    assert set(ps.REWARDS) >= {"posescore", "keypoints"}
+    body = pd.load_body_model(run_dir / "body")
+    moved = ps.perturbed_joints(body, val, (0.5,), seed=1)
+    true_r, parts = ps.keypoints(val["latents"], {"joints": val["joints_t"]}, ctx)
+    moved_r, _ = ps.keypoints(val["latents"], {"joints": moved[0]}, ctx)
+    assert set(parts) == {f"view_{a:03d}" for a in pd.VIEW_AZIMUTHS}
+    assert (true_r > moved_r).float().mean() >= 0.8
+
+
+def test_perceptual_term_loads_local_torchscript(trained, val, tmp_path):
+    ctx, _ = trained
+
+    class MeanAbs(torch.nn.Module):  # stands in for an exported LPIPS
+        def forward(self, a, b):
+            return (a - b).abs().mean((1, 2, 3))
+
+    path = tmp_path / "lpips.pt"
+    torch.jit.script(MeanAbs()).save(str(path))
+    ctx_p = ps.RewardContext(**{**ctx.__dict__, "perceptual": ps.load_perceptual(path), "perceptual_weight": 2.0})
+    batch = {"joints": val["joints_t"][:2]}
+    plain, _ = ps.posescore(val["latents"][:2], batch, ctx)
+    with_p, parts = ps.posescore(val["latents"][:2], batch, ctx_p)
+    assert torch.allclose(with_p, plain + 2.0 * parts["perceptual"]) and (parts["perceptual"] < 0).all()
+    with pytest.raises(pd.UserError):
+        ps.load_perceptual(tmp_path / "missing.pt")
+
+
+# --- bad input, the score CLI -------------------------------------------------------------------
+
+def test_bad_input_is_refused_in_one_line(val):
+    ctx = _tiny_ctx(res=8)
+    views, joints = torch.zeros(2, pd.NUM_VIEWS, 6, 8, 8), val["joints_t"][:2]
+    bad = [
+        (views[:, :5], joints),  # five views
+        (torch.zeros(2, pd.NUM_VIEWS, 3, 8, 8), joints),  # colour only
+        (torch.zeros(2, pd.NUM_VIEWS, 6, 16, 16), joints),  # wrong resolution
+        (views.clone().index_fill_(0, torch.tensor([1]), float("nan")), joints),
+        (views, joints[:1]),  # batch mismatch
+        (views, joints[:, :, :2]),  # 2D joints
+        (views, joints.clone().index_fill_(0, torch.tensor([0]), float("nan"))),
+    ]
+    for fn in ps.REWARDS.values():
+        for bad_views, bad_joints in bad:
+            with pytest.raises(pd.UserError):
+                fn(bad_views, {"joints": bad_joints}, ctx)
+        with pytest.raises(pd.UserError):
+            fn(views, {}, ctx)
+    with pytest.raises(pd.UserError):
+        ps.skeleton_maps(joints[0], 8)
+
+
+def test_score_cli_on_a_recon_folder(trained, run_dir, val, tmp_path):
+    recon = tmp_path / "recon" / "base"
+    for i in range(3):
+        (recon / f"{i:05d}").mkdir(parents=True)
+        np.savez(recon / f"{i:05d}" / "views.npz", latents=val["latents"][i].numpy())
+    ps.score(ps.ScoreArgs(views_dir=recon, poses=run_dir / "data" / "scans" / "val.npz", run_dir=run_dir))
+    result = json.loads((recon / "score_posescore.json").read_text())
+    assert result["count"] == 3 and len(result["per_sample"]) == 3
+    expected, _ = ps.posescore(val["latents"][:3], {"joints": val["joints_t"][:3]}, trained[0])
+    assert np.allclose([s["reward"] for s in result["per_sample"]], expected.numpy(), atol=1e-5)
+    # a user's mistake is one line on stderr and exit status 2
+    proc = subprocess.run([sys.executable, "posescore.py", "score", "--views-dir", str(tmp_path / "nothing"),
+                           "--run-dir", str(run_dir)], capture_output=True, text=True,
+                          cwd=Path(ps.__file__).parent)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
