@@ -1,0 +1,215 @@
+"""reconstruct.py: body fit, oracle reconstruction against GT, output layout, resume, generation
+path and bad inputs.
+
+One toy run folder is built once: the mannequin exported as SMPL-X and two hard-pose bench
+subjects rendered at 32 px through prepare_data.render_subjects (the path that made the real bench).
+g_skel is replaced by the ideal one, the GT skeleton maps (--skeleton ideal): training a g_skel
+here would take longer than the whole file may, and the oracle test is about fitting and carving.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+import evaluate
+import prepare_data as pd
+import reconstruct as rc
+from posescore import skeleton_maps
+
+REPO = Path(__file__).resolve().parents[1]
+RES = 32
+# Bounds, measured on the demo bench (runs/demo/data/bench, 12 subjects, --oracle --skeleton ideal,
+# demo preset): MPJPE mean 10.0 mm, max 21.4 mm; Chamfer mean 1.23 cm, max 1.45 cm, against a floor
+# of 1.00-1.02 cm that the GT mesh scores against itself with evaluate's 5000 samples. Margins
+# cover other poses and shapes.
+MPJPE_BOUND_MM = 30.0
+CHAMFER_BOUND_CM = 1.8
+FIT_MPJPE_BOUND_MM = 20.0
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A run folder with body/ and data/bench/ (2 hard-pose subjects, 32 px, GT meshes)."""
+    root = tmp_path_factory.mktemp("run")
+    pd.export_mannequin_smplx(root / "body" / "SMPLX_NEUTRAL.npz")
+    body = pd.load_body_model(root / "body")
+    rng = np.random.default_rng(3)
+    poses = pd.generate_poses("hard", 2, rng)
+    outfits = pd.sample_outfits(2, rng, held_out=True)
+    out = pd.render_subjects(body, poses, outfits, RES)
+    bench = root / "data" / "bench"
+    (bench / "meshes").mkdir(parents=True)
+    albedo = pd.paint_vertices(pd.vertex_regions(body), outfits["colors"], outfits["style"]).numpy()
+    for i in range(2):
+        trimesh.Trimesh(out["vertices"][i].numpy(), body.faces_tensor.numpy(),
+                        vertex_colors=(albedo[i] * 255).astype(np.uint8), process=False).export(bench / "meshes" / f"{i:05d}.ply")
+    color, normal = pd.to_uint8(out["color"]), pd.to_uint8(out["normal"])
+    np.savez(bench / "bench.npz", image=color[:, 0], color=color, normal=normal,
+             mask=out["mask"].to(torch.uint8).numpy(), joints=out["joints"].numpy(), transl=out["transl"].numpy(),
+             **{k: poses[k] for k in pd.POSE_KEYS if k != "transl"})
+    pd.write_json(bench / "manifest.json", dict(count=2, views=list(pd.VIEW_AZIMUTHS), resolution=RES,
+                                                files={"bench.npz": 2}))
+    return dict(root=root, body=body, out=out)
+
+
+@pytest.fixture(scope="session")
+def oracle_run(world):
+    """The CLI's own main() on the toy bench with the GT views and ideal skeleton maps."""
+    args = rc.Args(run_dir=world["root"], oracle=True, skeleton="ideal")
+    folder = rc.main(args)
+    return folder
+
+
+# --- pieces ---------------------------------------------------------------------------------------
+
+def test_subset_skinning_matches_smplx(world):
+    body = world["body"]
+    skinner = rc.SubsetSkinner(body, count=300)
+    gen = torch.Generator().manual_seed(0)
+    params = dict(global_orient=0.5 * torch.randn(1, 3, generator=gen), body_pose=0.3 * torch.randn(1, 21, 3, generator=gen),
+                  betas=torch.randn(1, 10, generator=gen), transl=torch.zeros(1, 3))
+    joints, verts = skinner(params)
+    full_verts, full_joints = pd.body_forward(body, params)
+    assert torch.allclose(verts, full_verts[:, skinner.index], atol=1e-5)
+    assert torch.allclose(joints[:, :55], full_joints, atol=1e-5)
+
+
+def test_triangulation_inverts_the_projection():
+    joints = torch.randn(1, 22, 3) * 0.4
+    pix = pd.views_to_pixels(pd.world_to_views(joints), RES)[0]  # (V, 22, 2)
+    assert torch.allclose(rc.triangulate(pix, RES), joints[0], atol=1e-5)
+
+
+def test_body_fit_recovers_a_known_pose_from_its_own_skeleton_maps(world):
+    """A broad pose (not a bench template) on a random shape, fitted to its own skeleton maps and
+    its rendered silhouettes, lands within FIT_MPJPE_BOUND_MM of the true joints."""
+    body = world["body"]
+    rng = np.random.default_rng(11)
+    poses = pd.generate_poses("broad", 1, rng)
+    out = pd.render_subjects(body, poses, pd.sample_outfits(1, rng, held_out=False), RES)
+    maps = skeleton_maps(out["joints"], RES, 1.0)[0]
+    args = rc.Args(fit_steps=60).resolved()
+    torch.set_num_threads(1)
+    params, joints = rc.fit_body(body, maps, out["mask"][0], args, 1.0)
+    error = evaluate.mpjpe_mm(joints[:22].numpy(), out["joints"][0, :22].numpy())
+    assert error < FIT_MPJPE_BOUND_MM, f"MPJPE {error:.1f} mm"
+    start = rc.initial_params(body, out["joints"][0, :22].double().numpy())  # the IK start alone is worse
+    assert set(start) == {"global_orient", "body_pose", "betas", "scale", "transl"}
+
+
+# --- the oracle: GT views in, mesh and joints near the GT out --------------------------------------
+
+def test_oracle_mesh_and_joints_are_near_the_ground_truth(world, oracle_run):
+    bench = evaluate.load_bench(world["root"])
+    recon = evaluate.load_recon(world["root"], "oracle", bench)  # the reader evaluate.py uses
+    for i in range(2):
+        pred = evaluate.load_mesh(recon["mesh_paths"][i], "test")
+        gt = evaluate.load_mesh(bench["mesh_paths"][i], "test")
+        geometry = evaluate.geometry_metrics(pred, gt, 5000, 0.05, np.random.default_rng([0, i]))
+        mpjpe = evaluate.mpjpe_mm(recon["joints"][i, :22], bench["joints"][i, :22])
+        assert geometry["chamfer_cm"] < CHAMFER_BOUND_CM, f"subject {i}: Chamfer {geometry['chamfer_cm']:.2f} cm"
+        assert mpjpe < MPJPE_BOUND_MM, f"subject {i}: MPJPE {mpjpe:.1f} mm"
+        # Vertex colours come from the views: the carved mesh is not grey.
+        assert np.asarray(pred.visual.vertex_colors)[:, :3].std() > 5
+
+
+def test_output_layout_matches_the_contract(world, oracle_run):
+    manifest = json.loads((oracle_run / "manifest.json").read_text())
+    assert manifest["count"] == 2 and manifest["complete"] and manifest["resolution"] == RES
+    for i in range(2):
+        sample = oracle_run / f"{i:05d}"
+        assert sorted(p.name for p in sample.iterdir()) == ["body.json", "joints.npz", "mesh.ply", "views.npz", "views.png"]
+        with np.load(sample / "views.npz") as npz:
+            assert npz["latents"].shape == (6, 6, RES, RES) and npz["latents"].dtype == np.float32
+        with np.load(sample / "joints.npz") as npz:
+            assert npz["joints"].shape == (55, 3)
+        params = json.loads((sample / "body.json").read_text())
+        assert np.array(params["body_pose"]).shape == (21, 3) and len(params["betas"]) == 10
+    # views.npz holds exactly the GT views in oracle mode
+    data = np.load(world["root"] / "data/bench/bench.npz")
+    gt = pd.views_to_latents(pd.from_uint8(data["color"][:1]), pd.from_uint8(data["normal"][:1]))[0].numpy()
+    assert np.allclose(np.load(oracle_run / "00000/views.npz")["latents"], gt)
+
+
+def test_rerun_skips_complete_samples_and_redoes_a_killed_one(world, oracle_run):
+    done = oracle_run / "00000" / "mesh.ply"
+    stamp = done.stat().st_mtime_ns
+    import shutil
+
+    shutil.rmtree(oracle_run / "00001")
+    (oracle_run / "00001.tmp").mkdir()  # what a kill mid-write leaves
+    (oracle_run / "00001.tmp" / "views.npz").write_bytes(b"partial")
+    rc.main(rc.Args(run_dir=world["root"], oracle=True, skeleton="ideal"))
+    assert done.stat().st_mtime_ns == stamp  # untouched
+    assert (oracle_run / "00001" / "mesh.ply").exists() and not (oracle_run / "00001.tmp").exists()
+    with pytest.raises(pd.UserError, match="made differently"):
+        rc.main(rc.Args(run_dir=world["root"], oracle=True, skeleton="ideal", seed=1))
+
+
+# --- generation: a tiny model, one image file, per-sample noise -------------------------------------
+
+def test_image_input_generates_views_with_per_sample_noise(world, tmp_path):
+    import finetune
+    import posescore
+    from PIL import Image
+
+    res = 16
+    torch.manual_seed(0)
+    unet = finetune.build_unet(finetune.unet_config(res, (8, 16), 1, 1, 2, 16)).eval()
+    model = tmp_path / "tiny"
+    finetune.save_model(model, unet, dict(resolution=res, num_views=pd.NUM_VIEWS, sampling=dict(num_steps=2, guidance=1.5)))
+    gskel = posescore.build_gskel(res, (8, 8))
+    gskel.save_pretrained(tmp_path / "posescore")
+    pd.write_json(tmp_path / "posescore" / "posescore_config.json", dict(resolution=res, width=1.0))
+    (tmp_path / "body").symlink_to(world["root"] / "body")
+    rgba = np.zeros((40, 30, 4), np.uint8)
+    rgba[5:35, 10:20] = (200, 50, 50, 255)  # an opaque figure on a transparent background
+    Image.fromarray(rgba).save(tmp_path / "person.png")
+    args = rc.Args(run_dir=tmp_path, model=str(model), input=tmp_path / "person.png", fit_steps=3, carve_steps=1)
+    out = rc.main(args)
+    assert out == tmp_path / "recon" / "tiny"
+    image = rc.load_image(tmp_path / "person.png", res)
+    assert image.shape == (3, res, res) and image[:, 0, 0].tolist() == [1.0, 1.0, 1.0]  # white margin
+    loaded, _ = finetune.load_model(model)
+    expect = finetune.sample_views(loaded, image[None], 2, 1.5, torch.Generator().manual_seed(0))[0]
+    assert np.allclose(np.load(out / "00000" / "views.npz")["latents"], expect.numpy(), atol=1e-5)
+    assert (out / "00000" / "mesh.ply").exists()
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, message", [("corrupt", "not a readable image"), ("tiny", "too small"),
+                                           ("blank", "no foreground"), ("empty_alpha", "empty alpha")])
+def test_bad_images_are_refused_in_one_line(tmp_path, kind, message):
+    from PIL import Image
+
+    path = tmp_path / f"{kind}.png"
+    if kind == "corrupt":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    elif kind == "tiny":
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    elif kind == "blank":
+        Image.fromarray(np.full((64, 64, 3), 240, np.uint8)).save(path)
+    else:
+        Image.fromarray(np.zeros((64, 64, 4), np.uint8)).save(path)
+    with pytest.raises(pd.UserError, match=message) as err:
+        rc.load_image(path, RES)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_exits_2_with_one_line_for_a_bad_image(tmp_path):
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"nope")
+    (tmp_path / "base").mkdir()
+    run = subprocess.run([sys.executable, "reconstruct.py", "--run-dir", str(tmp_path), "--input", str(path)],
+                         cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert run.returncode == 2
+    lines = [line for line in run.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, run.stderr
