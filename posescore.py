@@ -1,6 +1,6 @@
 """Stage 2 of DrPose: skeleton maps, the g_skel network, PoseScore and the reward registry.
 
-    python posescore.py train --preset demo --run-dir runs/demo        # g_skel on data/scans/, ~1.5 min CPU
+    python posescore.py train --preset demo --run-dir runs/demo        # g_skel on data/scans/, < 2 min CPU
     python posescore.py train --preset demo --train-on broad           # + broad poses rendered on the fly
     python posescore.py score --views-dir runs/demo/recon/base         # score generated views vs GT poses
     python posescore.py score --views-dir runs/demo/data/bench/bench.npz   # score GT renders
@@ -46,7 +46,7 @@ class TrainArgs:
     """Train g_skel on scan renders and write posescore/ (weights, config, validation numbers)."""
 
     preset: Literal["demo", "full"] = "demo"
-    """demo: a tiny U-Net, ~1.5 min on 2 CPU cores at 32 px; full: a wider one for one GPU at 64 px
+    """demo: a tiny U-Net, under 2 min on a shared 2-core CPU at 32 px; full: a wider one for one GPU at 64 px
     (fields below left unset take the preset's value)"""
     run_dir: Path = Path("runs/demo")
     """the run folder: reads data/scans/, data/bench/, body/; writes posescore/"""
@@ -56,7 +56,7 @@ class TrainArgs:
     num_broad: int | None = None
     """extra broad-pose subjects rendered for --train-on broad (demo 240, full 3000)"""
     steps: int | None = None
-    """optimiser steps (demo 500, full 6000)"""
+    """optimiser steps (demo 400, full 6000)"""
     batch_size: int | None = None
     """single views per step (demo 32, full 64)"""
     lr: float = 3e-3
@@ -81,7 +81,8 @@ class TrainArgs:
     device: str = "cpu"
     """torch device"""
     threads: int | None = None
-    """torch CPU threads (default: torch's choice); 1 can be faster when other jobs share the CPU"""
+    """torch CPU threads, 0 = torch's choice (demo 1: on a shared 2-core CPU two threads per job
+    thrash, measured 4x slower per step; full 0)"""
 
     def resolved(self) -> "TrainArgs":
         """The preset's values for every field left unset (an explicit flag always wins)."""
@@ -117,8 +118,8 @@ class ScoreArgs:
 
 
 TRAIN_PRESETS = {
-    "demo": dict(steps=500, batch_size=32, channels=(16, 32, 64), width=1.0, num_broad=240),
-    "full": dict(steps=6000, batch_size=64, channels=(32, 64, 128, 128), width=1.5, num_broad=3000),
+    "demo": dict(steps=400, batch_size=32, channels=(16, 32, 64), width=1.0, num_broad=240, threads=1),
+    "full": dict(steps=6000, batch_size=64, channels=(32, 64, 128, 128), width=1.5, num_broad=3000, threads=0),
 }
 NUM_BONES = len(BONES)  # K = 21
 PAPER_MAP_PSNR, PAPER_MAP_SSIM = 22.48, 0.93
@@ -416,8 +417,6 @@ def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, lo
     from tqdm import tqdm
 
     resolution, device = latents.shape[-1], torch.device(args.device)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or threads)  # restored below: a caller's setting is its own
     torch.manual_seed(args.seed)  # the initial weights
     generator = torch.Generator().manual_seed(args.seed)  # batches and augmentation
     gskel = build_gskel(resolution, args.channels).to(device).train()
@@ -448,7 +447,6 @@ def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, lo
             if log_path is not None:
                 with open(log_path, "a") as fh:
                     fh.write(json.dumps(line) + "\n")
-    torch.set_num_threads(threads)
     return gskel.eval().requires_grad_(False)
 
 
@@ -592,7 +590,15 @@ def score(args: ScoreArgs) -> None:
 # --- main --------------------------------------------------------------------------------------
 
 def train(args: TrainArgs) -> None:
-    args = args.resolved()
+    args, threads = args.resolved(), torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        _train(args)
+    finally:
+        torch.set_num_threads(threads)  # a caller's (e.g. a test's) setting is its own
+
+
+def _train(args: TrainArgs) -> None:
     data_dir, folder = args.run_dir / "data", args.run_dir / "posescore"
     scans = load_views(data_dir / "scans" / "train.npz")
     resolution = scans["latents"].shape[-1]
