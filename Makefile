@@ -1,8 +1,11 @@
-# Two commands do everything: `make demo` (the whole pipeline on the embedded default) and
-# `make test`. Both set up a local virtual environment on first use. Bring your own environment
-# with `make demo PYTHON=python` (it must already have requirements.txt installed).
+# Two commands do everything: `make demo` (the whole pipeline on the embedded default, then base vs
+# DrPose) and `make test`. Both set up a local virtual environment on first use. Bring your own
+# environment with `make demo PYTHON=python` (it must already have requirements.txt installed).
+# Each stage is a file target, so a second `make demo` only redoes stages whose output is missing
+# (`make clean` starts over).
 PYTHON ?= .venv/bin/python
 RUN ?= runs/demo
+PRESET ?= demo
 SETUP := $(if $(filter .venv/bin/python,$(PYTHON)),.venv/.installed,)
 
 .PHONY: demo test setup clean
@@ -19,8 +22,23 @@ setup: $(SETUP)
 test: $(SETUP)
 	$(PYTHON) -m pytest -q tests
 
-demo: $(SETUP)
-	$(PYTHON) prepare_data.py --preset demo --run-dir $(RUN)
+$(RUN)/data/bench/manifest.json: | $(SETUP)
+	$(PYTHON) prepare_data.py --preset $(PRESET) --run-dir $(RUN)
+
+$(RUN)/posescore/posescore_config.json: $(RUN)/data/bench/manifest.json
+	$(PYTHON) posescore.py train --preset $(PRESET) --run-dir $(RUN)
+
+$(RUN)/base/drpose_config.json: $(RUN)/data/bench/manifest.json
+	$(PYTHON) finetune.py pretrain --preset $(PRESET) --run-dir $(RUN)
+
+$(RUN)/drpose/drpose_config.json: $(RUN)/base/drpose_config.json $(RUN)/posescore/posescore_config.json
+	$(PYTHON) finetune.py drpose --preset $(PRESET) --run-dir $(RUN)
+
+$(RUN)/recon/%/manifest.json: $(RUN)/%/drpose_config.json $(RUN)/posescore/posescore_config.json
+	$(PYTHON) reconstruct.py --preset $(PRESET) --run-dir $(RUN) --model $*
+
+demo: $(RUN)/recon/base/manifest.json $(RUN)/recon/drpose/manifest.json
+	$(PYTHON) evaluate.py --preset $(PRESET) --run-dir $(RUN)
 
 clean:
 	rm -rf $(RUN)
