@@ -302,7 +302,8 @@ def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_prev: torch.Tensor | fl
 
 def clip_prediction(pred: Prediction, x_t: torch.Tensor, t, alphas: torch.Tensor) -> Prediction:
     """Clamp x0 to the data range [-1, 1] and recompute eps to match (diffusers' clip_sample)."""
-    a = alphas.to(x_t.device)[torch.as_tensor(t).long()].to(x_t.dtype)
+    a = alphas.to(x_t.device)[torch.as_tensor(t, device=x_t.device).long()].to(x_t.dtype)
+    a = a.view(-1, 1, 1, 1, 1) if a.ndim else a  # per-sample t (B,) or one shared t
     x0 = pred.x0.clamp(-1, 1)
     return Prediction(pred.out, x0, (x_t - a.sqrt() * x0) / (1 - a).sqrt())
 
