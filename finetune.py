@@ -34,7 +34,7 @@ import re
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Callable, Literal, NamedTuple, Union
@@ -90,10 +90,11 @@ class PretrainArgs:
     """steps between log lines (tqdm postfix + metrics.jsonl)"""
     val_every: int = 100
     """steps between validation losses (fixed noise on val.npz)"""
-    eval_steps: int = 20
-    """DDIM steps for the final PSNR numbers and contact sheets"""
-    guidance: float = 1.5
-    """classifier-free guidance for the final evaluation; stored as the default in drpose_config.json"""
+    eval_steps: int | None = None
+    """DDIM steps for the final PSNR numbers; stored as the model's default (demo 10, full 20)"""
+    guidance: float | None = None
+    """classifier-free guidance for the final evaluation; stored as the model's default (demo 1.0:
+    measured as good as 1.5 here and half the compute; full 1.5)"""
     num_eval: int | None = None
     """val and bench subjects scored at the end, each (demo 8, full 200); 0 skips the evaluation"""
     sheet_subjects: int = 6
@@ -111,20 +112,79 @@ class PretrainArgs:
 
 @dataclass
 class DrposeArgs:
-    """DrPose reward fine-tuning of base/ with PoseScore (issue 6; not built yet)."""
+    """DrPose: fine-tune base/ to raise a reward (PoseScore) of views sampled from single images."""
 
     preset: Literal["demo", "full"] = "demo"
-    """demo or full"""
+    """demo: CPU minutes; full: one GPU (fields left unset take the preset's value)"""
     run_dir: Path = Path("runs/demo")
-    """the run folder: reads base/, posescore/, data/drpose/; writes drpose/"""
+    """the run folder: reads base/, posescore/, data/drpose/ (poses + single images); writes drpose/"""
+    base: Path | None = None
+    """the model to fine-tune (default: <run-dir>/base)"""
+    out: Path | None = None
+    """where the fine-tuned model goes (default: <run-dir>/drpose); checkpoints go to <out>_ckpt/"""
+    reward: str = "posescore"
+    """a name in posescore.REWARDS (higher is better)"""
+    method: Literal["drtune", "draft", "alignprop"] = "drtune"
+    """drtune: detached inputs, K spread steps, early stop (DrPose); draft: last K steps;
+    alignprop: a random number of last steps"""
+    num_steps: int | None = None
+    """T: DDIM steps of the sampled chain (default: the base model's inference setting; paper: 20)"""
+    grad_steps: int = 2
+    """K: steps whose U-Net output stays in the graph (paper: 2)"""
+    early_stop_max: int = 8
+    """m: the chain stops after T - r steps, r ~ U{0..m}, taking x0 from there (paper: 8; drtune only)"""
+    kl_weight: float = 0.01
+    """w_KL on the squared noise-prediction difference to the frozen model at the K steps (paper: 0.01)"""
+    guidance: float | None = None
+    """classifier-free guidance while sampling for the reward (default: the base model's inference value)"""
+    lora_rank: int | None = None
+    """LoRA rank through peft; 0 fine-tunes the whole U-Net (demo 8, full 16)"""
+    steps: int | None = None
+    """optimizer steps (demo 120, full 1500)"""
+    batch_size: int | None = None
+    """(pose, image) pairs per step and device (demo 4, full 16)"""
+    lr: float | None = None
+    """AdamW learning rate, constant after a short warmup (demo 2e-3, full 5e-4)"""
+    warmup_steps: int = 10
+    """learning-rate warmup steps"""
+    grad_clip: float = 1.0
+    """gradient norm clip"""
+    grad_checkpointing: bool | None = None
+    """recompute U-Net activations in the backward pass (saves memory for K > 2 or alignprop; default on for cuda)"""
+    eval_every: int | None = None
+    """steps between evaluations of the reward on fixed bench inputs with fixed noise (demo 40, full 250)"""
+    num_eval: int | None = None
+    """bench inputs in that evaluation (demo 8, full 32)"""
+    checkpoint_every: int | None = None
+    """steps between checkpoints (demo 60, full 500)"""
+    keep_checkpoints: int = 2
+    """how many newest checkpoints to keep"""
+    resume: bool = False
+    """continue from the newest complete <out>_ckpt/step_*/ folder"""
+    log_every: int = 5
+    """steps between log lines (tqdm postfix + metrics.jsonl)"""
+    seed: int = 0
+    """seeds LoRA init, data order, sampling noise and the chain plans; evaluation noise has its own"""
+    device: str = "auto"
+    """auto (cuda if available), cpu or cuda; bf16 autocast on cuda"""
 
+    def resolved(self) -> "DrposeArgs":
+        table = DRPOSE_PRESETS[self.preset]
+        args = dataclasses.replace(self, **{k: v for k, v in table.items() if getattr(self, k) is None})
+        return dataclasses.replace(args, base=args.base or args.run_dir / "base", out=args.out or args.run_dir / "drpose")
+
+
+DRPOSE_PRESETS = {
+    "demo": dict(lora_rank=8, steps=120, batch_size=4, lr=2e-3, eval_every=40, num_eval=8, checkpoint_every=60),
+    "full": dict(lora_rank=16, steps=1500, batch_size=16, lr=5e-4, eval_every=250, num_eval=32, checkpoint_every=500),
+}
 
 PRESETS = {
     # demo: ~0.4 s/step on 2 idle cores, so 300 steps + a 16-subject evaluation fit in 3 minutes.
     "demo": dict(steps=300, batch_size=6, lr=2e-3, channels=(32, 64, 96), layers_per_block=1, attn_levels=1,
-                 token_dim=64, checkpoint_every=150, num_eval=8),
+                 token_dim=64, checkpoint_every=150, num_eval=8, eval_steps=10, guidance=1.0),
     "full": dict(steps=4000, batch_size=16, lr=4e-4, channels=(64, 128, 192, 256), layers_per_block=2,
-                 attn_levels=3, token_dim=256, checkpoint_every=1000, num_eval=200),
+                 attn_levels=3, token_dim=256, checkpoint_every=1000, num_eval=200, eval_steps=20, guidance=1.5),
 }
 
 Command = Union[
@@ -274,24 +334,34 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]
     return [int(t) for t in np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)) - 1]
 
 
-def predict(unet, x_t: torch.Tensor, t: torch.Tensor | int, cond_image: torch.Tensor, guidance: float,
-            alphas: torch.Tensor) -> Prediction:
-    """The model's guided prediction at x_t (B, V, 6, H, W), timestep t, image (B, 3, H, W) in [0, 1].
+def guided_output(unet, x_t: torch.Tensor, t: torch.Tensor | int, cond_image: torch.Tensor,
+                  guidance: float) -> torch.Tensor:
+    """The guided model output v at x_t (B, V, 6, H, W), timestep t, image (B, 3, H, W) in [0, 1].
     Guidance g: v = v_uncond + g * (v_cond - v_uncond), with the all-background image as the
     dropped condition; g = 1 is exactly the conditional prediction (no unconditional pass)."""
     b = x_t.shape[0]
     t = torch.as_tensor(t, device=x_t.device).long().expand(b)  # (B,)
     if guidance == 1:
-        out = model_output(unet, x_t, t, cond_image)
-    else:
-        null = torch.ones_like(cond_image)  # the dropped condition: all background (white)
-        both = model_output(unet, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond_image, null]))
-        cond, uncond = both.chunk(2)
-        out = uncond + guidance * (cond - uncond)
-    a = alphas.to(x_t.device)[t].to(x_t.dtype).view(b, 1, 1, 1, 1)
-    x0 = a.sqrt() * x_t - (1 - a).sqrt() * out  # v-prediction: v = sqrt(a) eps - sqrt(1-a) x0
+        return model_output(unet, x_t, t, cond_image)
+    null = torch.ones_like(cond_image)  # the dropped condition: all background (white)
+    both = model_output(unet, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond_image, null]))
+    cond, uncond = both.chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
+def split_v(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, alphas: torch.Tensor) -> Prediction:
+    """x0 and eps from a v-prediction at x_t: v = sqrt(a) eps - sqrt(1-a) x0. Differentiable in
+    both, so the DDIM arithmetic can stay in the graph when the U-Net call does not."""
+    a = alphas.to(x_t.device)[torch.as_tensor(t, device=x_t.device).long()].to(x_t.dtype)
+    x0 = a.sqrt() * x_t - (1 - a).sqrt() * out
     eps = a.sqrt() * out + (1 - a).sqrt() * x_t
     return Prediction(out, x0, eps)
+
+
+def predict(unet, x_t: torch.Tensor, t: torch.Tensor | int, cond_image: torch.Tensor, guidance: float,
+            alphas: torch.Tensor) -> Prediction:
+    """One guided prediction (v, x0, eps) at x_t; see `guided_output` and `split_v`."""
+    return split_v(guided_output(unet, x_t, t, cond_image, guidance), x_t, t, alphas)
 
 
 def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_prev: torch.Tensor | float) -> torch.Tensor:
@@ -749,14 +819,315 @@ def contact_sheet(image: torch.Tensor, generated: torch.Tensor, gt: torch.Tensor
         picture.save(tmp, format="png")
 
 
+# --- DrPose: reward fine-tuning through the sampler ------------------------------------------------
+# Vocabulary (DRaFT / DRTune): T DDIM steps; K "grad steps" whose U-Net output stays in the autograd
+# graph; an early stop r ~ U{0..m} steps before the end that takes x0 directly. The reward r is
+# maximised; the loss, written once (`drpose_loss`), is (1 - r) + w_KL * ||eps - eps_frozen||^2.
+
+# LoRA on attention projections and on the resnet convolutions: at demo size most of the U-Net is
+# convolutions (attention sits only at the deepest level), and pose lives in their weights too.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+
+
+class ChainPlan(NamedTuple):
+    """The random choices of one training step, drawn once per step and logged."""
+    stop: int  # index of the last executed DDIM step; its x0 prediction is the sample
+    grad_steps: tuple[int, ...]  # step indices whose U-Net output stays in the graph
+    detach_input: bool  # the U-Net sees x.detach() at every step (DRTune) or x itself
+
+
+def plan_chain(method: str, num_steps: int, grad_steps: int, early_stop_max: int,
+               generator: torch.Generator) -> ChainPlan:
+    """drtune: run T - r steps, r ~ U{0..m}; K grad steps evenly spaced with a random offset over
+    the executed steps, early ones included; every U-Net input detached, so the weights get
+    gradients only through those K outputs, never through the U-Net's Jacobian along the chain.
+    draft: the full chain, the last K steps in the graph, inputs not detached (DRaFT-K).
+    alignprop: the full chain, the last k ~ U{1..T} steps in the graph, not detached (AlignProp)."""
+    def draw(high: int) -> int:  # uniform integer in [0, high)
+        return int(torch.randint(high, (1,), generator=generator))
+
+    if method == "drtune":
+        executed = num_steps - draw(min(early_stop_max, num_steps - 1) + 1)
+        k = min(grad_steps, executed)
+        spacing = executed // k
+        offset = draw(spacing)
+        return ChainPlan(executed - 1, tuple(offset + j * spacing for j in range(k)), True)
+    k = min(grad_steps, num_steps) if method == "draft" else 1 + draw(num_steps)
+    return ChainPlan(num_steps - 1, tuple(range(num_steps - k, num_steps)), False)
+
+
+@contextmanager
+def frozen_model(unet, frozen_copy=None):
+    """The starting model: the same network with its LoRA adapters off, or for full fine-tuning
+    the frozen copy made before the first update."""
+    if frozen_copy is not None:
+        yield frozen_copy
+        return
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def sample_with_grad(unet, image: torch.Tensor, noise: torch.Tensor, plan: ChainPlan, guidance: float,
+                     alphas: torch.Tensor, num_steps: int, frozen=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_views`' DDIM chain under a plan. image (B, 3, H, W) in [0, 1], noise (B, V, 6, H, W).
+    Returns x0 (B, V, 6, H, W) in [-1, 1], differentiable through the plan's grad steps, and the KL
+    term (B,): the squared difference of trained and frozen noise predictions, mean over grad steps.
+    `frozen`: the unwrapped model (LoRA: adapters are switched off on it) or a frozen copy."""
+    steps = ddim_timesteps(num_steps, len(alphas))
+    x = noise
+    kl = noise.new_zeros(noise.shape[0])
+    for i in range(plan.stop + 1):
+        t = steps[i]
+        in_graph = i in plan.grad_steps
+        # Only the U-Net call is in or out of the graph; the DDIM arithmetic always stays in it.
+        with torch.set_grad_enabled(in_graph):
+            out = guided_output(unet, x.detach() if plan.detach_input else x, t, image, guidance)
+        pred = split_v(out, x, t, alphas)
+        if in_graph:
+            with torch.no_grad(), frozen_model(*frozen) as reference:
+                frozen_out = guided_output(reference, x.detach(), t, image, guidance)
+            # eps = sqrt(a) v + sqrt(1-a) x: the eps difference is sqrt(a) times the v difference.
+            a = alphas[t].to(x.dtype)
+            kl = kl + (a.sqrt() * (pred.out - frozen_out)).float().pow(2).flatten(1).mean(1) / len(plan.grad_steps)
+        pred = clip_prediction(pred, x, t, alphas)
+        if i == plan.stop:  # the last executed step (early stop or not): take x0 directly
+            return pred.x0.float(), kl
+        x = ddim_step(pred.x0.float(), pred.eps.float(), alphas[steps[i + 1]].float())
+    raise AssertionError("plan.stop lies beyond the chain")
+
+
+def drpose_loss(rewards: torch.Tensor, kl: torch.Tensor, kl_weight: float) -> torch.Tensor:
+    """The one place the sign convention lives: rewards are maximised, so the loss is 1 - r."""
+    return (1 - rewards).mean() + kl_weight * kl.mean()
+
+
+def load_pairs(run_dir: Path) -> dict:
+    """data/drpose/pairs.npz: (pose, single image) pairs. The only training data DrPose reads."""
+    arrays = load_split(run_dir / "data/drpose/pairs.npz", expect_keys=("image", "joints"),
+                        made_by=f"python prepare_data.py --run-dir {run_dir}")
+    return dict(image=torch.from_numpy(arrays["image"]), joints=torch.from_numpy(arrays["joints"]).float())
+
+
+def load_eval_inputs(run_dir: Path, count: int) -> dict | None:
+    """The first `count` bench inputs (front image + GT joints only; the multi-view GT in the same
+    file is never read). None when data/bench/ is absent."""
+    path = run_dir / "data/bench/bench.npz"
+    if count <= 0 or not path.exists():
+        return None
+    read_manifest(path.parent, f"python prepare_data.py --run-dir {run_dir}")
+    with np.load(path, allow_pickle=False) as npz:  # npz members load lazily, key by key
+        return dict(image=torch.from_numpy(npz["image"][:count]), joints=torch.from_numpy(npz["joints"][:count]).float())
+
+
+def add_lora(unet, rank: int):
+    """Attach a peft LoRA adapter (B initialised to zero, so the model starts exactly at base)."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=LORA_TARGETS))
+    return unet
+
+
+@torch.no_grad()
+def eval_reward(unet, data: dict, reward_fn, ctx, args: DrposeArgs, guidance: float, alphas, device) -> float:
+    """Mean reward of views sampled from fixed inputs with fixed noise (its own generator, so the
+    training RNG is untouched and every call, base or fine-tuned, sees the same noise)."""
+    generator = torch.Generator().manual_seed(args.seed + 777)
+    image = from_uint8(data["image"].numpy(), device)
+    with autocast(device):
+        views = sample_views(unet, image, args.num_steps, guidance, generator, alphas=alphas)
+    rewards, _ = reward_fn(views.float(), {"joints": data["joints"].to(device)}, ctx)
+    return rewards.mean().item()
+
+
+def drpose(args: DrposeArgs, hook: Callable[[int], None] | None = None) -> Path:
+    """Fine-tune (or resume), then write <out>/ (merged diffusers U-Net + LoRA adapter + log + curve)."""
+    import copy
+
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+    from tqdm import tqdm
+
+    import posescore
+
+    args = args.resolved()
+    run_dir = Path(args.run_dir)
+    if args.reward not in posescore.REWARDS:
+        raise UserError(f"--reward {args.reward} is not in posescore.REWARDS {sorted(posescore.REWARDS)}")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if use_cuda else "no")
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+
+    # --- data: (pose, image) pairs; a fixed bench subset for evaluation ---
+    pairs = load_pairs(run_dir)
+    eval_inputs = load_eval_inputs(run_dir, args.num_eval)
+    if len(pairs["image"]) < args.batch_size * world:
+        raise UserError(f"{run_dir}/data/drpose/pairs.npz has {len(pairs['image'])} pairs, fewer than "
+                        f"--batch-size x devices = {args.batch_size * world}")
+
+    # --- models: the base U-Net with LoRA (or all weights) trainable, the frozen reward ---
+    unet, base_config = load_model(args.base, device)
+    if base_config["resolution"] != pairs["image"].shape[-1]:
+        raise UserError(f"{args.base} is a {base_config['resolution']} px model but data/drpose is "
+                        f"{pairs['image'].shape[-1]} px; make both with the same --preset")
+    ctx = posescore.load_reward_context(run_dir / "posescore", device)
+    if ctx.resolution != base_config["resolution"]:
+        raise UserError(f"{run_dir}/posescore was trained at {ctx.resolution} px, the model is "
+                        f"{base_config['resolution']} px; retrain it with `python posescore.py train --run-dir {run_dir}`")
+    reward_fn = posescore.REWARDS[args.reward]
+    # Sample as inference does (the base's DDIM steps and guidance) unless told otherwise.
+    guidance = base_config["sampling"]["guidance"] if args.guidance is None else args.guidance
+    if args.num_steps is None:
+        args = dataclasses.replace(args, num_steps=base_config["sampling"]["num_steps"])
+    alphas = alphas_cumprod(base_config).to(device)
+    torch.manual_seed(args.seed)
+    frozen_copy = None
+    if args.lora_rank > 0:
+        add_lora(unet, args.lora_rank)
+    else:  # full fine-tuning keeps one frozen copy: the only way to ask the starting model
+        frozen_copy = copy.deepcopy(unet).requires_grad_(False)
+        unet.requires_grad_(True)
+    if args.grad_checkpointing or (args.grad_checkpointing is None and use_cuda):
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    base_eval = eval_reward(unet.eval(), eval_inputs, reward_fn, ctx, args, guidance, alphas, device) \
+        if eval_inputs is not None and accelerator.is_main_process else None
+    unet.train()
+
+    ckpt_root = Path(str(args.out) + "_ckpt")
+    metrics_path = ckpt_root / "metrics.jsonl"
+    expect = dict(world=world, base=str(args.base), method=args.method, reward=args.reward, lora_rank=args.lora_rank,
+                  data=dict(seed=args.seed, batch_size=args.batch_size, pairs=len(pairs["image"])))
+    record = dict(base_config, format="drpose-i2mv", drpose=_jsonable(dataclasses.asdict(args)),
+                  sampling=dict(base_config["sampling"], guidance=guidance, num_steps=args.num_steps))
+    step, generator = 0, torch.Generator().manual_seed(args.seed * 1000 + 17 + rank)  # noise + plans
+    found = latest_checkpoint(ckpt_root) if args.resume and ckpt_root.exists() else None
+    if found is not None:
+        step, rng_states = load_checkpoint(found, unet, optimizer, expect)
+        generator.set_state(_rng_from_str(rng_states[rank]))
+        accelerator.print(f"resumed from {found} (step {step})")
+    elif ckpt_root.exists() and accelerator.is_main_process:
+        shutil.rmtree(ckpt_root)  # a fresh run: stale checkpoints would be resumed by mistake later
+    if accelerator.is_main_process:
+        _truncate_log(metrics_path, step)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    plain = accelerator.unwrap_model(unet)
+    frozen = (plain, frozen_copy)
+
+    # --- train: sample with gradients, score, step ---
+    bar = tqdm(total=args.steps, initial=step, desc=f"drpose ({args.method})", disable=not accelerator.is_main_process)
+    tick = time.time()
+    while step < args.steps:
+        batches = epoch_batches(len(pairs["image"]), args.batch_size * world,
+                                step // (len(pairs["image"]) // (args.batch_size * world)), args.seed)
+        row = batches[step % len(batches)].view(world, args.batch_size)[rank]
+        image = from_uint8(pairs["image"][row].numpy(), device)  # (B, 3, H, W)
+        batch = {"joints": pairs["joints"][row].to(device)}  # (B, 55, 3)
+        res = image.shape[-1]
+        noise = torch.randn((len(row), NUM_VIEWS, LATENT_CHANNELS, res, res), generator=generator).to(device)
+        plan = plan_chain(args.method, args.num_steps, args.grad_steps, args.early_stop_max, generator)
+        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device):
+            views, kl = sample_with_grad(unet, image, noise, plan, guidance, alphas, args.num_steps, frozen)
+        rewards, parts = reward_fn(views, batch, ctx)
+        loss = drpose_loss(rewards, kl, args.kl_weight)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(trainable, args.grad_clip)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == args.steps:
+            line = dict(step=step, loss=round(loss.item(), 5), reward=round(rewards.mean().item(), 5),
+                        kl=round(kl.mean().item(), 6), grad_norm=round(float(grad_norm), 5), lr=lr,
+                        grad_steps=list(plan.grad_steps), stop=plan.stop,
+                        sec_per_step=round((time.time() - tick) / args.log_every, 3),
+                        parts={k: round(v.mean().item(), 5) for k, v in parts.items()})
+            if eval_inputs is not None and accelerator.is_main_process and \
+                    (step % args.eval_every == 0 or step == args.steps):
+                unet.eval()
+                line.update(eval_reward=eval_reward(plain, eval_inputs, reward_fn, ctx, args, guidance, alphas, device),
+                            eval_reward_base=base_eval)
+                unet.train()
+            bar.set_postfix({k: line[k] for k in ("reward", "kl") + (("eval_reward",) if "eval_reward" in line else ())})
+            if accelerator.is_main_process:
+                _append_log(metrics_path, line)
+            tick = time.time()
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            rng_states = gather_object([_rng_to_str(generator.get_state())])
+            if accelerator.is_main_process:
+                save_checkpoint(ckpt_root, step, plain, optimizer, rng_states, dict(record, resume_key=expect),
+                                args.keep_checkpoints)
+            accelerator.wait_for_everyone()
+        if hook is not None:
+            hook(step)
+    bar.close()
+
+    # --- save: a plain diffusers folder (LoRA merged) + the adapter itself + log + curve ---
+    if accelerator.is_main_process:
+        with atomic_dir(args.out) as tmp:
+            save_drpose(tmp, plain.eval(), dict(record, step=step, eval_reward_base=base_eval), args.lora_rank > 0)
+            if metrics_path.exists():
+                shutil.copy(metrics_path, tmp / "metrics.jsonl")
+                reward_curve(metrics_path, tmp / "reward_curve.png")
+    accelerator.wait_for_everyone()
+    return Path(args.out)
+
+
+def save_drpose(folder: Path, unet, record: dict, has_lora: bool) -> None:
+    """`folder/` loads with `UNet2DConditionModel.from_pretrained(folder)` (adapters merged into
+    the weights); `folder/lora/` holds the adapter alone: on top of base/,
+    `unet.load_lora_adapter("drpose/lora", prefix=None, weight_name="pytorch_lora_weights.safetensors")`."""
+    import copy
+
+    if has_lora:
+        unet.save_lora_adapter(folder / "lora")
+        unet = copy.deepcopy(unet)
+        unet.fuse_lora()
+        unet.unload_lora()
+    save_model(folder, unet, record)
+
+
+def reward_curve(metrics_path: Path, png: Path) -> None:
+    """Training reward per logged step, and the fixed-input evaluation reward against the base's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [json.loads(x) for x in metrics_path.read_text().splitlines() if x]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([x["step"] for x in lines], [x["reward"] for x in lines], label="training batch reward", alpha=0.6)
+    evals = [x for x in lines if "eval_reward" in x]
+    if evals:
+        ax.plot([x["step"] for x in evals], [x["eval_reward"] for x in evals], "o-", label="bench inputs, fixed noise")
+        if evals[0].get("eval_reward_base") is not None:
+            ax.axhline(evals[0]["eval_reward_base"], color="gray", ls="--", label="base model, same inputs")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward (higher is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    from prepare_data import atomic_write
+
+    with atomic_write(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 def main(args: PretrainArgs | DrposeArgs) -> None:
     start = time.time()
-    if isinstance(args, DrposeArgs):
-        raise UserError("`finetune.py drpose` is not built yet (issue 6)")
-    base = pretrain(args)
-    print(f"wrote {base} in {time.time() - start:.0f} s")
+    out = drpose(args) if isinstance(args, DrposeArgs) else pretrain(args)
+    print(f"wrote {out} in {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":
