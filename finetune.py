@@ -131,8 +131,9 @@ class DrposeArgs:
     """T: DDIM steps of the sampled chain (default: the base model's inference setting; paper: 20)"""
     grad_steps: int = 2
     """K: steps whose U-Net output stays in the graph (paper: 2)"""
-    early_stop_max: int = 8
-    """m: the chain stops after T - r steps, r ~ U{0..m}, taking x0 from there (paper: 8; drtune only)"""
+    early_stop_max: int | None = None
+    """m: the chain stops after T - r steps, r ~ U{0..m}, taking x0 from there (drtune only;
+    default 0.4 T, the paper's 8 of 20)"""
     kl_weight: float = 0.01
     """w_KL on the squared noise-prediction difference to the frozen model at the K steps (paper: 0.01)"""
     guidance: float | None = None
@@ -140,7 +141,7 @@ class DrposeArgs:
     lora_rank: int | None = None
     """LoRA rank through peft; 0 fine-tunes the whole U-Net (demo 8, full 16)"""
     steps: int | None = None
-    """optimizer steps (demo 120, full 1500)"""
+    """optimizer steps (demo 100, full 1500)"""
     batch_size: int | None = None
     """(pose, image) pairs per step and device (demo 4, full 16)"""
     lr: float | None = None
@@ -152,11 +153,11 @@ class DrposeArgs:
     grad_checkpointing: bool | None = None
     """recompute U-Net activations in the backward pass (saves memory for K > 2 or alignprop; default on for cuda)"""
     eval_every: int | None = None
-    """steps between evaluations of the reward on fixed bench inputs with fixed noise (demo 40, full 250)"""
+    """steps between evaluations of the reward on fixed bench inputs with fixed noise (demo 50, full 250)"""
     num_eval: int | None = None
     """bench inputs in that evaluation (demo 8, full 32)"""
     checkpoint_every: int | None = None
-    """steps between checkpoints (demo 60, full 500)"""
+    """steps between checkpoints (demo 50, full 500)"""
     keep_checkpoints: int = 2
     """how many newest checkpoints to keep"""
     resume: bool = False
@@ -175,7 +176,7 @@ class DrposeArgs:
 
 
 DRPOSE_PRESETS = {
-    "demo": dict(lora_rank=8, steps=120, batch_size=4, lr=2e-3, eval_every=40, num_eval=8, checkpoint_every=60),
+    "demo": dict(lora_rank=8, steps=100, batch_size=4, lr=2e-3, eval_every=50, num_eval=8, checkpoint_every=50),
     "full": dict(lora_rank=16, steps=1500, batch_size=16, lr=5e-4, eval_every=250, num_eval=32, checkpoint_every=500),
 }
 
@@ -982,6 +983,8 @@ def drpose(args: DrposeArgs, hook: Callable[[int], None] | None = None) -> Path:
     guidance = base_config["sampling"]["guidance"] if args.guidance is None else args.guidance
     if args.num_steps is None:
         args = dataclasses.replace(args, num_steps=base_config["sampling"]["num_steps"])
+    if args.early_stop_max is None:
+        args = dataclasses.replace(args, early_stop_max=round(0.4 * args.num_steps))
     alphas = alphas_cumprod(base_config).to(device)
     torch.manual_seed(args.seed)
     frozen_copy = None
