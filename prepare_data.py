@@ -739,7 +739,9 @@ def body_joints(body, params: dict) -> torch.Tensor:
 
 def pose_features(body, params: dict) -> torch.Tensor:
     """(B, 66) pelvis-relative, heading-normalised body joints: the space FPS and diversity use."""
-    flat = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in params.items() if k in POSE_KEYS}
+    device = body.v_template.device
+    flat = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32, device=device) for k, v in params.items()
+            if k in POSE_KEYS}
     flat["betas"] = torch.zeros_like(flat["betas"])  # pose only: every subject on the mean shape
     flat["transl"] = torch.zeros_like(flat["transl"])
     with torch.no_grad():
@@ -752,7 +754,7 @@ def pose_features(body, params: dict) -> torch.Tensor:
     cos, sin = torch.cos(-heading), torch.sin(-heading)
     x = cos[:, None] * joints[..., 0] + sin[:, None] * joints[..., 2]
     z = -sin[:, None] * joints[..., 0] + cos[:, None] * joints[..., 2]
-    return torch.stack([x, joints[..., 1], z], -1).reshape(len(joints), -1)
+    return torch.stack([x, joints[..., 1], z], -1).reshape(len(joints), -1).cpu()
 
 
 def farthest_point_sampling(features: torch.Tensor, count: int, rng: np.random.Generator) -> np.ndarray:
