@@ -28,8 +28,13 @@ $(RUN)/data/bench/manifest.json: | $(SETUP)
 $(RUN)/posescore/posescore_config.json: $(RUN)/data/bench/manifest.json
 	$(PYTHON) posescore.py train --preset $(PRESET) --run-dir $(RUN)
 
+# The demo's base model: two CPU cores cannot train a usable one in minutes, so by default the
+# stage starts from pretrained/demo_base (our own demo-architecture model, trained on one GPU by
+# bench/results/gpu_demo_base.sh; see pretrained/demo_base/README.md) and only evaluates it
+# (--steps 0). `make demo FROM_SCRATCH=1` trains it here instead.
+BASE_INIT := $(if $(FROM_SCRATCH),,--init pretrained/demo_base --steps 0)
 $(RUN)/base/drpose_config.json: $(RUN)/data/bench/manifest.json
-	$(PYTHON) finetune.py pretrain --preset $(PRESET) --run-dir $(RUN)
+	$(PYTHON) finetune.py pretrain --preset $(PRESET) --run-dir $(RUN) $(if $(filter demo,$(PRESET)),$(BASE_INIT),)
 
 $(RUN)/drpose/drpose_config.json: $(RUN)/base/drpose_config.json $(RUN)/posescore/posescore_config.json
 	$(PYTHON) finetune.py drpose --preset $(PRESET) --run-dir $(RUN)
