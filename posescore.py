@@ -452,11 +452,12 @@ def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, lo
 
 # --- validation: map quality, joint error, true vs perturbed poses -----------------------------
 
-def perturbed_joints(body, arrays: dict, levels, seed: int, device="cpu") -> torch.Tensor:
+def perturbed_joints(body, arrays: dict, levels, seed: int) -> torch.Tensor:
     """(L, N, 55, 3) joints of each subject's pose with noise level * eps added to every body_pose
     joint (eps ~ N(0, 1), drawn once per subject so the pose moves further along one direction
     as the level grows). Orientation, shape and translation stay."""
     generator = torch.Generator().manual_seed(seed)
+    device = body.v_template.device
     params = {k: torch.from_numpy(arrays[k]).float().to(device) for k in POSE_KEYS if k in arrays}
     direction = torch.randn(params["body_pose"].shape, generator=generator).to(device)
     out = []

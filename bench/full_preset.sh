@@ -10,7 +10,7 @@ DRPOSE_STEPS=${DRPOSE_STEPS:-200}; DRPOSE_BATCH=${DRPOSE_BATCH:-8}
 t0=$(date +%s); left() { echo $((DEADLINE_S - ($(date +%s) - t0))); }
 nvidia-smi --query-gpu=name --format=csv,noheader || true
 if [ "$1" = a ]; then
-  python3 prepare_data.py --preset full --run-dir $RUN --device cuda
+  [ -f $RUN/data/bench/manifest.json ] || python3 prepare_data.py --preset full --run-dir $RUN --device cuda
   echo "TIME prepare_data $(( $(date +%s) - t0 )) s"
   python3 posescore.py train --preset full --run-dir $RUN --device cuda --steps ${GSKEL_STEPS:-3000}
   echo "TIME posescore $(( $(date +%s) - t0 )) s"
