@@ -52,7 +52,7 @@ import torch
 
 from prepare_data import (NUM_BODY_JOINTS, ORTHO_HALF_EXTENT, UserError, VIEW_AZIMUTHS, atomic_write,
                           from_uint8, latents_to_views, load_split, read_manifest, run_cli,
-                          view_rotations, views_to_latents, write_json)
+                          view_rotations, views_to_latents, write_json, with_preset)
 
 
 @dataclass
@@ -83,7 +83,7 @@ class Args:
     def resolved(self) -> "Args":
         """The preset's values for every field left unset (an explicit flag always wins)."""
         table = PRESETS[self.preset]
-        return dataclasses.replace(self, **{k: v for k, v in table.items() if getattr(self, k) is None})
+        return with_preset(self, table)
 
 
 PRESETS = {

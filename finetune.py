@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import tyro
 
 from prepare_data import (NUM_VIEWS, VIEW_AZIMUTHS, UserError, atomic_dir, from_uint8, latents_to_views,
-                          load_split, read_manifest, run_cli, views_to_latents, write_json)
+                          load_split, read_manifest, run_cli, views_to_latents, write_json, with_preset)
 
 
 @dataclass
@@ -107,7 +107,7 @@ class PretrainArgs:
     def resolved(self) -> "PretrainArgs":
         """The preset's values for every field left unset (an explicit flag always wins)."""
         table = PRESETS[self.preset]
-        return dataclasses.replace(self, **{k: v for k, v in table.items() if getattr(self, k) is None})
+        return with_preset(self, table)
 
 
 @dataclass
@@ -171,7 +171,7 @@ class DrposeArgs:
 
     def resolved(self) -> "DrposeArgs":
         table = DRPOSE_PRESETS[self.preset]
-        args = dataclasses.replace(self, **{k: v for k, v in table.items() if getattr(self, k) is None})
+        args = with_preset(self, table)
         return dataclasses.replace(args, base=args.base or args.run_dir / "base", out=args.out or args.run_dir / "drpose")
 
 

@@ -38,7 +38,7 @@ import tyro
 
 from prepare_data import (BONE_GROUPS, BONES, NUM_BODY_JOINTS, NUM_VIEWS, POSE_KEYS, VIEW_AZIMUTHS,
                           UserError, atomic_dir, body_forward, from_uint8, load_body_model, load_split,
-                          run_cli, views_to_latents, views_to_pixels, world_to_views, write_json)
+                          run_cli, views_to_latents, views_to_pixels, world_to_views, write_json, with_preset)
 
 
 @dataclass
@@ -87,7 +87,7 @@ class TrainArgs:
     def resolved(self) -> "TrainArgs":
         """The preset's values for every field left unset (an explicit flag always wins)."""
         table = TRAIN_PRESETS[self.preset]
-        return dataclasses.replace(self, **{k: v for k, v in table.items() if getattr(self, k) is None})
+        return with_preset(self, table)
 
 
 @dataclass

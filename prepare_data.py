@@ -72,7 +72,13 @@ class Args:
     def resolved(self) -> "Args":
         """The preset's values for every field left unset (an explicit flag always wins)."""
         table = PRESETS[self.preset]
-        return dataclasses.replace(self, **{k: v for k, v in table.items() if getattr(self, k) is None})
+        return with_preset(self, table)
+
+
+def with_preset(args, table: dict):
+    """A copy of a dataclass of CLI args with the preset's value for every field left unset (None);
+    an explicit flag always wins. Every stage's `Args.resolved` uses it."""
+    return dataclasses.replace(args, **{k: v for k, v in table.items() if getattr(args, k) is None})
 
 
 PRESETS = {

@@ -54,7 +54,7 @@ from prepare_data import (BACKGROUND, NUM_BODY_JOINTS, NUM_VIEWS, ORTHO_HALF_EXT
                           VIEW_AZIMUTHS, UserError, atomic_dir, body_forward, body_joints, contact_sheet,
                           from_uint8, latents_to_views, load_body_model, load_split, read_manifest,
                           render_views, run_cli, to_uint8, vertex_normals, view_rotations, views_to_latents,
-                          views_to_pixels, world_to_views, write_json)
+                          views_to_pixels, world_to_views, write_json, with_preset)
 
 
 @dataclass
@@ -106,7 +106,7 @@ class Args:
     def resolved(self) -> "Args":
         """The preset's values for every field left unset (an explicit flag always wins)."""
         table = PRESETS[self.preset]
-        return dataclasses.replace(self, **{k: v for k, v in table.items() if getattr(self, k) is None})
+        return with_preset(self, table)
 
 
 PRESETS = {
