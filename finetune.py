@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from prepare_data import (NUM_VIEWS, VIEW_AZIMUTHS, UserError, atomic_dir, from_uint8, latents_to_views,
+from prepare_data import (NUM_VIEWS, VIEW_AZIMUTHS, UserError, atomic_dir, atomic_write, from_uint8, latents_to_views,
                           load_split, read_manifest, run_cli, views_to_latents, write_json, with_preset)
 
 
@@ -503,6 +503,13 @@ def epoch_batches(num: int, batch: int, epoch: int, seed: int) -> torch.Tensor:
     return perm[: steps * batch].reshape(steps, batch)
 
 
+def step_rows(step: int, num: int, batch: int, world: int, rank: int, seed: int) -> torch.Tensor:
+    """(batch,) subject indices this process trains on at `step`: its slice of the global batch of
+    the step's epoch permutation (a pure function, so resume replays the same order)."""
+    batches = epoch_batches(num, batch * world, step // (num // (batch * world)), seed)
+    return batches[step % len(batches)].view(world, batch)[rank]
+
+
 # --- checkpoints -----------------------------------------------------------------------------------
 
 STEP_DIR = re.compile(r"^step_(\d{6})$")
@@ -667,8 +674,7 @@ def pretrain(args: PretrainArgs, hook: Callable[[int], None] | None = None) -> P
     bar = tqdm(total=args.steps, initial=step, desc="pretrain", disable=not accelerator.is_main_process)
     tick = time.time()
     while step < args.steps:
-        batches = epoch_batches(len(train["image"]), args.batch_size * world, step_epoch(step, train, args, world), args.seed)
-        row = batches[step % len(batches)].view(world, args.batch_size)[rank]
+        row = step_rows(step, len(train["image"]), args.batch_size, world, rank, args.seed)
         views, image = batch_latents(train, row, device)  # (B, V, 6, H, W), (B, 3, H, W)
         lr = learning_rate(step, args)
         for group in optimizer.param_groups:
@@ -720,8 +726,6 @@ def pretrain(args: PretrainArgs, hook: Callable[[int], None] | None = None) -> P
     return base
 
 
-def step_epoch(step: int, train: dict, args: PretrainArgs, world: int) -> int:
-    return step // (len(train["image"]) // (args.batch_size * world))
 
 
 def _append_log(path: Path, line: dict) -> None:
@@ -798,8 +802,6 @@ def contact_sheet(image: torch.Tensor, generated: torch.Tensor, gt: torch.Tensor
     """A png per subject: row 1 input | generated colour x6 | generated normal x6; row 2 (when gt is
     given) blank | GT colour x6 | GT normal x6. image (B, 3, H, W) in [0, 1]; views (B, V, 6, H, W) in [-1, 1]."""
     from PIL import Image
-
-    from prepare_data import atomic_write
 
     def strip(views):  # (V, 6, H, W) -> (3, H, 2V*W): colour views then normal views
         color, normal = latents_to_views(views[None])
@@ -1026,9 +1028,7 @@ def drpose(args: DrposeArgs, hook: Callable[[int], None] | None = None) -> Path:
     bar = tqdm(total=args.steps, initial=step, desc=f"drpose ({args.method})", disable=not accelerator.is_main_process)
     tick = time.time()
     while step < args.steps:
-        batches = epoch_batches(len(pairs["image"]), args.batch_size * world,
-                                step // (len(pairs["image"]) // (args.batch_size * world)), args.seed)
-        row = batches[step % len(batches)].view(world, args.batch_size)[rank]
+        row = step_rows(step, len(pairs["image"]), args.batch_size, world, rank, args.seed)
         image = from_uint8(pairs["image"][row].numpy(), device)  # (B, 3, H, W)
         batch = {"joints": pairs["joints"][row].to(device)}  # (B, 55, 3)
         res = image.shape[-1]
@@ -1118,8 +1118,6 @@ def reward_curve(metrics_path: Path, png: Path) -> None:
     ax.set_ylabel("reward (higher is better)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    from prepare_data import atomic_write
-
     with atomic_write(png) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)

@@ -38,7 +38,8 @@ import tyro
 
 from prepare_data import (BONE_GROUPS, BONES, NUM_BODY_JOINTS, NUM_VIEWS, POSE_KEYS, VIEW_AZIMUTHS,
                           UserError, atomic_dir, body_forward, from_uint8, load_body_model, load_split,
-                          run_cli, views_to_latents, views_to_pixels, world_to_views, write_json, with_preset)
+                          run_cli, views_to_latents, views_to_pixels, world_to_views, write_json, with_preset,
+                          generate_poses, render_subjects, sample_outfits)
 
 
 @dataclass
@@ -373,11 +374,6 @@ def load_views(path: Path, keys=("joints",)) -> dict:
 def render_broad(run_dir: Path, count: int, resolution: int, seed: int, device) -> dict:
     """`count` broad poses in training-hue outfits, rendered through prepare_data's own path
     (the one that made data/scans/): latents (count, V, 6, H, W) and joints (count, 55, 3)."""
-    try:
-        from prepare_data import generate_poses, render_subjects, sample_outfits
-    except ImportError:
-        raise UserError("--train-on broad needs prepare_data.generate_poses, sample_outfits and "
-                        "render_subjects; update prepare_data.py") from None
     rng = np.random.default_rng(seed + 1)  # not the scans' stream: new poses
     poses, outfits = generate_poses("broad", count, rng), sample_outfits(count, rng, held_out=False)
     body = load_body_model(run_dir / "body", device)
