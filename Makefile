@@ -39,7 +39,14 @@ $(RUN)/base/drpose_config.json: $(RUN)/data/bench/manifest.json
 $(RUN)/drpose/drpose_config.json: $(RUN)/base/drpose_config.json $(RUN)/posescore/posescore_config.json
 	$(PYTHON) finetune.py drpose --preset $(PRESET) --run-dir $(RUN)
 
-$(RUN)/recon/%/manifest.json: $(RUN)/%/drpose_config.json $(RUN)/posescore/posescore_config.json
+# The pose reader that reconstruction and evaluation read poses with (a g_skel trained apart from the
+# reward, on broad poses in any orientation). By default the demo takes the one our code trained on
+# one GPU (pretrained/demo_reader, see its README) and only validates it; FROM_SCRATCH=1 trains it here.
+READER_INIT := $(if $(FROM_SCRATCH),,--init pretrained/demo_reader --steps 0)
+$(RUN)/pose_reader/posescore_config.json: $(RUN)/data/bench/manifest.json
+	$(PYTHON) posescore.py train --preset $(PRESET) --run-dir $(RUN) --out $(RUN)/pose_reader --train-on any --seed 1 $(if $(filter demo,$(PRESET)),$(READER_INIT),)
+
+$(RUN)/recon/%/manifest.json: $(RUN)/%/drpose_config.json $(RUN)/pose_reader/posescore_config.json
 	$(PYTHON) reconstruct.py --preset $(PRESET) --run-dir $(RUN) --model $*
 
 demo: $(RUN)/recon/base/manifest.json $(RUN)/recon/drpose/manifest.json

@@ -29,8 +29,13 @@ Protocol (also written into results.json):
   near 1 means sub-pixel agreement at either preset, and one tau keeps both tables comparable.
 - Pose. MPJPE (mm) of the 22 SMPL-X body joints after moving both pelvises (joint 0) to the origin
   (Human3.6M protocol 1); PA-MPJPE (mm) after the best similarity transform (rotation, scale,
-  translation; protocol 2). PoseScore of the generated views with the bench GT joints, when
-  runs/<name>/posescore/ exists (higher is better; the GT renders' score is given as a reference).
+  translation; protocol 2); the fitted joints come from reconstruct.py's body fit to the pose
+  reader's maps. View joint error (px): the pose reader's 2D joints of each generated view against
+  the GT joints projected into it, no 3D fit in between. Silhouette IoU of the generated views' masks
+  against the GT masks (no network at all). PoseScore: the reward's own g_skel (posescore/), i.e.
+  what DrPose optimised, reported but not a judge of it. The pose reader (pose_reader/) is a
+  separate g_skel trained on broad poses in any orientation with another seed. For both network
+  metrics the GT renders' value is given as a reference (what a perfect generator would score).
 - Appearance. PSNR (dB; one MSE over all six views and channels, images in [0, 1]) and SSIM (mean
   over the six views; skimage, 7x7 window, data range 1) of the generated colour and normal views
   against the GT renders.
@@ -53,6 +58,7 @@ import torch
 from prepare_data import (NUM_BODY_JOINTS, ORTHO_HALF_EXTENT, UserError, VIEW_AZIMUTHS, atomic_write,
                           from_uint8, latents_to_views, load_split, read_manifest, run_cli,
                           view_rotations, views_to_latents, write_json, with_preset)
+from reconstruct import views_mask
 
 
 @dataclass
@@ -72,13 +78,14 @@ class Args:
     align: Literal["none", "translation"] = "none"
     """none: meshes share the centred world frame as written; translation: ICP shift first"""
     posescore: bool = True
-    """also score the generated views with PoseScore when run_dir/posescore/ exists"""
+    """also score the generated views with the networks: PoseScore (run_dir/posescore/) and the view
+    joint error (run_dir/pose_reader/), each when its folder exists"""
     max_grids: int | None = None
     """image grids for the first N bench subjects (demo 12, full 16)"""
     seed: int = 0
     """seed of the surface sampling (its own numpy Generator per subject; global RNG untouched)"""
     device: str = "cpu"
-    """torch device for PoseScore"""
+    """torch device for those networks"""
 
     def resolved(self) -> "Args":
         """The preset's values for every field left unset (an explicit flag always wins)."""
@@ -99,6 +106,8 @@ METRICS = {
     "fscore": ("F-score", "", "higher"),
     "mpjpe_mm": ("MPJPE", "mm", "lower"),
     "pa_mpjpe_mm": ("PA-MPJPE", "mm", "lower"),
+    "view_joint_error_px": ("view joint error", "px", "lower"),
+    "mask_iou": ("silhouette IoU", "", "higher"),
     "posescore": ("PoseScore", "", "higher"),
     "psnr_color_db": ("PSNR colour", "dB", "higher"),
     "ssim_color": ("SSIM colour", "", "higher"),
@@ -210,6 +219,15 @@ def pa_mpjpe_mm(pred: np.ndarray, gt: np.ndarray) -> float:
     return 1000 * float(np.linalg.norm(procrustes_align(pred, gt) - gt, axis=-1).mean())
 
 
+def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Mean over views of the intersection over union of (V, H, W) {0, 1} masks: how well the
+    generated silhouettes match the true ones, with no learned reader involved (an empty pair
+    counts as a perfect match)."""
+    pred, gt = pred > 0.5, gt > 0.5
+    inter, union = (pred & gt).sum((1, 2)), (pred | gt).sum((1, 2))
+    return float(np.mean(np.where(union > 0, inter / np.maximum(union, 1), 1.0)))
+
+
 # --- appearance metrics ----------------------------------------------------------------------------
 
 def psnr_db(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -233,7 +251,7 @@ def load_bench(run_dir: Path) -> dict:
     folder = run_dir / "data" / "bench"
     made_by = bench_command(run_dir)
     manifest = read_manifest(folder, made_by)
-    bench = load_split(folder / "bench.npz", expect_keys=("joints", "image", "color", "normal"),
+    bench = load_split(folder / "bench.npz", expect_keys=("joints", "image", "color", "normal", "mask"),
                        made_by=made_by)
     bench["resolution"] = manifest.get("resolution", bench["color"].shape[-1])
     bench["mesh_paths"] = [folder / "meshes" / f"{i:05d}.ply" for i in range(len(bench["joints"]))]
@@ -293,11 +311,12 @@ def load_mesh(path: Path, made_by: str):
 # --- per-subject scores ----------------------------------------------------------------------------
 
 def score_model(args: Args, bench: dict, recon: dict, count: int, run_dir: Path, tag: str) -> dict:
-    """metric name -> (N,) per-subject values for one model (all but PoseScore)."""
+    """metric name -> (N,) per-subject values for one model (all but the network metrics)."""
     from tqdm import tqdm
 
     color, normal = latents_to_views(torch.from_numpy(recon["latents"][:count]))  # (N, V, 3, H, W) each
     gt_color, gt_normal = from_uint8(bench["color"][:count]), from_uint8(bench["normal"][:count])
+    pred_masks = views_mask(torch.from_numpy(recon["latents"][:count])).numpy()  # (N, V, H, W)
     rows = []
     for i in tqdm(range(count), desc=f"evaluate {tag}", leave=False):
         # One Generator per subject: base and drpose meet identical GT samples, global RNG untouched.
@@ -311,6 +330,7 @@ def score_model(args: Args, bench: dict, recon: dict, count: int, run_dir: Path,
             chamfer_cm=geometry["chamfer_cm"], p2s_cm=geometry["p2s_cm"],
             normal_consistency=geometry["normal_consistency"], fscore=geometry["fscore"],
             mpjpe_mm=mpjpe_mm(pred_joints, gt_joints), pa_mpjpe_mm=pa_mpjpe_mm(pred_joints, gt_joints),
+            mask_iou=mask_iou(pred_masks[i], bench["mask"][i]),
             psnr_color_db=psnr_db(color[i].numpy(), gt_color[i].numpy()),
             ssim_color=ssim(color[i].numpy(), gt_color[i].numpy()),
             psnr_normal_db=psnr_db(normal[i].numpy(), gt_normal[i].numpy()),
@@ -319,39 +339,50 @@ def score_model(args: Args, bench: dict, recon: dict, count: int, run_dir: Path,
     return {name: np.array([row[name] for row in rows]) for name in rows[0]}
 
 
-def posescore_values(args: Args, latents: dict[str, np.ndarray], bench: dict, count: int) -> dict | None:
-    """PoseScore (N,) per model of the generated views, plus 'gt' for the GT renders; None when
-    PoseScore is off, or posescore/ or posescore.py is absent."""
-    folder = args.run_dir / "posescore"
-    if not args.posescore or not folder.exists():
-        print(f"PoseScore skipped: {folder} not found (make it with `python posescore.py --run-dir {args.run_dir}`)")
-        return None
-    try:
-        from posescore import REWARDS, load_reward_context  # imported late: optional, later in the tree
-    except ModuleNotFoundError as err:
-        if err.name != "posescore":
-            raise
-        print("PoseScore skipped: posescore.py is not importable")
-        return None
-    ctx = load_reward_context(folder, args.device)
+# What a g_skel network reads off the generated views: metric -> (folder under the run, reward in
+# posescore.REWARDS, factor from reward to metric). PoseScore uses the reward's own network, so it
+# measures what DrPose optimised; the view joint error uses the pose reader, a network trained
+# apart (broad poses in any orientation, another seed), so it measures pose without being the
+# target (keypoints' reward is minus the error as a fraction of the width: times -resolution is px).
+NETWORK_METRICS = {
+    "posescore": ("posescore", "posescore", 1.0),
+    "view_joint_error_px": ("pose_reader", "keypoints", "-resolution"),
+}
+
+
+def network_scores(args: Args, latents: dict[str, np.ndarray], bench: dict, count: int) -> dict[str, dict]:
+    """metric -> {model tag or 'gt' (the GT renders): (N,) values} for each NETWORK_METRICS entry
+    whose folder exists (a missing one is skipped with a note, not failed)."""
+    if not args.posescore:
+        return {}
+    import posescore
+
     gt_latents = views_to_latents(from_uint8(bench["color"][:count]), from_uint8(bench["normal"][:count]))
     joints = torch.from_numpy(bench["joints"][:count]).float()
-    scores = {}
-    for tag, views in list(latents.items()) + [("gt", gt_latents.numpy())]:
-        values = []
-        for start in range(0, count, 16):  # small batches keep a full-preset bench within memory
-            batch = {"joints": joints[start:start + 16].to(args.device)}
-            with torch.no_grad():
-                rewards, _ = REWARDS["posescore"](torch.as_tensor(views[start:start + 16]).float().to(args.device),
-                                                  batch, ctx)
-            values.append(rewards.detach().float().cpu().numpy())
-        scores[tag] = np.concatenate(values)
-    return scores
+    out = {}
+    for metric, (name, reward, factor) in NETWORK_METRICS.items():
+        folder = args.run_dir / name
+        if not folder.exists():
+            print(f"{METRICS[metric][0]} skipped: {folder} not found (see README, stages)")
+            continue
+        ctx = posescore.load_reward_context(folder, args.device)
+        scale = -ctx.resolution if factor == "-resolution" else factor
+        out[metric] = {}
+        for tag, views in list(latents.items()) + [("gt", gt_latents.numpy())]:
+            values = []
+            for start in range(0, count, 16):  # small batches keep a full-preset bench within memory
+                batch = {"joints": joints[start:start + 16].to(args.device)}
+                with torch.no_grad():
+                    rewards, _ = posescore.REWARDS[reward](
+                        torch.as_tensor(views[start:start + 16]).float().to(args.device), batch, ctx)
+                values.append(scale * rewards.detach().float().cpu().numpy())
+            out[metric][tag] = np.concatenate(values)
+    return out
 
 
 # --- summaries: results.json and results.md --------------------------------------------------------
 
-def summarise(args: Args, per_subject: dict, posescore_gt, bench: dict, count: int) -> dict:
+def summarise(args: Args, per_subject: dict, gt_values: dict, bench: dict, count: int) -> dict:
     """The results.json object: protocol, per model per metric mean/std/per-subject, changes."""
     models = {}
     for tag, values in per_subject.items():
@@ -374,8 +405,7 @@ def summarise(args: Args, per_subject: dict, posescore_gt, bench: dict, count: i
         run_dir=str(args.run_dir), models=models, reference=reference, change=change,
         subjects=count, bench_subjects=len(bench["joints"]),
         categories=[str(c) for c in bench.get("category", np.array([""] * count))[:count]],
-        posescore_gt=None if posescore_gt is None else dict(mean=float(np.mean(posescore_gt)),
-                                                            std=float(np.std(posescore_gt))),
+        gt_reference={metric: dict(mean=float(np.mean(v)), std=float(np.std(v))) for metric, v in gt_values.items()},
         protocol=dict(
             alignment="none (shared centred world frame)" if args.align == "none"
             else "translation-only ICP of prediction onto GT",
@@ -386,6 +416,13 @@ def summarise(args: Args, per_subject: dict, posescore_gt, bench: dict, count: i
             normal_consistency="mean |cos| to the nearest sample's face normal, both directions",
             fscore_threshold_cm=args.fscore_cm,
             mpjpe="22 SMPL-X body joints, pelvis-aligned, mm", pa_mpjpe="after similarity Procrustes, mm",
+            view_joint_error_px="the pose reader's (pose_reader/) 2D body joints read off each generated view "
+                                "(posescore.joints_from_maps), mean distance to the GT joints projected into "
+                                "that view, px, over 6 views x 22 joints; a network trained apart from the reward",
+            posescore="the reward's PoseScore (posescore/) of the generated views against the GT joints; "
+                      "what DrPose optimised, so not an independent judge",
+            mask_iou="mean over 6 views of IoU between the generated views' masks (reconstruct.views_mask) "
+                     "and the GT render masks",
             psnr="one MSE over 6 views x 3 channels, images in [0, 1], dB",
             ssim="mean over 6 views, skimage 7x7 window, data range 1",
             std="population (ddof=0) over bench subjects"),
@@ -427,8 +464,8 @@ def write_markdown(path: Path, results: dict) -> str:
             f"alignment: {results['protocol']['alignment']}; Chamfer = mean of both directions' mean "
             f"L2 distance. Made by `python evaluate.py --run-dir {results['run_dir']} "
             f"--models {' '.join(results['models'])}`.")
-    if results["posescore_gt"] is not None:
-        note += f" PoseScore of the GT renders: {results['posescore_gt']['mean']:.4g}."
+    for metric, value in results["gt_reference"].items():
+        note += f" {METRICS[metric][0]} of the GT renders: {value['mean']:.4g}."
     text = "\n".join(lines) + "\n\n" + note + "\n"
     with atomic_write(path) as tmp:
         tmp.write_text(text)
@@ -635,14 +672,14 @@ def main(args: Args) -> dict:
 
     # --- scores per subject ---
     per_subject = {tag: score_model(args, bench, recon, count, args.run_dir, tag) for tag, recon in recons.items()}
-    scores = posescore_values(args, {t: r["latents"][:count] for t, r in recons.items()}, bench, count)
-    if scores is not None:
+    scores = network_scores(args, {t: r["latents"][:count] for t, r in recons.items()}, bench, count)
+    for metric, values in scores.items():
         for tag in recons:
-            per_subject[tag]["posescore"] = scores[tag]
+            per_subject[tag][metric] = values[tag]
 
     # --- results.json, results.md ---
     out = args.run_dir / "eval"
-    results = summarise(args, per_subject, None if scores is None else scores["gt"], bench, count)
+    results = summarise(args, per_subject, {metric: values["gt"] for metric, values in scores.items()}, bench, count)
     write_json(out / "results.json", results)
     table = write_markdown(out / "results.md", results)
 

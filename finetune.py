@@ -124,6 +124,8 @@ class DrposeArgs:
     """where the fine-tuned model goes (default: <run-dir>/drpose); checkpoints go to <out>_ckpt/"""
     reward: str = "posescore"
     """a name in posescore.REWARDS (higher is better)"""
+    posescore_dir: Path | None = None
+    """the reward's g_skel (default: <run-dir>/posescore)"""
     method: Literal["drtune", "draft", "alignprop"] = "drtune"
     """drtune: detached inputs, K spread steps, early stop (DrPose); draft: last K steps;
     alignprop: a random number of last steps"""
@@ -976,9 +978,10 @@ def drpose(args: DrposeArgs, hook: Callable[[int], None] | None = None) -> Path:
     if base_config["resolution"] != pairs["image"].shape[-1]:
         raise UserError(f"{args.base} is a {base_config['resolution']} px model but data/drpose is "
                         f"{pairs['image'].shape[-1]} px; make both with the same --preset")
-    ctx = posescore.load_reward_context(run_dir / "posescore", device)
+    posescore_dir = args.posescore_dir or run_dir / "posescore"
+    ctx = posescore.load_reward_context(posescore_dir, device)
     if ctx.resolution != base_config["resolution"]:
-        raise UserError(f"{run_dir}/posescore was trained at {ctx.resolution} px, the model is "
+        raise UserError(f"{posescore_dir} was trained at {ctx.resolution} px, the model is "
                         f"{base_config['resolution']} px; retrain it with `python posescore.py train --run-dir {run_dir}`")
     reward_fn = posescore.REWARDS[args.reward]
     # Sample as inference does (the base's DDIM steps and guidance) unless told otherwise.

@@ -51,9 +51,17 @@ class TrainArgs:
     (fields below left unset take the preset's value)"""
     run_dir: Path = Path("runs/demo")
     """the run folder: reads data/scans/, data/bench/, body/; writes posescore/"""
-    train_on: Literal["scans", "broad"] = "scans"
+    out: Path | None = None
+    """where g_skel goes (default: <run-dir>/posescore); e.g. <run-dir>/pose_reader for the held-out
+    pose reader that reconstruction and evaluation use"""
+    train_on: Literal["scans", "broad", "any"] = "scans"
     """scans: the scan renders only, as in the paper; broad: scans plus broad poses rendered here
-    (prepare_data.generate_poses + render_subjects), the fix if g_skel does not transfer to hard poses"""
+    (prepare_data.generate_poses + render_subjects), the fix if g_skel does not transfer to hard poses;
+    any: scans plus broad poses turned to uniformly random orientations (upside down included): the
+    held-out pose reader that reconstruction and evaluation use, never a reward"""
+    init: Path | None = None
+    """start from the g_skel of this folder (its architecture and line width), e.g. a committed
+    pretrained/demo_reader; with --steps 0 it is only validated and written to --out"""
     num_broad: int | None = None
     """extra broad-pose subjects rendered for --train-on broad (demo 240, full 3000)"""
     steps: int | None = None
@@ -324,7 +332,31 @@ def keypoints(views: torch.Tensor, batch: dict, ctx: RewardContext):
     return -error.mean(1), {f"view_{az:03d}": -error[:, v] for v, az in enumerate(VIEW_AZIMUTHS)}
 
 
-REWARDS = {"posescore": posescore, "keypoints": keypoints}
+def soft_dice(maps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) x2 in [0, 1] -> (...) soft Dice overlap 2 sum(p t) / (sum p + sum t), in [0, 1].
+    Unlike per-pixel BCE it falls when a prediction spreads out: a diffuse map pays for every pixel
+    it lights, so hedging between poses scores below committing to the right one."""
+    overlap = (maps * target).sum((-2, -1))
+    return (2 * overlap + 1e-3) / (maps.sum((-2, -1)) + target.sum((-2, -1)) + 1e-3)
+
+
+DICE_WEIGHT = 0.3
+
+
+def posescore_dice(views: torch.Tensor, batch: dict, ctx: RewardContext):
+    """PoseScore with an overlap term: -(BCE + DICE_WEIGHT * (1 - soft Dice)) of g_skel's maps."""
+    joints = check_reward_inputs(views, batch, ctx)
+    logits = gskel_logits(ctx.gskel, views.to(ctx.device))  # (B, V, K, H, W)
+    target = skeleton_maps(joints.to(ctx.device, logits.dtype), ctx.resolution, ctx.width)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((-2, -1))  # (B, V, K)
+    dice = soft_dice(torch.sigmoid(logits), target)  # (B, V, K)
+    rewards = -bce.mean((1, 2)) - DICE_WEIGHT * (1 - dice.mean((1, 2)))
+    parts = {"bce": -bce.mean((1, 2)), "dice": dice.mean((1, 2))}
+    parts |= {f"view_{az:03d}": -bce[:, v].mean(1) for v, az in enumerate(VIEW_AZIMUTHS)}
+    return rewards, parts
+
+
+REWARDS = {"posescore": posescore, "keypoints": keypoints, "posescore_dice": posescore_dice}
 
 
 def load_perceptual(path: Path, device="cpu") -> Callable:
@@ -371,11 +403,16 @@ def load_views(path: Path, keys=("joints",)) -> dict:
     return dict(arrays, latents=latents, joints_t=torch.from_numpy(arrays["joints"]).float())
 
 
-def render_broad(run_dir: Path, count: int, resolution: int, seed: int, device) -> dict:
+def render_broad(run_dir: Path, count: int, resolution: int, seed: int, device, any_orientation: bool = False) -> dict:
     """`count` broad poses in training-hue outfits, rendered through prepare_data's own path
-    (the one that made data/scans/): latents (count, V, 6, H, W) and joints (count, 55, 3)."""
+    (the one that made data/scans/): latents (count, V, 6, H, W) and joints (count, 55, 3).
+    any_orientation: each body turned to a uniformly random orientation (Haar measure on SO(3))."""
+    from scipy.spatial.transform import Rotation
+
     rng = np.random.default_rng(seed + 1)  # not the scans' stream: new poses
     poses, outfits = generate_poses("broad", count, rng), sample_outfits(count, rng, held_out=False)
+    if any_orientation:
+        poses["global_orient"] = Rotation.random(count, random_state=rng).as_rotvec().astype(np.float32)
     body = load_body_model(run_dir / "body", device)
     latents, joints = [], []
     for i in range(0, count, 32):  # chunks keep the 2x render's memory small
@@ -415,11 +452,15 @@ def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, lo
     resolution, device = latents.shape[-1], torch.device(args.device)
     torch.manual_seed(args.seed)  # the initial weights
     generator = torch.Generator().manual_seed(args.seed)  # batches and augmentation
-    gskel = build_gskel(resolution, args.channels).to(device).train()
+    if args.init is not None:
+        gskel, _ = load_gskel(args.init, device)
+        gskel = gskel.float().requires_grad_(True).train()
+    else:
+        gskel = build_gskel(resolution, args.channels).to(device).train()
     optimiser = torch.optim.AdamW(gskel.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = max(1, args.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / warmup)
-                                                 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+                                                 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, args.steps)))))
     pos_weight = torch.tensor(args.pos_weight, device=device)
     start, num = time.time(), latents.shape[0]
     bar = tqdm(range(args.steps), desc="g_skel", leave=False)
@@ -596,12 +637,19 @@ def train(args: TrainArgs) -> None:
 
 
 def _train(args: TrainArgs) -> None:
-    data_dir, folder = args.run_dir / "data", args.run_dir / "posescore"
+    data_dir, folder = args.run_dir / "data", args.out or args.run_dir / "posescore"
     scans = load_views(data_dir / "scans" / "train.npz")
     resolution = scans["latents"].shape[-1]
     latents, joints = scans["latents"], scans["joints_t"]
-    if args.train_on == "broad":
-        broad = render_broad(args.run_dir, args.num_broad, resolution, args.seed, args.device)
+    if args.init is not None:  # the starting weights fix the architecture and the line width
+        init_config = load_gskel(args.init)[1]
+        if init_config["resolution"] != resolution:
+            raise UserError(f"{args.init} is a {init_config['resolution']} px g_skel but {data_dir / 'scans'} is "
+                            f"{resolution} px; pass an --init made for this preset or leave --init out")
+        args = dataclasses.replace(args, width=init_config["width"],
+                                   channels=tuple(init_config["args"]["channels"]))
+    if args.train_on in ("broad", "any") and args.steps > 0:
+        broad = render_broad(args.run_dir, args.num_broad, resolution, args.seed, args.device, args.train_on == "any")
         latents, joints = torch.cat([latents, broad["latents"]]), torch.cat([joints, broad["joints_t"]])
     print(f"g_skel: {len(latents)} subjects x {NUM_VIEWS} views at {resolution} px, {args.steps} steps")
 

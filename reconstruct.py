@@ -11,8 +11,11 @@ PSHuman's reconstruction, which DrPose reuses, made CPU-sized:
              views; the noise comes from a torch.Generator seeded per sample, so base and drpose
              see identical noise for subject i.
   2. body    SMPL-X global_orient, body_pose, betas, a scale and a translation are fitted so that
-             the body's own skeleton maps (posescore.skeleton_maps) agree with g_skel's maps of the
-             views, plus a soft silhouette term. Start: 2D joints read off the maps
+             the body's own skeleton maps (posescore.skeleton_maps) agree with the pose reader's
+             maps of the views, plus a soft silhouette term. The pose reader is a g_skel network
+             trained apart from the reward's (pose_reader/: broad poses in any orientation,
+             another seed), so the reconstruction does not read poses with the very network DrPose
+             was pushed against (a reward optimised is a poor judge of itself). Start: 2D joints read off the maps
              (posescore.joints_from_maps), triangulated (orthographic views make it linear), then
              turned into joint rotations bone by bone (analytic IK).
   3. carve   per-vertex offsets with Laplacian smoothness move the fitted surface until the
@@ -65,7 +68,7 @@ class Args:
     """demo: few optimiser steps, CPU seconds per subject; full: more steps (fields left unset take
     the preset's value)"""
     run_dir: Path = Path("runs/demo")
-    """the run folder: reads body/, posescore/, the model and data/bench/; writes recon/<tag>/"""
+    """the run folder: reads body/, pose_reader/, the model and data/bench/; writes recon/<tag>/"""
     model: str = "base"
     """a model folder, or a name under --run-dir (base, drpose); loaded by finetune.load_model"""
     input: Path | None = None
@@ -75,14 +78,16 @@ class Args:
     """skip generation: take views from a folder of {i:05d}/views.npz (another recon/<tag>/)"""
     oracle: bool = False
     """skip generation: take the dataset's own GT six views (isolates carving from generation)"""
-    skeleton: Literal["gskel", "ideal"] = "gskel"
-    """skeleton maps to fit the body to: g_skel's maps of the views, or `ideal`, the maps of the
-    dataset's GT joints (no g_skel error; needs a dataset with joints)"""
+    skeleton: Literal["reader", "ideal"] = "reader"
+    """skeleton maps to fit the body to: the pose reader's maps of the views, or `ideal`, the maps of
+    the dataset's GT joints (no reader error; needs a dataset with joints)"""
     tag: str | None = None
     """output folder name under recon/ (default: the model folder's name; `oracle` with --oracle;
     `views` with --views-from)"""
-    posescore_dir: Path | None = None
-    """g_skel folder (default: <run-dir>/posescore)"""
+    reader_dir: Path | None = None
+    """the pose reader: a g_skel folder whose maps the body is fitted to (default: <run-dir>/pose_reader,
+    made by `posescore.py train --train-on any --out <run-dir>/pose_reader`; a different network from the
+    reward's posescore/, so that what DrPose optimised is not also what measures it)"""
     count: int | None = None
     """reconstruct only the first N samples (default: all)"""
     sample_steps: int | None = None
@@ -478,19 +483,23 @@ class Proxy:
         faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])]
         _, unique = np.unique(np.sort(faces, 1), axis=0, return_index=True)
         self.faces = torch.from_numpy(faces[np.sort(unique)])  # (Fc, 3), orientation kept
-        self.laplacian = uniform_laplacian(self.faces, count)
-        self.full_laplacian = uniform_laplacian(body.faces_tensor.cpu(), len(rest))
+        self.laplacian = UniformLaplacian(self.faces, count)
+        self.full_laplacian = UniformLaplacian(body.faces_tensor.cpu(), len(rest))
 
 
-def uniform_laplacian(faces: torch.Tensor, count: int) -> torch.Tensor:
-    """(N, N) sparse L = I - D^-1 A of the mesh graph: L x is each vertex minus its neighbours' mean."""
-    edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    edges = torch.unique(torch.cat([edges, edges.flip(1)]), dim=0)  # (E, 2) both directions, once
-    degree = torch.bincount(edges[:, 0], minlength=count).clamp(min=1).float()
-    values = -1 / degree[edges[:, 0]]
-    eye = torch.arange(count)
-    return torch.sparse_coo_tensor(torch.cat([edges.T, torch.stack([eye, eye])], 1),
-                                   torch.cat([values, torch.ones(count)]), (count, count), check_invariants=False).coalesce()
+class UniformLaplacian:
+    """L x = x - (mean of each vertex's mesh neighbours), for (N, 3) x, differentiable: a gather and
+    an index_add over the edge list (L = I - D^-1 A without building a sparse matrix)."""
+
+    def __init__(self, faces: torch.Tensor, count: int):
+        edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+        edges = torch.unique(torch.cat([edges, edges.flip(1)]), dim=0)  # (E, 2) both directions, once
+        self.source, self.target = edges[:, 0], edges[:, 1]
+        self.degree = torch.bincount(self.source, minlength=count).clamp(min=1).float()[:, None]  # (N, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        neighbours = torch.zeros_like(x).index_add(0, self.source, x[self.target])  # (N, 3) sums
+        return x - neighbours / self.degree
 
 
 def render_normals(vertices: torch.Tensor, faces: torch.Tensor, colours, res: int) -> torch.Tensor:
@@ -527,14 +536,14 @@ def carve(vertices: torch.Tensor, body_faces: torch.Tensor, proxy: Proxy, latent
         normal_term = (weights * (normal + bias - target_normal).abs().mean((0, 2, 3, 4))).sum() / weights.sum()
         pix = views_to_pixels(world_to_views(moved[None]), res)[0]  # (V, C, 2)
         sil = silhouette_loss(pix, mask, outside, weights)
-        smooth = torch.sparse.mm(proxy.laplacian, offsets).pow(2).sum(1).mean()
+        smooth = proxy.laplacian(offsets).pow(2).sum(1).mean()
         loss = normal_term + CARVE_SIL_W * sil + 100 * smooth + 1.0 * offsets.pow(2).sum(1).mean()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
     full = offsets.detach()[proxy.cluster]  # (N, 3) piecewise constant per cluster
     for _ in range(4):  # smooth the steps between clusters away on the full mesh
-        full = full - 0.5 * torch.sparse.mm(proxy.full_laplacian, full)
+        full = full - 0.5 * proxy.full_laplacian(full)
     return vertices + full
 
 
@@ -587,19 +596,24 @@ def skeleton_targets(latents: torch.Tensor, gskel_ctx, joints: torch.Tensor | No
 def reconstruct_sample(body, proxy: Proxy, skinner: SubsetSkinner, latents: torch.Tensor, args: Args,
                        gskel_ctx=None, gt_joints: torch.Tensor | None = None) -> dict:
     """Views (V, 6, H, W) in [-1, 1] -> fitted params, joints (55, 3), carved mesh + colours, seconds."""
-    seconds = {}
-    tick = time.time()
+    seconds, tick = {}, time.time()
+
+    def lap(stage: str) -> None:  # seconds per stage, for the manifest and bench/reconstruct_stages.py
+        nonlocal tick
+        seconds[stage], tick = time.time() - tick, time.time()
+
     maps, width = skeleton_targets(latents, gskel_ctx, gt_joints)
+    lap("maps")
     params, joints = fit_body(body, maps, views_mask(latents), args, width, skinner)
-    seconds["fit"] = time.time() - tick
-    tick = time.time()
+    lap("fit")
     with torch.no_grad():
         fitted, _ = body_forward(body, dict(params, transl=torch.zeros(1, 3)))
         fitted = to_world(fitted, params)[0]  # (N, 3)
     vertices = carve(fitted, body.faces_tensor.cpu(), proxy, latents, args) if args.carve_steps > 0 else fitted
+    lap("carve")
     faces = body.faces_tensor.cpu()
     colours = colour_vertices(vertices, faces, latents)
-    seconds["carve"] = time.time() - tick
+    lap("colour")
     return dict(params=params, joints=joints, vertices=vertices, fitted=fitted, faces=faces, colors=colours,
                 seconds=seconds)
 
@@ -682,11 +696,15 @@ def reconstruct_all(args: Args) -> Path:
     inputs = load_inputs(args, config["resolution"] if config else None)
     count = len(inputs["image"]) if args.count is None else min(args.count, len(inputs["image"]))
     gskel_ctx = None
-    if args.skeleton == "gskel":
-        gskel_ctx = posescore.load_reward_context(args.posescore_dir or args.run_dir / "posescore", args.device)
+    if args.skeleton == "reader":
+        reader = args.reader_dir or args.run_dir / "pose_reader"
+        if not (reader / "posescore_config.json").exists():
+            raise UserError(f"{reader} holds no pose reader; make it with `python posescore.py train --run-dir "
+                            f"{args.run_dir} --train-on any --seed 1 --out {reader}` (or pass --reader-dir)")
+        gskel_ctx = posescore.load_reward_context(reader, args.device)
         if gskel_ctx.resolution != inputs["image"].shape[-1]:
-            raise UserError(f"g_skel works at {gskel_ctx.resolution} px, the views are {inputs['image'].shape[-1]} px; "
-                            "use the posescore/ folder trained on this run's data")
+            raise UserError(f"{reader} works at {gskel_ctx.resolution} px, the views are {inputs['image'].shape[-1]} px; "
+                            "use a pose reader trained on this run's data")
     body = load_body_model(args.run_dir / "body")
     proxy, skinner = Proxy(body), SubsetSkinner(body)
 
@@ -706,7 +724,7 @@ def reconstruct_all(args: Args) -> Path:
     # --- every sample: views -> body -> mesh, one atomic folder each ---
     steps = args.sample_steps or (config or {}).get("sampling", {}).get("num_steps", 20)
     guidance = args.guidance if args.guidance is not None else (config or {}).get("sampling", {}).get("guidance", 1.5)
-    timings = []
+    timings, stages = [], []
     for i in tqdm(range(count), desc=f"reconstruct {output_tag(args)}"):
         folder = out / f"{i:05d}"
         if all((folder / name).exists() for name in ("views.npz", "views.png", "body.json", "joints.npz", "mesh.ply")):
@@ -717,14 +735,19 @@ def reconstruct_all(args: Args) -> Path:
         if latents is None:
             generator = torch.Generator().manual_seed(args.seed * 100003 + i)  # same noise for every model
             latents = finetune.sample_views(unet, image[None].to(args.device), steps, guidance, generator)[0].float().cpu()
+        generate_seconds = time.time() - tick
         gt_joints = torch.from_numpy(inputs["dataset"]["joints"][i]).float() if args.skeleton == "ideal" else None
         result = reconstruct_sample(body, proxy, skinner, latents, args, gskel_ctx, gt_joints)
+        write_tick = time.time()
         with atomic_dir(folder) as tmp:
             write_sample(tmp, latents, image, result)
         timings.append(time.time() - tick)
+        stages.append(dict(generate=generate_seconds, **result["seconds"], write=time.time() - write_tick))
     write_json(out / "manifest.json", dict(recipe, count=count, complete=True, sampling=dict(
         num_steps=steps, guidance=guidance, generator="torch.Generator().manual_seed(seed * 100003 + i)"),
-        seconds_per_sample=float(np.mean(timings)) if timings else None))
+        seconds_per_sample=float(np.mean(timings)) if timings else None,
+        seconds_per_stage={k: float(np.mean([s[k] for s in stages])) for k in stages[0]} if stages else None,
+        device=args.device))
     print(f"wrote {count} samples to {out}" + (f" ({np.mean(timings):.1f} s each)" if timings else ""))
     return out
 

@@ -104,6 +104,16 @@ def test_pa_mpjpe_undoes_a_similarity_and_matches_scipy():
 
 # --- appearance ------------------------------------------------------------------------------------
 
+def test_mask_iou_of_known_squares():
+    pred = np.zeros((2, 10, 10), np.uint8)
+    gt = np.zeros((2, 10, 10), np.uint8)
+    pred[0, 0:4, 0:4] = 1  # 16 px
+    gt[0, 2:6, 0:4] = 1  # 16 px, 8 shared: IoU 8 / 24
+    pred[1, 5:10, 5:10] = gt[1, 5:10, 5:10] = 1  # identical: IoU 1
+    assert evaluate.mask_iou(pred, gt) == pytest.approx((8 / 24 + 1) / 2)
+    assert evaluate.mask_iou(np.zeros((1, 4, 4)), np.zeros((1, 4, 4))) == 1.0  # empty both: no error
+
+
 def test_psnr_of_a_constant_offset_and_ssim_of_constants():
     gt = np.random.default_rng(0).uniform(0, 0.8, size=(6, 3, 16, 16))
     assert psnr_db(gt + 0.1, gt) == pytest.approx(20.0)  # MSE 0.01
@@ -252,8 +262,36 @@ def test_posescore_is_used_when_present(tmp_path, monkeypatch):
     assert seen["ctx"] == ("ctx", "posescore", "cpu")
     base, drpose = results["models"]["base"]["posescore"], results["models"]["drpose"]["posescore"]
     assert np.allclose(np.array(base["per_subject"]) - drpose["per_subject"], 0.2, atol=1e-5)
-    assert results["posescore_gt"]["mean"] == pytest.approx(drpose["mean"], abs=1e-6)  # drpose = GT
+    assert results["gt_reference"]["posescore"]["mean"] == pytest.approx(drpose["mean"], abs=1e-6)  # drpose = GT
     assert "PoseScore" in (run / "eval" / "results.md").read_text()
+
+
+def test_view_joint_error_uses_the_pose_reader_in_pixels(tmp_path, monkeypatch):
+    """The pose reader's folder is read with posescore's `keypoints` reward, whose value is minus the
+    2D error as a fraction of the width; evaluate turns it into pixels and reports the GT's too."""
+    run = make_run(tmp_path)
+    (run / "pose_reader").mkdir()
+    seen = []
+
+    def fake_keypoints(views, batch, ctx):
+        seen.append(ctx.folder)
+        # base views are 0.2 brighter: a made-up error of 2 px for base, 0 for drpose (= GT)
+        return -(views[:, :, :3].mean(dim=(1, 2, 3, 4)) - GT_MEAN[: len(views)]) * 10 / RES, {}
+
+    fake = types.ModuleType("posescore")
+    fake.load_reward_context = lambda folder, device: types.SimpleNamespace(folder=Path(folder).name, resolution=RES)
+    fake.REWARDS = {"keypoints": fake_keypoints}
+    monkeypatch.setitem(sys.modules, "posescore", fake)
+    data = np.load(run / "data" / "bench" / "bench.npz")
+    GT_MEAN = views_to_latents(torch.from_numpy(data["color"]).float() / 255,
+                               torch.from_numpy(data["normal"]).float() / 255)[:, :, :3].mean(dim=(1, 2, 3, 4))
+    results = run_eval(run, max_grids=0)
+    assert set(seen) == {"pose_reader"}
+    assert results["models"]["base"]["view_joint_error_px"]["per_subject"] == pytest.approx([2.0] * N, abs=1e-4)
+    assert results["models"]["drpose"]["view_joint_error_px"]["mean"] == pytest.approx(0, abs=1e-5)
+    assert results["gt_reference"]["view_joint_error_px"]["mean"] == pytest.approx(0, abs=1e-5)
+    assert results["change"]["drpose"]["view_joint_error_px"]["verdict"] == "better"
+    assert "posescore" not in results["models"]["base"]  # no posescore/ folder: skipped
 
 
 # --- errors a user can hit -------------------------------------------------------------------------

@@ -240,3 +240,30 @@ def test_score_cli_on_a_recon_folder(trained, run_dir, val, tmp_path):
                            "--run-dir", str(run_dir)], capture_output=True, text=True,
                           cwd=Path(ps.__file__).parent)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+
+
+# --- the pose reader: another g_skel, any orientation, started from given weights ------------------
+
+def test_any_orientation_poses_turn_bodies_every_way(run_dir):
+    """--train-on any: the broad poses' root orientations are uniform on SO(3), so the spine points
+    every way (upside down included), where the broad generator keeps bodies roughly upright."""
+    torch.set_num_threads(1)
+    spine = {}
+    for any_orientation in (False, True):
+        data = ps.render_broad(run_dir, 64, RES, seed=0, device="cpu", any_orientation=any_orientation)
+        up = data["joints_t"][:, 12] - data["joints_t"][:, 0]  # pelvis -> neck, (N, 3)
+        spine[any_orientation] = (up[:, 1] / up.norm(dim=-1)).numpy()  # cosine with world up
+    assert spine[False].min() > 0.3  # broad: never far from upright
+    assert (spine[True] < -0.3).mean() > 0.2 and (spine[True] > 0.3).mean() > 0.2
+
+
+def test_init_with_zero_steps_keeps_the_weights_and_writes_to_out(trained, run_dir, tmp_path):
+    out = tmp_path / "reader"
+    ps.train(ps.TrainArgs(run_dir=run_dir, out=out, init=run_dir / "posescore", steps=0, threads=1,
+                          channels=(8,), width=2.0))  # architecture and width come from --init, not these
+    source, copied = ps.load_gskel(run_dir / "posescore")[0], ps.load_gskel(out)[0]
+    for (name, a), (_, b) in zip(source.state_dict().items(), copied.state_dict().items()):
+        assert torch.equal(a, b), name
+    config = json.loads((out / "posescore_config.json").read_text())
+    assert config["width"] == 1.0 and config["args"]["channels"] == [16, 32]
+    assert (out / "validation.json").exists() and not (run_dir / "posescore" / "reader").exists()

@@ -104,6 +104,21 @@ def test_body_fit_recovers_a_known_pose_from_its_own_skeleton_maps(world):
     assert set(start) == {"global_orient", "body_pose", "betas", "scale", "transl"}
 
 
+def test_laplacian_is_identity_minus_neighbour_mean():
+    """Against the dense L = I - D^-1 A built from trimesh's own edge list."""
+    mesh = trimesh.creation.icosphere(subdivisions=2)
+    laplacian = rc.UniformLaplacian(torch.from_numpy(mesh.faces).long(), len(mesh.vertices))
+    adjacency = np.zeros((len(mesh.vertices),) * 2)
+    adjacency[mesh.edges_unique[:, 0], mesh.edges_unique[:, 1]] = 1
+    adjacency = np.maximum(adjacency, adjacency.T)
+    x = np.random.default_rng(0).normal(size=(len(mesh.vertices), 3))
+    expect = x - adjacency @ x / adjacency.sum(1, keepdims=True)
+    assert np.allclose(laplacian(torch.from_numpy(x)).numpy(), expect, atol=1e-12)
+    flat = torch.ones(len(mesh.vertices), 3, requires_grad=True)
+    laplacian(flat).pow(2).sum().backward()  # differentiable, and zero on a constant field
+    assert torch.allclose(flat.grad, torch.zeros_like(flat.grad))
+
+
 # --- the oracle: GT views in, mesh and joints near the GT out --------------------------------------
 
 def test_oracle_mesh_and_joints_are_near_the_ground_truth(world, oracle_run):
@@ -123,6 +138,10 @@ def test_oracle_mesh_and_joints_are_near_the_ground_truth(world, oracle_run):
 def test_output_layout_matches_the_contract(world, oracle_run):
     manifest = json.loads((oracle_run / "manifest.json").read_text())
     assert manifest["count"] == 2 and manifest["complete"] and manifest["resolution"] == RES
+    stages = manifest["seconds_per_stage"]  # what bench/reconstruct_stages.py prints
+    assert list(stages) == ["generate", "maps", "fit", "carve", "colour", "write"]
+    assert all(v >= 0 for v in stages.values()) and stages["fit"] > 0
+    assert sum(stages.values()) <= manifest["seconds_per_sample"] * 1.01
     for i in range(2):
         sample = oracle_run / f"{i:05d}"
         assert sorted(p.name for p in sample.iterdir()) == ["body.json", "joints.npz", "mesh.ply", "views.npz", "views.png"]
@@ -166,8 +185,8 @@ def test_image_input_generates_views_with_per_sample_noise(world, tmp_path):
     model = tmp_path / "tiny"
     finetune.save_model(model, unet, dict(resolution=res, num_views=pd.NUM_VIEWS, sampling=dict(num_steps=2, guidance=1.5)))
     gskel = posescore.build_gskel(res, (8, 8))
-    gskel.save_pretrained(tmp_path / "posescore")
-    pd.write_json(tmp_path / "posescore" / "posescore_config.json", dict(resolution=res, width=1.0))
+    gskel.save_pretrained(tmp_path / "pose_reader")
+    pd.write_json(tmp_path / "pose_reader" / "posescore_config.json", dict(resolution=res, width=1.0))
     (tmp_path / "body").symlink_to(world["root"] / "body")
     rgba = np.zeros((40, 30, 4), np.uint8)
     rgba[5:35, 10:20] = (200, 50, 50, 255)  # an opaque figure on a transparent background
@@ -181,6 +200,13 @@ def test_image_input_generates_views_with_per_sample_noise(world, tmp_path):
     expect = finetune.sample_views(loaded, image[None], 2, 1.5, torch.Generator().manual_seed(0))[0]
     assert np.allclose(np.load(out / "00000" / "views.npz")["latents"], expect.numpy(), atol=1e-5)
     assert (out / "00000" / "mesh.ply").exists()
+
+
+def test_missing_pose_reader_names_the_command(world, tmp_path):
+    (tmp_path / "body").symlink_to(world["root"] / "body")
+    (tmp_path / "data").symlink_to(world["root"] / "data")
+    with pytest.raises(pd.UserError, match=r"holds no pose reader; make it with `python posescore.py train .*--train-on any"):
+        rc.main(rc.Args(run_dir=tmp_path, oracle=True))
 
 
 # --- bad input ------------------------------------------------------------------------------------
