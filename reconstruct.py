@@ -368,7 +368,10 @@ def silhouette_loss(pix: torch.Tensor, mask: torch.Tensor, outside: torch.Tensor
     it misses. Vertices are dense (a few cm apart against 3.4-6.9 cm pixels), so (b) is a coverage
     test. Both are exact where they vanish: zero when the projection fills the mask and stays in it."""
     res = mask.shape[-1]
-    grid = pix / res * 2 - 1  # (V, P, 2) in grid_sample's [-1, 1] (align_corners=False)
+    # (V, P, 2) in grid_sample's [-1, 1] (align_corners=False). NaN coordinates are replaced: grid_sample
+    # returns 0 for them, and its backward crashes the process (segfault, torch 2.11-2.13 on CPU), which a
+    # line search that strays into NaN would otherwise trigger; the NaN still reaches the loss elsewhere.
+    grid = torch.nan_to_num(pix / res * 2 - 1, nan=0.0, posinf=2.0, neginf=-2.0)
     dist = F.grid_sample(outside[:, None], grid[:, None], mode="bilinear", padding_mode="border",
                          align_corners=False)[:, 0, 0]  # (V, P)
     inside_term = (dist - 0.5).clamp(min=0).pow(2).mean(1)
@@ -401,7 +404,7 @@ def fit_body(body, maps: torch.Tensor, mask: torch.Tensor, args: Args, width: fl
     squared distance over 2 width^2) and the loss is least at S = target; plus the silhouette term
     (weight 0.1: the skeleton decides the pose, the silhouette the girth); plus weak priors on
     pose, shape and scale. Returns params {name: tensor (1, ...)} and world joints (55, 3)."""
-    from posescore import joints_from_maps, skeleton_maps
+    from posescore import draw_bones, joints_from_maps, project_joints
 
     res = maps.shape[-1]
     weights = torch.tensor(args.view_weights, dtype=torch.float32)
@@ -415,7 +418,8 @@ def fit_body(body, maps: torch.Tensor, mask: torch.Tensor, args: Args, width: fl
     def objective():
         joints, verts = skinner(dict(params, transl=torch.zeros(1, 3)))
         joints, verts = to_world(joints, params), to_world(verts, params)
-        own = skeleton_maps(joints, res, width)[0]  # (V, K, H, W)
+        own = draw_bones(project_joints(joints, res), res, width)[0]  # (V, K, H, W): S(theta), unchecked so
+        # that a line search that strays to NaN returns NaN (and is undone below) instead of raising
         # BCE(S, target) = -[t log S + (1 - t) log(1 - S)], clamped so a far bone still has a gradient.
         bce = -(target * own.clamp(min=1e-30).log() + (1 - target) * (1 - own).clamp(min=1e-6).log())
         skel = (weights * bce.mean((1, 2, 3))).sum() / weights.sum()
@@ -437,6 +441,8 @@ def fit_body(body, maps: torch.Tensor, mask: torch.Tensor, args: Args, width: fl
         schedule.step()
     # --- L-BFGS near the optimum: the loss is smooth there and Adam's noise floor is ~1 cm ---
     if LBFGS_ITERS:
+        with torch.no_grad():
+            before, before_loss = {k: v.detach().clone() for k, v in params.items()}, objective()
         lbfgs = torch.optim.LBFGS(list(params.values()), lr=1, max_iter=LBFGS_ITERS, line_search_fn="strong_wolfe")
 
         def closure():
@@ -446,6 +452,11 @@ def fit_body(body, maps: torch.Tensor, mask: torch.Tensor, args: Args, width: fl
             return loss
 
         lbfgs.step(closure)
+        with torch.no_grad():  # on maps of a garbled view L-BFGS can leave the valid range: keep Adam's result then
+            after_loss = objective() if all(torch.isfinite(v).all() for v in params.values()) else None
+            if after_loss is None or not torch.isfinite(after_loss) or after_loss > before_loss:
+                for k, v in params.items():
+                    v.copy_(before[k])
     params = {k: v.detach() for k, v in params.items()}
     with torch.no_grad():
         joints = to_world(body_joints(body, dict(params, transl=torch.zeros(1, 3))), params)[0]

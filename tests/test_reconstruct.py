@@ -119,6 +119,28 @@ def test_laplacian_is_identity_minus_neighbour_mean():
     assert torch.allclose(flat.grad, torch.zeros_like(flat.grad))
 
 
+def test_silhouette_term_survives_nan_vertices():
+    """grid_sample's backward segfaults on NaN coordinates (torch 2.11-2.13, CPU); a line search
+    that strays to NaN used to kill reconstruct.py that way. Now the NaN only reaches the loss."""
+    mask = torch.zeros(6, RES, RES)
+    mask[:, 8:24, 12:20] = 1
+    pix = (torch.rand(6, 50, 2) * RES).requires_grad_(True)
+    poisoned = torch.where(torch.arange(50)[None, :, None] == 7, torch.full_like(pix, float("nan")), pix)
+    loss = rc.silhouette_loss(poisoned, mask, rc.outside_distance(mask), torch.ones(6))
+    loss.backward()  # the crash happened here
+    assert torch.isnan(loss) and pix.grad is not None  # NaN is reported (fit_body undoes such a step), no crash
+
+
+def test_body_fit_on_garbled_maps_stays_finite(world):
+    """Maps of a view that shows no body (noise): the fit must still return finite parameters."""
+    maps = torch.rand(6, 21, RES, RES, generator=torch.Generator().manual_seed(0)) ** 8
+    mask = torch.zeros(6, RES, RES)
+    mask[:, 10:22, 10:22] = 1
+    torch.set_num_threads(1)
+    params, joints = rc.fit_body(world["body"], maps, mask, rc.Args(fit_steps=20).resolved(), 1.0)
+    assert all(torch.isfinite(v).all() for v in params.values()) and torch.isfinite(joints).all()
+
+
 # --- the oracle: GT views in, mesh and joints near the GT out --------------------------------------
 
 def test_oracle_mesh_and_joints_are_near_the_ground_truth(world, oracle_run):
