@@ -706,7 +706,7 @@ def reconstruct_all(args: Args) -> Path:
         unet, config = finetune.load_model(model_dir, args.device)
     inputs = load_inputs(args, config["resolution"] if config else None)
     count = len(inputs["image"]) if args.count is None else min(args.count, len(inputs["image"]))
-    gskel_ctx = None
+    gskel_ctx = reader = None
     if args.skeleton == "reader":
         reader = args.reader_dir or args.run_dir / "pose_reader"
         if not (reader / "posescore_config.json").exists():
@@ -724,7 +724,8 @@ def reconstruct_all(args: Args) -> Path:
     recipe = dict(model=str(resolve_model(args)) if generate else None, seed=args.seed,
                   resolution=int(inputs["image"].shape[-1]), source=inputs["source"],
                   views="generated" if generate else "oracle" if args.oracle else str(args.views_from),
-                  skeleton=args.skeleton, fit_steps=args.fit_steps, carve_steps=args.carve_steps)
+                  skeleton=args.skeleton, reader=str(reader) if args.skeleton == "reader" else None,
+                  fit_steps=args.fit_steps, carve_steps=args.carve_steps)
     if (out / "manifest.json").exists():
         old = json.loads((out / "manifest.json").read_text())
         if any(old.get(k) != v for k, v in recipe.items()):

@@ -183,6 +183,23 @@ def test_keypoint_reward_shares_the_signature_and_prefers_the_true_pose(trained,
     assert (true_r > moved_r).float().mean() >= 0.8
 
 
+def test_dice_reward_prefers_the_true_pose_and_does_not_pay_for_hedging(trained, val, run_dir):
+    """posescore_dice: true pose above a perturbed one, like PoseScore; and its overlap term
+    (checked by hand) falls when a prediction spreads out, where per-pixel BCE can rise."""
+    ctx, _ = trained
+    body = pd.load_body_model(run_dir / "body")
+    moved = ps.perturbed_joints(body, val, (0.5,), seed=1)
+    true_r, parts = ps.posescore_dice(val["latents"], {"joints": val["joints_t"]}, ctx)
+    moved_r, _ = ps.posescore_dice(val["latents"], {"joints": moved[0]}, ctx)
+    assert (true_r > moved_r).float().mean() >= 0.8
+    assert torch.allclose(true_r, parts["bce"] - ps.DICE_WEIGHT * (1 - parts["dice"]), atol=1e-6)
+    target = ps.skeleton_maps(val["joints_t"][:1], RES, 1.0)[0, 0]  # (K, H, W) sharp lines
+    spread = ps.skeleton_maps(val["joints_t"][:1], RES, 3.0)[0, 0] * 0.5  # a hedge: wide and faint
+    expect = lambda p, t: (2 * (p * t).sum((-2, -1)) + 1e-3) / (p.sum((-2, -1)) + t.sum((-2, -1)) + 1e-3)
+    assert torch.allclose(ps.soft_dice(spread, target), expect(spread, target))
+    assert (ps.soft_dice(spread, target) < 0.8 * ps.soft_dice(target, target)).all()
+
+
 def test_perceptual_term_loads_local_torchscript(trained, val, tmp_path):
     ctx, _ = trained
 
