@@ -2,6 +2,8 @@
 
     python posescore.py train --preset demo --run-dir runs/demo        # g_skel on data/scans/, < 2 min CPU
     python posescore.py train --preset demo --train-on broad           # + broad poses rendered on the fly
+    python posescore.py train --preset demo --train-on any --seed 1 --out runs/demo/pose_reader
+                                                                       # the pose reader (not a reward)
     python posescore.py score --views-dir runs/demo/recon/base         # score generated views vs GT poses
     python posescore.py score --views-dir runs/demo/data/bench/bench.npz   # score GT renders
 
@@ -10,7 +12,7 @@ PoseScore (the paper's reward) is r(x0, theta) = -BCE(g_skel(x0), S(theta)):
     g_skel     a small diffusers UNet2DModel, one view latent (6, H, W) + its view index -> K logits
     BCE        per pixel, averaged over views, bones and pixels; higher reward is better
 
-Writes `posescore/` under the run folder: the U-Net (`save_pretrained`), `posescore_config.json`
+Writes `posescore/` under the run folder (or --out): the U-Net (`save_pretrained`), `posescore_config.json`
 (line width, resolution, training args, time), `validation.json` (map PSNR / SSIM, 2D joint
 error, true-vs-perturbed pose accuracy on val scans and on bench hard poses), `metrics.jsonl`
 (one line per log step: step, loss, lr, seconds) and `maps.png` (views | target | predicted maps).

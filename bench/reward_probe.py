@@ -1,0 +1,79 @@
+"""Probe a reward for hedging: does it pay for blurring views without changing the pose?
+
+    python bench/reward_probe.py --run-dir runs/demo --models base drpose
+
+Scores edited views of the bench with the reward (PoseScore of posescore/) and with the pose reader
+(pose_reader/: its 2D joint error per view, px). The edits keep the front view and change only the
+five other views:
+    blur sides      a Gaussian blur (skimage.filters.gaussian, sigma --sigma px) of colour and normal:
+                    the same pose, less certain
+    other subject   the side views of the next bench subject: sharp, but the wrong pose
+A reward that ranks "blur sides" above the sharp originals rewards uncertainty: a generator pushed
+up such a reward can gain by blurring views it cannot get right (README, "reward hacking").
+Reads <run-dir>/data/bench/, recon/<model>/ (views.npz), posescore/ and pose_reader/."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import posescore  # noqa: E402
+from prepare_data import from_uint8, load_split, views_to_latents  # noqa: E402
+
+
+def blur_sides(views: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(N, V, C, H, W) in [-1, 1] -> the same with views 1.. blurred over H, W."""
+    from skimage.filters import gaussian
+
+    out = views.clone()
+    side = views[:, 1:].numpy()
+    out[:, 1:] = torch.from_numpy(gaussian(side, sigma=(0, 0, 0, sigma, sigma), mode="nearest",
+                                           preserve_range=True)).to(views.dtype)
+    return out
+
+
+def other_sides(views: torch.Tensor) -> torch.Tensor:
+    out = views.clone()
+    out[:, 1:] = views.roll(1, 0)[:, 1:]
+    return out
+
+
+def scores(views: torch.Tensor, joints: torch.Tensor, reward_ctx, reader_ctx) -> tuple[float, float]:
+    with torch.no_grad():
+        reward, _ = posescore.posescore(views, {"joints": joints}, reward_ctx)
+        keypoints, _ = posescore.keypoints(views, {"joints": joints}, reader_ctx)
+    return reward.mean().item(), (-keypoints * reader_ctx.resolution).mean().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--models", nargs="*", default=["base", "drpose"])
+    parser.add_argument("--sigma", type=float, default=2.0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    bench = load_split(args.run_dir / "data/bench/bench.npz", expect_keys=("color", "normal", "joints"))
+    gt = views_to_latents(from_uint8(bench["color"]), from_uint8(bench["normal"]))
+    joints = torch.from_numpy(bench["joints"]).float()
+    reward_ctx = posescore.load_reward_context(args.run_dir / "posescore")
+    reader_ctx = posescore.load_reward_context(args.run_dir / "pose_reader")
+    rows = [("GT renders", gt), (f"GT, side views blurred (sigma {args.sigma:g} px)", blur_sides(gt, args.sigma)),
+            ("GT, side views of another subject", other_sides(gt))]
+    for tag in args.models:
+        folder = args.run_dir / "recon" / tag
+        views = torch.stack([torch.from_numpy(np.load(folder / f"{i:05d}" / "views.npz")["latents"])
+                             for i in range(len(gt))])
+        rows += [(f"{tag} views", views), (f"{tag}, side views blurred", blur_sides(views, args.sigma))]
+    print(f"{len(gt)} bench subjects, {args.run_dir}")
+    print("| views | PoseScore (reward, higher is better) | view joint error, pose reader (px, lower is better) |")
+    print("|---|---|---|")
+    for name, views in rows:
+        reward, error = scores(views, joints, reward_ctx, reader_ctx)
+        print(f"| {name} | {reward:.4f} | {error:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
