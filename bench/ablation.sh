@@ -3,21 +3,21 @@
 # and evaluated against base on the bench, then one table (mean ± std over seeds of the bench means).
 # Needs a finished `make demo` (RUN=runs/demo). About 4 CPU minutes a run; JOBS=2 runs two at once
 # with one thread each (two 2-thread jobs on 2 cores thrash: measured 4x slower per step).
-# Usage: [SEEDS="0"] [MAIN_SEEDS="0 1 2"] [JOBS=2] [ONLY="drtune draft"] bash bench/ablation.sh
-# (the first row, the DrPose default, runs MAIN_SEEDS; every other row SEEDS); writes $RUN/ablation.md.
+# Usage: [JOBS=2] [SEEDS="0"] [ONLY="drtune draft"] bash bench/ablation.sh; writes $RUN/ablation.md.
+# Each row is name:seeds:flags; SEEDS, when set, replaces every row's seeds.
 set -euo pipefail
-RUN=${RUN:-runs/demo}; PY=${PYTHON:-.venv/bin/python}; SEEDS=${SEEDS:-0}; MAIN_SEEDS=${MAIN_SEEDS:-0 1 2}
-JOBS=${JOBS:-1}; ONLY=${ONLY:-}
+RUN=${RUN:-runs/demo}; PY=${PYTHON:-.venv/bin/python}; JOBS=${JOBS:-1}; ONLY=${ONLY:-}
 ROWS=(
-  "drtune:--method drtune --grad-steps 2 --kl-weight 0.01"
-  "draft:--method draft --grad-steps 2"
-  "alignprop:--method alignprop"
-  "drtune_K1:--method drtune --grad-steps 1"
-  "drtune_kl1:--method drtune --kl-weight 1.0"
-  "drtune_kl10:--method drtune --kl-weight 10.0"
-  "drtune_lr5e-4:--method drtune --lr 5e-4"
-  "keypoints:--reward keypoints"
-  "posescore_dice:--reward posescore_dice"
+  "drtune:0 1 2:--method drtune --grad-steps 2 --kl-weight 0.01"
+  "draft:0:--method draft --grad-steps 2"
+  "alignprop:0:--method alignprop"
+  "drtune_K1:0:--method drtune --grad-steps 1"
+  "drtune_m0:0:--method drtune --early-stop-max 0"
+  "drtune_kl1:0:--method drtune --kl-weight 1.0"
+  "drtune_kl10:0:--method drtune --kl-weight 10.0"
+  "drtune_lr5e-4:0:--method drtune --lr 5e-4"
+  "keypoints:0 1 2:--reward keypoints"
+  "posescore_dice:0:--reward posescore_dice"
 )
 [ "$JOBS" -gt 1 ] && export OMP_NUM_THREADS=1
 one() {  # name seed flags...: fine-tune, then reconstruct with the pose reader (both resume if done)
@@ -32,12 +32,11 @@ one() {  # name seed flags...: fine-tune, then reconstruct with the pose reader 
 mkdir -p $RUN/ablation
 models=()
 for row in "${ROWS[@]}"; do
-  name=${row%%:*}; flags=${row#*:}
+  IFS=: read -r name seeds flags <<< "$row"
   [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]] && continue
-  seeds=$SEEDS; [ "$row" = "${ROWS[0]}" ] && seeds=$MAIN_SEEDS
-  for seed in $seeds; do
+  for seed in ${SEEDS:-$seeds}; do
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
-    one $name $seed $flags &
+    one $name $seed $flags &  # word-split flags on purpose
     models+=(${name}_s$seed)
   done
 done
