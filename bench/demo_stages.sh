@@ -20,7 +20,7 @@ for stage in "${STAGES[@]}"; do
   make --no-print-directory RUN=$RUN "$@" "${stage#*:}" > $RUN.stage.log 2>&1 || { cat $RUN.stage.log; exit 1; }
   lines+=("${stage%%:*}: $(( $(date +%s) - t )) s")
 done
-tail -n 16 $RUN.stage.log  # the results table
+tr '\r' '\n' < $RUN.stage.log | grep '^|\|^report:'  # the results table, without progress bars
 rm -f $RUN.stage.log
 printf '%s\n' "${lines[@]}"
 echo "total: $(( $(date +%s) - start )) s ($(nproc) cores, $(python3 -c 'import platform; print(platform.processor() or platform.machine())'))"
