@@ -340,13 +340,13 @@ def score_model(args: Args, bench: dict, recon: dict, count: int, run_dir: Path,
 
 
 # What a g_skel network reads off the generated views: metric -> (folder under the run, reward in
-# posescore.REWARDS, factor from reward to metric). PoseScore uses the reward's own network, so it
-# measures what DrPose optimised; the view joint error uses the pose reader, a network trained
-# apart (broad poses in any orientation, another seed), so it measures pose without being the
-# target (keypoints' reward is minus the error as a fraction of the width: times -resolution is px).
+# posescore.REWARDS, reward -> metric). PoseScore uses the reward's own network, so it measures what
+# DrPose optimised; the view joint error uses the pose reader, a network trained apart (broad poses
+# in any orientation, another seed), so it measures pose without being the target (keypoints'
+# reward is minus the error as a fraction of the width: times -resolution is pixels).
 NETWORK_METRICS = {
-    "posescore": ("posescore", "posescore", 1.0),
-    "view_joint_error_px": ("pose_reader", "keypoints", "-resolution"),
+    "posescore": ("posescore", "posescore", lambda reward, ctx: reward),
+    "view_joint_error_px": ("pose_reader", "keypoints", lambda reward, ctx: -reward * ctx.resolution),
 }
 
 
@@ -360,13 +360,12 @@ def network_scores(args: Args, latents: dict[str, np.ndarray], bench: dict, coun
     gt_latents = views_to_latents(from_uint8(bench["color"][:count]), from_uint8(bench["normal"][:count]))
     joints = torch.from_numpy(bench["joints"][:count]).float()
     out = {}
-    for metric, (name, reward, factor) in NETWORK_METRICS.items():
+    for metric, (name, reward, to_metric) in NETWORK_METRICS.items():
         folder = args.run_dir / name
         if not folder.exists():
             print(f"{METRICS[metric][0]} skipped: {folder} not found (see README, stages)")
             continue
         ctx = posescore.load_reward_context(folder, args.device)
-        scale = -ctx.resolution if factor == "-resolution" else factor
         out[metric] = {}
         for tag, views in list(latents.items()) + [("gt", gt_latents.numpy())]:
             values = []
@@ -375,7 +374,7 @@ def network_scores(args: Args, latents: dict[str, np.ndarray], bench: dict, coun
                 with torch.no_grad():
                     rewards, _ = posescore.REWARDS[reward](
                         torch.as_tensor(views[start:start + 16]).float().to(args.device), batch, ctx)
-                values.append(scale * rewards.detach().float().cpu().numpy())
+                values.append(to_metric(rewards.detach().float().cpu().numpy(), ctx))
             out[metric][tag] = np.concatenate(values)
     return out
 

@@ -299,6 +299,16 @@ def _check_joints(joints) -> None:
         raise UserError("joints hold NaN or Inf")
 
 
+def maps_and_bce(views: torch.Tensor, batch: dict, ctx: RewardContext):
+    """g_skel's logits (B, V, K, H, W) of the views, the target maps S(theta) of batch['joints']
+    (same shape) and their per-pixel BCE averaged over pixels (B, V, K)."""
+    joints = check_reward_inputs(views, batch, ctx)
+    logits = gskel_logits(ctx.gskel, views.to(ctx.device))
+    target = skeleton_maps(joints.to(ctx.device, logits.dtype), ctx.resolution, ctx.width)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((-2, -1))
+    return logits, target, bce
+
+
 def posescore(views: torch.Tensor, batch: dict, ctx: RewardContext):
     """The paper's reward: -BCE(g_skel(views), S(theta)), mean over views, bones and pixels.
 
@@ -306,10 +316,7 @@ def posescore(views: torch.Tensor, batch: dict, ctx: RewardContext):
     view_<azimuth> (B,) and bones_<group> (B,), each the same -BCE restricted to that view or
     bone group (and `perceptual` when ctx has one). A perfect match scores -H(S), not 0: BCE of
     soft targets bottoms out at their entropy; only differences between poses matter."""
-    joints = check_reward_inputs(views, batch, ctx)
-    logits = gskel_logits(ctx.gskel, views.to(ctx.device))  # (B, V, K, H, W)
-    target = skeleton_maps(joints.to(ctx.device, logits.dtype), ctx.resolution, ctx.width)
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((-2, -1))  # (B, V, K)
+    logits, target, bce = maps_and_bce(views, batch, ctx)
     rewards = -bce.mean((1, 2))
     parts = {f"view_{az:03d}": -bce[:, v].mean(1) for v, az in enumerate(VIEW_AZIMUTHS)}
     parts |= {f"bones_{name}": -bce[:, :, bones].mean((1, 2)) for name, bones in BONE_GROUPS.items()}
@@ -347,10 +354,7 @@ DICE_WEIGHT = 0.3
 
 def posescore_dice(views: torch.Tensor, batch: dict, ctx: RewardContext):
     """PoseScore with an overlap term: -(BCE + DICE_WEIGHT * (1 - soft Dice)) of g_skel's maps."""
-    joints = check_reward_inputs(views, batch, ctx)
-    logits = gskel_logits(ctx.gskel, views.to(ctx.device))  # (B, V, K, H, W)
-    target = skeleton_maps(joints.to(ctx.device, logits.dtype), ctx.resolution, ctx.width)
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((-2, -1))  # (B, V, K)
+    logits, target, bce = maps_and_bce(views, batch, ctx)
     dice = soft_dice(torch.sigmoid(logits), target)  # (B, V, K)
     rewards = -bce.mean((1, 2)) - DICE_WEIGHT * (1 - dice.mean((1, 2)))
     parts = {"bce": -bce.mean((1, 2)), "dice": dice.mean((1, 2))}
