@@ -368,14 +368,9 @@ def network_scores(args: Args, latents: dict[str, np.ndarray], bench: dict, coun
         ctx = posescore.load_reward_context(folder, args.device)
         out[metric] = {}
         for tag, views in list(latents.items()) + [("gt", gt_latents.numpy())]:
-            values = []
-            for start in range(0, count, 16):  # small batches keep a full-preset bench within memory
-                batch = {"joints": joints[start:start + 16].to(args.device)}
-                with torch.no_grad():
-                    rewards, _ = posescore.REWARDS[reward](
-                        torch.as_tensor(views[start:start + 16]).float().to(args.device), batch, ctx)
-                values.append(to_metric(rewards.detach().float().cpu().numpy(), ctx))
-            out[metric][tag] = np.concatenate(values)
+            rewards, _ = posescore.reward_in_chunks(posescore.REWARDS[reward], torch.as_tensor(views).float().to(args.device),
+                                                    joints.to(args.device), ctx)  # chunks of 16: a full bench fits
+            out[metric][tag] = to_metric(rewards.float().numpy(), ctx)
     return out
 
 

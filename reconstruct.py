@@ -724,7 +724,7 @@ def reconstruct_all(args: Args) -> Path:
     recipe = dict(model=str(resolve_model(args)) if generate else None, seed=args.seed,
                   resolution=int(inputs["image"].shape[-1]), source=inputs["source"],
                   views="generated" if generate else "oracle" if args.oracle else str(args.views_from),
-                  skeleton=args.skeleton, reader=str(reader) if args.skeleton == "reader" else None,
+                  skeleton=args.skeleton, reader=str(reader) if reader else None,
                   fit_steps=args.fit_steps, carve_steps=args.carve_steps)
     if (out / "manifest.json").exists():
         old = json.loads((out / "manifest.json").read_text())

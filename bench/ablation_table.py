@@ -7,8 +7,12 @@ import json
 import re
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from evaluate import metric_label  # noqa: E402
 
 COLUMNS = ("view_joint_error_px", "mpjpe_mm", "mask_iou", "posescore", "ssim_color", "chamfer_cm")
 
@@ -18,8 +22,7 @@ def main(path: str) -> None:
     groups = defaultdict(list)
     for tag, metrics in results["models"].items():
         groups[re.sub(r"_s\d+$", "", tag)].append(metrics)
-    labels = [f"{results['metrics'][c]['label']}{' (' + results['metrics'][c]['unit'] + ')' if results['metrics'][c]['unit'] else ''}"
-              f" {'↓' if results['metrics'][c]['better'] == 'lower' else '↑'}" for c in COLUMNS]
+    labels = [metric_label(column, results) for column in COLUMNS]
     print("| setting | seeds | " + " | ".join(labels) + " |")
     print("|---|---|" + "---|" * len(COLUMNS))
     for name, runs in groups.items():

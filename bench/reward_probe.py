@@ -16,11 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import posescore  # noqa: E402
+from evaluate import NETWORK_METRICS  # noqa: E402
 from prepare_data import from_uint8, load_split, views_to_latents  # noqa: E402
 
 
@@ -42,10 +42,13 @@ def other_sides(views: torch.Tensor) -> torch.Tensor:
 
 
 def scores(views: torch.Tensor, joints: torch.Tensor, reward_ctx, reader_ctx) -> tuple[float, float]:
-    with torch.no_grad():
-        reward, _ = posescore.posescore(views, {"joints": joints}, reward_ctx)
-        keypoints, _ = posescore.keypoints(views, {"joints": joints}, reader_ctx)
-    return reward.mean().item(), (-keypoints * reader_ctx.resolution).mean().item()
+    """Mean PoseScore (reward g_skel) and mean view joint error (reader, px), as evaluate.py has them."""
+    values = []
+    for metric, ctx in (("posescore", reward_ctx), ("view_joint_error_px", reader_ctx)):
+        _, reward, to_metric = NETWORK_METRICS[metric]
+        rewards, _ = posescore.reward_in_chunks(posescore.REWARDS[reward], views, joints, ctx)
+        values.append(float(to_metric(rewards, ctx).mean()))
+    return values[0], values[1]
 
 
 def main() -> None:
@@ -63,9 +66,8 @@ def main() -> None:
     rows = [("GT renders", gt), (f"GT, side views blurred (sigma {args.sigma:g} px)", blur_sides(gt, args.sigma)),
             ("GT, side views of another subject", other_sides(gt))]
     for tag in args.models:
-        folder = args.run_dir / "recon" / tag
-        views = torch.stack([torch.from_numpy(np.load(folder / f"{i:05d}" / "views.npz")["latents"])
-                             for i in range(len(gt))])
+        views, _, _ = posescore.read_scored_views(posescore.ScoreArgs(views_dir=args.run_dir / "recon" / tag,
+                                                                      run_dir=args.run_dir))
         rows += [(f"{tag} views", views), (f"{tag}, side views blurred", blur_sides(views, args.sigma))]
     print(f"{len(gt)} bench subjects, {args.run_dir}")
     print("| views | PoseScore (reward, higher is better) | view joint error, pose reader (px, lower is better) |")

@@ -14,6 +14,7 @@ import torch
 import trimesh
 
 import evaluate
+import posescore
 from evaluate import (Args, chamfer_cm, fscore, geometry_metrics, mpjpe_mm, normal_consistency, pa_mpjpe_mm,
                       point_to_surface_cm, procrustes_align, psnr_db, read_reward_log, ssim)
 from prepare_data import UserError, views_to_latents
@@ -257,6 +258,7 @@ def test_posescore_is_used_when_present(tmp_path, monkeypatch):
     fake = types.ModuleType("posescore")
     fake.load_reward_context = lambda folder, device: ("ctx", Path(folder).name, device)
     fake.REWARDS = {"posescore": fake_reward}
+    fake.reward_in_chunks = posescore.reward_in_chunks  # the real batching, around the fake reward
     monkeypatch.setitem(sys.modules, "posescore", fake)
     results = run_eval(run, max_grids=0)
     assert seen["ctx"] == ("ctx", "posescore", "cpu")
@@ -281,6 +283,7 @@ def test_view_joint_error_uses_the_pose_reader_in_pixels(tmp_path, monkeypatch):
     fake = types.ModuleType("posescore")
     fake.load_reward_context = lambda folder, device: types.SimpleNamespace(folder=Path(folder).name, resolution=RES)
     fake.REWARDS = {"keypoints": fake_keypoints}
+    fake.reward_in_chunks = posescore.reward_in_chunks
     monkeypatch.setitem(sys.modules, "posescore", fake)
     data = np.load(run / "data" / "bench" / "bench.npz")
     GT_MEAN = views_to_latents(torch.from_numpy(data["color"]).float() / 255,
