@@ -34,10 +34,10 @@ $(RUN)/posescore/posescore_config.json: $(RUN)/data/bench/manifest.json
 # (--steps 0). `make demo FROM_SCRATCH=1` trains it here instead.
 BASE_INIT := $(if $(FROM_SCRATCH),,--init pretrained/demo_base --steps 0)
 $(RUN)/base/drpose_config.json: $(RUN)/data/bench/manifest.json
-	$(PYTHON) finetune.py pretrain --preset $(PRESET) --run-dir $(RUN) $(if $(filter demo,$(PRESET)),$(BASE_INIT),)
+	$(PYTHON) pretrain.py --preset $(PRESET) --run-dir $(RUN) $(if $(filter demo,$(PRESET)),$(BASE_INIT),)
 
 $(RUN)/drpose/drpose_config.json: $(RUN)/base/drpose_config.json $(RUN)/posescore/posescore_config.json
-	$(PYTHON) finetune.py drpose --preset $(PRESET) --run-dir $(RUN)
+	$(PYTHON) finetune.py --preset $(PRESET) --run-dir $(RUN)
 
 # The pose reader that reconstruction and evaluation read poses with (a g_skel trained apart from the
 # reward, on broad poses in any orientation). By default the demo takes the one our code trained on

@@ -44,9 +44,7 @@ Protocol (also written into results.json):
 
 from __future__ import annotations
 
-import dataclasses
 import html
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +55,10 @@ import torch
 
 from prepare_data import (NUM_BODY_JOINTS, ORTHO_HALF_EXTENT, UserError, VIEW_AZIMUTHS, atomic_write,
                           from_uint8, latents_to_views, load_split, read_manifest, run_cli,
-                          view_rotations, views_to_latents, write_json, with_preset)
-from reconstruct import views_mask
+                          view_rotations, views_mask, views_to_latents, write_json, with_preset)
+import posescore
+from finetune import plot_reward_curve
+from pretrain import psnr
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Args:
     """F-score threshold tau in cm (under one demo pixel of 6.9 cm; see the module docstring)"""
     align: Literal["none", "translation"] = "none"
     """none: meshes share the centred world frame as written; translation: ICP shift first"""
-    posescore: bool = True
+    network_metrics: bool = True
     """also score the generated views with the networks: PoseScore (run_dir/posescore/) and the view
     joint error (run_dir/pose_reader/), each when its folder exists"""
     max_grids: int | None = None
@@ -230,12 +230,6 @@ def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
 
 # --- appearance metrics ----------------------------------------------------------------------------
 
-def psnr_db(pred: np.ndarray, gt: np.ndarray) -> float:
-    """PSNR (dB) of images in [0, 1], one MSE over every view, channel and pixel (capped at 100 dB)."""
-    mse = float(np.mean((pred.astype(np.float64) - gt.astype(np.float64)) ** 2))
-    return 10 * math.log10(1 / max(mse, 1e-10))
-
-
 def ssim(pred: np.ndarray, gt: np.ndarray) -> float:
     """Mean SSIM over views of (V, 3, H, W) images in [0, 1]."""
     from skimage.metrics import structural_similarity
@@ -331,9 +325,9 @@ def score_model(args: Args, bench: dict, recon: dict, count: int, run_dir: Path,
             normal_consistency=geometry["normal_consistency"], fscore=geometry["fscore"],
             mpjpe_mm=mpjpe_mm(pred_joints, gt_joints), pa_mpjpe_mm=pa_mpjpe_mm(pred_joints, gt_joints),
             mask_iou=mask_iou(pred_masks[i], bench["mask"][i]),
-            psnr_color_db=psnr_db(color[i].numpy(), gt_color[i].numpy()),
+            psnr_color_db=psnr(color[i][None], gt_color[i][None]).item(),
             ssim_color=ssim(color[i].numpy(), gt_color[i].numpy()),
-            psnr_normal_db=psnr_db(normal[i].numpy(), gt_normal[i].numpy()),
+            psnr_normal_db=psnr(normal[i][None], gt_normal[i][None]).item(),
             ssim_normal=ssim(normal[i].numpy(), gt_normal[i].numpy()),
         ))
     return {name: np.array([row[name] for row in rows]) for name in rows[0]}
@@ -353,10 +347,8 @@ NETWORK_METRICS = {
 def network_scores(args: Args, latents: dict[str, np.ndarray], bench: dict, count: int) -> dict[str, dict]:
     """metric -> {model tag or 'gt' (the GT renders): (N,) values} for each NETWORK_METRICS entry
     whose folder exists (a missing one is skipped with a note, not failed)."""
-    if not args.posescore:
+    if not args.network_metrics:
         return {}
-    import posescore
-
     gt_latents = views_to_latents(from_uint8(bench["color"][:count]), from_uint8(bench["normal"][:count]))
     joints = torch.from_numpy(bench["joints"][:count]).float()
     out = {}
@@ -415,7 +407,7 @@ def summarise(args: Args, per_subject: dict, gt_values: dict, bench: dict, count
                                 "that view, px, over 6 views x 22 joints; a network trained apart from the reward",
             posescore="the reward's PoseScore (posescore/) of the generated views against the GT joints; "
                       "what DrPose optimised, so not an independent judge",
-            mask_iou="mean over 6 views of IoU between the generated views' masks (reconstruct.views_mask) "
+            mask_iou="mean over 6 views of IoU between the generated views' masks (prepare_data.views_mask) "
                      "and the GT render masks",
             psnr="one MSE over 6 views x 3 channels, images in [0, 1], dB",
             ssim="mean over 6 views, skimage 7x7 window, data range 1",
@@ -524,45 +516,6 @@ def plot_scatter(path: Path, results: dict) -> None:
         ax.axis("off")
     fig.tight_layout()
     _save(fig, path)
-
-
-def read_reward_log(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, rewards) from a metrics.jsonl: every line with both 'step' and 'reward'."""
-    steps, rewards = [], []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed run; the rest of the log is still good
-        if "step" in entry and "reward" in entry:
-            steps.append(entry["step"])
-            rewards.append(entry["reward"])
-    return np.array(steps, dtype=float), np.array(rewards, dtype=float)
-
-
-def plot_reward_curve(path: Path, log: Path) -> bool:
-    """The fine-tuning reward per step; False (nothing written) when there is no usable log."""
-    import matplotlib.pyplot as plt
-
-    if not log.exists():
-        return False
-    steps, rewards = read_reward_log(log)
-    if len(steps) == 0:
-        return False
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(steps, rewards, lw=0.8, alpha=0.5, label="reward")
-    if len(rewards) >= 10:  # a running mean makes the trend readable through per-batch noise
-        width = max(len(rewards) // 20, 5)
-        smooth = np.convolve(rewards, np.ones(width) / width, mode="valid")
-        ax.plot(steps[width - 1:], smooth, lw=1.5, label=f"mean of {width}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("PoseScore reward (higher is better)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
-    return True
 
 
 # --- per-subject image grids -----------------------------------------------------------------------
@@ -680,7 +633,7 @@ def main(args: Args) -> dict:
     # --- plots, grids, report ---
     figures = {"Metrics": "metrics.png"}
     plot_metrics(out / "metrics.png", results)
-    if plot_reward_curve(out / "reward_curve.png", args.run_dir / "drpose" / "metrics.jsonl"):
+    if plot_reward_curve(args.run_dir / "drpose" / "metrics.jsonl", out / "reward_curve.png"):
         figures["Fine-tuning reward"] = "reward_curve.png"
     if len(recons) > 1:
         plot_scatter(out / "scatter.png", results)

@@ -256,6 +256,16 @@ def latents_to_views(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return images[:, :, :3], images[:, :, 3:]
 
 
+MASK_THRESHOLD = 0.8  # a pixel is foreground when its encoded normal's smallest channel is below this
+
+
+def views_mask(latents: torch.Tensor) -> torch.Tensor:
+    """(..., 6, H, W) view latents -> (..., H, W) {0, 1} foreground, read off the normal channels (the
+    background's encoded normal is (1, 1, 1), which no unit normal has)."""
+    normal = (latents[..., 3:, :, :] + 1) / 2
+    return (normal.amin(-3) < MASK_THRESHOLD).float()
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 

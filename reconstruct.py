@@ -7,7 +7,7 @@
     python reconstruct.py --views-from runs/demo/recon/base --tag refit   # re-fit given views
 
 PSHuman's reconstruction, which DrPose reuses, made CPU-sized:
-  1. views   finetune.sample_views turns the (cropped, centred) image into six colour + normal
+  1. views   pretrain.sample_views turns the (cropped, centred) image into six colour + normal
              views; the noise comes from a torch.Generator seeded per sample, so base and drpose
              see identical noise for subject i.
   2. body    SMPL-X global_orient, body_pose, betas, a scale and a translation are fitted so that
@@ -41,7 +41,6 @@ person at about 0.8), centred, composited on white and area-resampled to the mod
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -57,7 +56,10 @@ from prepare_data import (BACKGROUND, NUM_BODY_JOINTS, NUM_VIEWS, ORTHO_HALF_EXT
                           VIEW_AZIMUTHS, UserError, atomic_dir, body_forward, body_joints, contact_sheet,
                           from_uint8, latents_to_views, load_body_model, load_split, read_manifest,
                           render_views, run_cli, to_uint8, vertex_normals, view_rotations, views_to_latents,
-                          views_to_pixels, world_to_views, write_json, with_preset)
+                          views_mask, views_to_pixels, world_to_views, write_json, with_preset)
+import posescore
+from posescore import draw_bones, gskel_logits, joints_from_maps, project_joints, skeleton_maps
+from pretrain import load_model, sample_views
 
 
 @dataclass
@@ -70,7 +72,7 @@ class Args:
     run_dir: Path = Path("runs/demo")
     """the run folder: reads body/, pose_reader/, the model and data/bench/; writes recon/<tag>/"""
     model: str = "base"
-    """a model folder, or a name under --run-dir (base, drpose); loaded by finetune.load_model"""
+    """a model folder, or a name under --run-dir (base, drpose); loaded by pretrain.load_model"""
     input: Path | None = None
     """an image file (png with alpha, or a plain background) or a dataset folder such as
     data/bench/ (default: <run-dir>/data/bench)"""
@@ -121,7 +123,6 @@ PRESETS = {
 
 FOREGROUND_FRACTION = 0.8  # the longer side of the person's box, as a fraction of the image side
 MIN_IMAGE_SIDE = 16  # pixels: anything smaller holds no pose
-MASK_THRESHOLD = 0.8  # a pixel is foreground when its encoded normal's smallest channel is below this
 # (a unit normal has a component <= 1/sqrt(3), so encoded <= 0.79; white background is 1; 0.8 best
 # matches the renders' coverage >= 0.5 masks on the demo bench: 99% of pixels agree)
 SKELETON_WIDTH = 1.0  # line width (px) of the ideal maps when no g_skel config says otherwise
@@ -212,12 +213,6 @@ def _dataset_file(folder: Path, made_by: str) -> Path:
     if len(found) != 1:
         raise UserError(f"{folder} holds {len(found)} npz files and no bench.npz; pass the npz itself as --input")
     return found[0]
-
-
-def views_mask(latents: torch.Tensor) -> torch.Tensor:
-    """(..., 6, H, W) view latents -> (..., H, W) {0, 1} foreground, read off the normal channels."""
-    normal = (latents[..., 3:, :, :] + 1) / 2
-    return (normal.amin(-3) < MASK_THRESHOLD).float()
 
 
 # --- body fit: skeleton maps, triangulation, analytic IK, Adam ----------------------------------------
@@ -404,8 +399,6 @@ def fit_body(body, maps: torch.Tensor, mask: torch.Tensor, args: Args, width: fl
     squared distance over 2 width^2) and the loss is least at S = target; plus the silhouette term
     (weight 0.1: the skeleton decides the pose, the silhouette the girth); plus weak priors on
     pose, shape and scale. Returns params {name: tensor (1, ...)} and world joints (55, 3)."""
-    from posescore import draw_bones, joints_from_maps, project_joints
-
     res = maps.shape[-1]
     weights = torch.tensor(args.view_weights, dtype=torch.float32)
     joints2d = joints_from_maps(maps[None])[0]  # (V, 22, 2)
@@ -595,8 +588,6 @@ def colour_vertices(vertices: torch.Tensor, faces: torch.Tensor, latents: torch.
 def skeleton_targets(latents: torch.Tensor, gskel_ctx, joints: torch.Tensor | None) -> tuple[torch.Tensor, float]:
     """(V, K, H, W) maps in [0, 1] to fit to, and their line width: g_skel's maps of the views, or
     (ideal) the maps of the GT joints."""
-    from posescore import gskel_logits, skeleton_maps
-
     if joints is not None:
         return skeleton_maps(joints[None], latents.shape[-1], SKELETON_WIDTH)[0], SKELETON_WIDTH
     with torch.no_grad():
@@ -690,8 +681,6 @@ def main(args: Args) -> Path:
 def reconstruct_all(args: Args) -> Path:
     from tqdm import tqdm
 
-    import finetune
-    import posescore
 
     if args.oracle and args.views_from is not None:
         raise UserError("--oracle and --views-from both choose the views; pass one of them")
@@ -703,7 +692,7 @@ def reconstruct_all(args: Args) -> Path:
     unet = config = None
     if generate:
         model_dir = resolve_model(args)
-        unet, config = finetune.load_model(model_dir, args.device)
+        unet, config = load_model(model_dir, args.device)
     inputs = load_inputs(args, config["resolution"] if config else None)
     count = len(inputs["image"]) if args.count is None else min(args.count, len(inputs["image"]))
     gskel_ctx = reader = None
@@ -746,7 +735,7 @@ def reconstruct_all(args: Args) -> Path:
         latents = given_views(args, inputs, i)
         if latents is None:
             generator = torch.Generator().manual_seed(args.seed * 100003 + i)  # same noise for every model
-            latents = finetune.sample_views(unet, image[None].to(args.device), steps, guidance, generator)[0].float().cpu()
+            latents = sample_views(unet, image[None].to(args.device), steps, guidance, generator)[0].float().cpu()
         generate_seconds = time.time() - tick
         gt_joints = torch.from_numpy(inputs["dataset"]["joints"][i]).float() if args.skeleton == "ideal" else None
         result = reconstruct_sample(body, proxy, skinner, latents, args, gskel_ctx, gt_joints)

@@ -17,22 +17,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import finetune as ft  # noqa: E402
+import pretrain  # noqa: E402
 import prepare_data as pd  # noqa: E402
 
 
 def bench(preset: str, device: str, steps: int) -> None:
-    model = ft.PretrainArgs(preset=preset).resolved()
-    run = ft.DrposeArgs(preset=preset).resolved()
+    model = pretrain.Args(preset=preset).resolved()
+    run = ft.Args(preset=preset).resolved()
     res = pd.PRESETS[preset]["resolution"]
     torch.manual_seed(0)
-    unet = ft.build_unet(ft.unet_config(res, model.channels, model.layers_per_block, model.attn_levels, model.heads,
+    unet = pretrain.build_unet(pretrain.unet_config(res, model.channels, model.layers_per_block, model.attn_levels, model.heads,
                                         model.token_dim)).to(device)
     ft.add_lora(unet, run.lora_rank)
     if device.startswith("cuda"):
         unet.enable_gradient_checkpointing()
         torch.cuda.reset_peak_memory_stats()
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=run.lr)
-    alphas = ft.alphas_cumprod().to(device)
+    alphas = pretrain.alphas_cumprod().to(device)
     gen = torch.Generator().manual_seed(0)
     num_steps, times = model.eval_steps, []
     for step in range(steps + 1):  # the first step is a warm-up
@@ -40,7 +41,7 @@ def bench(preset: str, device: str, steps: int) -> None:
         noise = torch.randn(run.batch_size, pd.NUM_VIEWS, 6, res, res, generator=gen).to(device)
         plan = ft.plan_chain("drtune", num_steps, 2, round(0.4 * num_steps), gen)
         start = time.perf_counter()
-        with ft.autocast(torch.device(device)):
+        with pretrain.autocast(torch.device(device)):
             views, kl = ft.sample_with_grad(unet, image, noise, plan, model.guidance, alphas, num_steps, (unet, None))
         loss = ft.drpose_loss(views.mean((1, 2, 3, 4)), kl, 0.01)
         optimizer.zero_grad()

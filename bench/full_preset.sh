@@ -22,7 +22,7 @@ if [ "$1" = a ]; then
   # (bench/results/full_preset_a.log), keeping 100 s for the evaluation
   STEPS=${PRETRAIN_STEPS:-$(python3 -c "print(max(200, int(($(left) - 100) / 0.30) // 100 * 100))")}
   echo "pretrain steps $STEPS"
-  python3 finetune.py pretrain --preset full --run-dir $RUN --device cuda --steps $STEPS --num-eval ${NUM_EVAL:-30} \
+  python3 pretrain.py --preset full --run-dir $RUN --device cuda --steps $STEPS --num-eval ${NUM_EVAL:-30} \
     --checkpoint-every 100000 --val-every 500 --log-every 50
   echo "TIME pretrain $(( $(date +%s) - t0 )) s"
   cp $RUN/base/val_metrics.json $OUT/base_val_metrics.json; cp $RUN/base/samples_bench.png $OUT/
@@ -33,7 +33,7 @@ else
   echo "TIME recon base $(( $(date +%s) - t0 )) s"
   for seed in ${SEEDS:-0 1 2}; do
     [ $(left) -lt ${SEED_S:-150} ] && { echo "SKIP seed $seed: $(left) s left"; continue; }
-    python3 finetune.py drpose --preset full --run-dir $RUN --device cuda --seed $seed --steps $DRPOSE_STEPS \
+    python3 finetune.py --preset full --run-dir $RUN --device cuda --seed $seed --steps $DRPOSE_STEPS \
       --batch-size $DRPOSE_BATCH --out $RUN/drpose_s$seed --eval-every 100 --num-eval 16
     echo "TIME drpose seed $seed $(( $(date +%s) - t0 )) s"
     python3 reconstruct.py --preset ${RECON_PRESET:-demo} --run-dir $RUN --model $RUN/drpose_s$seed --tag drpose_s$seed --count $COUNT --device cuda

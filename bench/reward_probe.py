@@ -1,8 +1,9 @@
 """Probe a reward for hedging: does it pay for blurring views without changing the pose?
 
-    python bench/reward_probe.py --run-dir runs/demo --models base drpose
+    python bench/reward_probe.py --run-dir runs/demo --models base drpose [--reward NAME]
 
-Scores edited views of the bench with the reward (PoseScore of posescore/) and with the pose reader
+Scores edited views of the bench with the reward (`--reward`, any name in posescore.REWARDS, default
+the paper's PoseScore, on the g_skel of posescore/ or --posescore-dir) and with the pose reader
 (pose_reader/: its 2D joint error per view, px). The edits keep the front view and change only the
 five other views:
     blur sides      a Gaussian blur (skimage.filters.gaussian, sigma --sigma px) of colour and normal:
@@ -41,14 +42,12 @@ def other_sides(views: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def scores(views: torch.Tensor, joints: torch.Tensor, reward_ctx, reader_ctx) -> tuple[float, float]:
-    """Mean PoseScore (reward g_skel) and mean view joint error (reader, px), as evaluate.py has them."""
-    values = []
-    for metric, ctx in (("posescore", reward_ctx), ("view_joint_error_px", reader_ctx)):
-        _, reward, to_metric = NETWORK_METRICS[metric]
-        rewards, _ = posescore.reward_in_chunks(posescore.REWARDS[reward], views, joints, ctx)
-        values.append(float(to_metric(rewards, ctx).mean()))
-    return values[0], values[1]
+def scores(views: torch.Tensor, joints: torch.Tensor, reward: str, reward_ctx, reader_ctx) -> tuple[float, float]:
+    """Mean reward (reward g_skel) and mean view joint error (reader, px, as evaluate.py has it)."""
+    rewards, _ = posescore.reward_in_chunks(posescore.REWARDS[reward], views, joints, reward_ctx)
+    _, reader_reward, to_metric = NETWORK_METRICS["view_joint_error_px"]
+    errors, _ = posescore.reward_in_chunks(posescore.REWARDS[reader_reward], views, joints, reader_ctx)
+    return float(rewards.mean()), float(to_metric(errors, reader_ctx).mean())
 
 
 def main() -> None:
@@ -56,12 +55,16 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
     parser.add_argument("--models", nargs="*", default=["base", "drpose"])
     parser.add_argument("--sigma", type=float, default=2.0)
+    parser.add_argument("--reward", default="posescore", help="a name in posescore.REWARDS")
+    parser.add_argument("--posescore-dir", type=Path, default=None, help="the reward's g_skel (default <run-dir>/posescore)")
     args = parser.parse_args()
+    if args.reward not in posescore.REWARDS:
+        parser.error(f"--reward {args.reward} is not one of {sorted(posescore.REWARDS)}")
     torch.set_num_threads(1)
     bench = load_split(args.run_dir / "data/bench/bench.npz", expect_keys=("color", "normal", "joints"))
     gt = views_to_latents(from_uint8(bench["color"]), from_uint8(bench["normal"]))
     joints = torch.from_numpy(bench["joints"]).float()
-    reward_ctx = posescore.load_reward_context(args.run_dir / "posescore")
+    reward_ctx = posescore.load_reward_context(args.posescore_dir or args.run_dir / "posescore")
     reader_ctx = posescore.load_reward_context(args.run_dir / "pose_reader")
     rows = [("GT renders", gt), (f"GT, side views blurred (sigma {args.sigma:g} px)", blur_sides(gt, args.sigma)),
             ("GT, side views of another subject", other_sides(gt))]
@@ -70,10 +73,10 @@ def main() -> None:
                                                                       run_dir=args.run_dir))
         rows += [(f"{tag} views", views), (f"{tag}, side views blurred", blur_sides(views, args.sigma))]
     print(f"{len(gt)} bench subjects, {args.run_dir}")
-    print("| views | PoseScore (reward, higher is better) | view joint error, pose reader (px, lower is better) |")
+    print(f"| views | {args.reward} (reward, higher is better) | view joint error, pose reader (px, lower is better) |")
     print("|---|---|---|")
     for name, views in rows:
-        reward, error = scores(views, joints, reward_ctx, reader_ctx)
+        reward, error = scores(views, joints, args.reward, reward_ctx, reader_ctx)
         print(f"| {name} | {reward:.4f} | {error:.2f} |")
 
 

@@ -1,4 +1,4 @@
-"""DrPose fine-tuning (finetune.py drpose): where gradients go, which U-Net calls are in the graph,
+"""DrPose fine-tuning (finetune.py): where gradients go, which U-Net calls are in the graph,
 the KL term, that the loop optimises a reward, and exact resume. Tiny models at 16 px on the CPU."""
 
 from types import SimpleNamespace
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import finetune as ft
+import pretrain
 import posescore
 import prepare_data as pd
 
@@ -32,12 +33,12 @@ def run(tmp_path, monkeypatch):
     pd.write_json(folder / "data/drpose/manifest.json", {"files": {"pairs.npz": count}, "resolution": RES,
                                                         "views": list(pd.VIEW_AZIMUTHS)})
     torch.manual_seed(0)
-    unet = ft.build_unet(ft.unet_config(RES, (16, 32), 1, 1, 2, 16))
-    record = dict(resolution=RES, num_views=pd.NUM_VIEWS, scheduler=ft.SCHEDULER,
+    unet = pretrain.build_unet(pretrain.unet_config(RES, (16, 32), 1, 1, 2, 16))
+    record = dict(resolution=RES, num_views=pd.NUM_VIEWS, scheduler=pretrain.SCHEDULER,
                   sampling=dict(sampler="ddim", num_steps=4, guidance=1.5))
-    ft.save_model(folder / "base", unet, record)
+    pretrain.save_model(folder / "base", unet, record)
     monkeypatch.setitem(posescore.REWARDS, "brightness", brightness)
-    monkeypatch.setattr(posescore, "load_reward_context", lambda path, device="cpu": SimpleNamespace(resolution=RES))
+    monkeypatch.setattr(posescore, "load_reward_context", lambda path, device="cpu", *extra: SimpleNamespace(resolution=RES))
     return folder
 
 
@@ -45,11 +46,11 @@ def tiny_args(run, **kw):
     base = dict(run_dir=run, reward="brightness", steps=4, batch_size=2, lr=1e-2, warmup_steps=1, lora_rank=4,
                 num_steps=4, grad_steps=2, early_stop_max=2, log_every=1, eval_every=100, num_eval=0,
                 checkpoint_every=2, device="cpu")
-    return ft.DrposeArgs(**(base | kw))
+    return ft.Args(**(base | kw))
 
 
 def lora_model(run):
-    unet, config = ft.load_model(run / "base")
+    unet, config = pretrain.load_model(run / "base")
     ft.add_lora(unet, 4)
     return unet, config
 
@@ -63,7 +64,7 @@ def test_gradients_reach_exactly_the_lora_parameters(run):
     unet, config = lora_model(run)
     unet.train()
     image, noise = one_batch()
-    alphas = ft.alphas_cumprod(config)
+    alphas = pretrain.alphas_cumprod(config)
     plan = ft.ChainPlan(stop=3, grad_steps=(0, 2), detach_input=True)
     views, kl = ft.sample_with_grad(unet, image, noise, plan, 1.5, alphas, 4, (unet, None))
     rewards, _ = brightness(views, {}, None)
@@ -93,14 +94,14 @@ def test_drtune_keeps_exactly_k_unet_calls_in_the_graph_with_detached_inputs(run
     image, noise = one_batch()
     gen = torch.Generator().manual_seed(3)
     plan = ft.plan_chain("drtune", 10, 3, 4, gen)
-    ft.sample_with_grad(unet, image, noise, plan, 1.5, ft.alphas_cumprod(config), 10, (unet, None))
+    ft.sample_with_grad(unet, image, noise, plan, 1.5, pretrain.alphas_cumprod(config), 10, (unet, None))
     handle.remove()
     in_graph = [c for c in calls if c["grad"]]
     assert len(in_graph) == 3 == len(plan.grad_steps)
     assert not any(c["input_requires_grad"] for c in calls)  # every U-Net input is detached
     # executed steps + one frozen (no-grad) call per grad step for the KL term
     assert len(calls) == plan.stop + 1 + len(plan.grad_steps)
-    steps = ft.ddim_timesteps(10)
+    steps = pretrain.ddim_timesteps(10)
     assert [c["t"] for c in in_graph] == [steps[i] for i in plan.grad_steps]
 
 
@@ -122,16 +123,16 @@ def test_draft_keeps_only_the_last_k_steps(run):
     calls, handle = count_unet_calls(unet)
     image, noise = one_batch()
     plan = ft.plan_chain("draft", 6, 2, 0, torch.Generator())
-    ft.sample_with_grad(unet, image, noise, plan, 1.0, ft.alphas_cumprod(config), 6, (unet, None))
+    ft.sample_with_grad(unet, image, noise, plan, 1.0, pretrain.alphas_cumprod(config), 6, (unet, None))
     handle.remove()
-    steps = ft.ddim_timesteps(6)
+    steps = pretrain.ddim_timesteps(6)
     assert [c["t"] for c in calls if c["grad"]] == steps[-2:]
 
 
 def test_kl_is_zero_before_the_first_update_and_positive_after(run):
     unet, config = lora_model(run)
     image, noise = one_batch()
-    alphas = ft.alphas_cumprod(config)
+    alphas = pretrain.alphas_cumprod(config)
     plan = ft.ChainPlan(stop=3, grad_steps=(1, 3), detach_input=True)
     _, kl = ft.sample_with_grad(unet, image, noise, plan, 1.5, alphas, 4, (unet, None))
     assert torch.equal(kl, torch.zeros(2))
@@ -144,9 +145,9 @@ def test_kl_is_zero_before_the_first_update_and_positive_after(run):
 
 
 def fixed_brightness(folder, config_run):
-    unet, config = ft.load_model(folder)
+    unet, config = pretrain.load_model(folder)
     image, noise = one_batch(seed=9)
-    views = ft.sample_views(unet, image, 4, 1.5, noise=noise, alphas=ft.alphas_cumprod(config))
+    views = pretrain.sample_views(unet, image, 4, 1.5, noise=noise, alphas=pretrain.alphas_cumprod(config))
     return brightness(views, {}, None)[0].mean().item()
 
 
@@ -210,3 +211,32 @@ def test_unknown_reward_and_missing_pairs_are_refused(run):
     (run / "data/drpose/pairs.npz").unlink()
     with pytest.raises(pd.UserError, match="pairs.npz is missing"):
         ft.drpose(tiny_args(run))
+
+
+def test_one_latent_seam_on_both_sampling_paths(run, monkeypatch):
+    """A latent-space fork changes encode/decode only: then the training chain must hand the reward
+    decoded views exactly as `sample_views` does (the full chain, no early stop, gives the same views)."""
+    monkeypatch.setattr(pretrain, "encode", lambda images: images * 0.5)  # non-identity seam
+    monkeypatch.setattr(pretrain, "decode", lambda latents: latents.flip(-1) * 0.8)
+    monkeypatch.setattr(ft, "decode", pretrain.decode)  # finetune imported the name; the fork edits both
+    unet, config = lora_model(run)
+    image, noise = one_batch(seed=3)
+    alphas = pretrain.alphas_cumprod(config)
+    with torch.no_grad():
+        expect = pretrain.sample_views(unet, image, 4, 1.5, noise=noise, alphas=alphas)
+        plan = ft.ChainPlan(stop=3, grad_steps=(3,), detach_input=True)
+        views, _ = ft.sample_with_grad(unet, image, noise, plan, 1.5, alphas, 4, (unet, None))
+    assert torch.allclose(views, expect, atol=1e-5)
+    assert not torch.allclose(views, expect.flip(-1) / 0.8, atol=1e-3)  # the decode really ran
+
+
+def test_perceptual_flags_reach_the_reward_context(run, monkeypatch):
+    seen = {}
+
+    def context(path, device="cpu", lpips_weights=None, perceptual_weight=1.0):
+        seen.update(lpips_weights=lpips_weights, perceptual_weight=perceptual_weight)
+        return SimpleNamespace(resolution=RES)
+
+    monkeypatch.setattr(posescore, "load_reward_context", context)
+    ft.drpose(tiny_args(run, steps=1, lpips_weights=run / "lpips.pt", perceptual_weight=0.3))
+    assert seen == dict(lpips_weights=run / "lpips.pt", perceptual_weight=0.3)

@@ -16,8 +16,10 @@ import trimesh
 import evaluate
 import posescore
 from evaluate import (Args, chamfer_cm, fscore, geometry_metrics, mpjpe_mm, normal_consistency, pa_mpjpe_mm,
-                      point_to_surface_cm, procrustes_align, psnr_db, read_reward_log, ssim)
+                      point_to_surface_cm, procrustes_align, ssim)
+from finetune import read_metrics
 from prepare_data import UserError, views_to_latents
+from pretrain import psnr
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,6 +119,7 @@ def test_mask_iou_of_known_squares():
 
 def test_psnr_of_a_constant_offset_and_ssim_of_constants():
     gt = np.random.default_rng(0).uniform(0, 0.8, size=(6, 3, 16, 16))
+    psnr_db = lambda pred, target: psnr(torch.from_numpy(pred)[None], torch.from_numpy(target)[None]).item()
     assert psnr_db(gt + 0.1, gt) == pytest.approx(20.0)  # MSE 0.01
     assert psnr_db(gt, gt) == pytest.approx(100.0)  # capped, so json never holds Infinity
     assert ssim(gt, gt) == pytest.approx(1.0)
@@ -129,8 +132,8 @@ def test_reward_log_skips_lines_without_reward_and_broken_lines(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 0, "reward": 0.1}\n{"step": 1, "loss": 3}\n{"step": 2, "rew\n'
                    '{"step": 3, "reward": 0.4}\n')
-    steps, rewards = read_reward_log(log)
-    assert steps.tolist() == [0, 3] and rewards.tolist() == [0.1, 0.4]
+    lines = [x for x in read_metrics(log) if "reward" in x]
+    assert [x["step"] for x in lines] == [0, 3] and [x["reward"] for x in lines] == [0.1, 0.4]
 
 
 # --- a fake run folder, exactly as the contract lays it out ----------------------------------------
@@ -259,7 +262,7 @@ def test_posescore_is_used_when_present(tmp_path, monkeypatch):
     fake.load_reward_context = lambda folder, device: ("ctx", Path(folder).name, device)
     fake.REWARDS = {"posescore": fake_reward}
     fake.reward_in_chunks = posescore.reward_in_chunks  # the real batching, around the fake reward
-    monkeypatch.setitem(sys.modules, "posescore", fake)
+    monkeypatch.setattr(evaluate, "posescore", fake)
     results = run_eval(run, max_grids=0)
     assert seen["ctx"] == ("ctx", "posescore", "cpu")
     base, drpose = results["models"]["base"]["posescore"], results["models"]["drpose"]["posescore"]
@@ -284,7 +287,7 @@ def test_view_joint_error_uses_the_pose_reader_in_pixels(tmp_path, monkeypatch):
     fake.load_reward_context = lambda folder, device: types.SimpleNamespace(folder=Path(folder).name, resolution=RES)
     fake.REWARDS = {"keypoints": fake_keypoints}
     fake.reward_in_chunks = posescore.reward_in_chunks
-    monkeypatch.setitem(sys.modules, "posescore", fake)
+    monkeypatch.setattr(evaluate, "posescore", fake)
     data = np.load(run / "data" / "bench" / "bench.npz")
     GT_MEAN = views_to_latents(torch.from_numpy(data["color"]).float() / 255,
                                torch.from_numpy(data["normal"]).float() / 255)[:, :, :3].mean(dim=(1, 2, 3, 4))

@@ -1,4 +1,4 @@
-"""The I2MV model, its sampler and pretraining (finetune.py pretrain): tiny configs, CPU, seconds."""
+"""The I2MV model, its sampler and pretraining (pretrain.py): tiny configs, CPU, seconds."""
 
 import json
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import finetune
-from finetune import (PretrainArgs, alphas_cumprod, build_unet, ddim_step, ddim_timesteps, load_model,
-                      model_output, predict, pretrain, sample_views, set_view_attention, unet_config)
+import pretrain
+from pretrain import (Args, alphas_cumprod, build_unet, ddim_step, ddim_timesteps, load_model,
+                      model_output, predict, sample_views, train_base, set_view_attention, unet_config)
 from prepare_data import NUM_VIEWS, VIEW_AZIMUTHS, UserError
 
 RES = 16
@@ -62,7 +62,7 @@ def tiny_args(run_dir, **kw):
                 attn_levels=1, heads=2, token_dim=16, checkpoint_every=2, log_every=1, val_every=2, num_eval=0,
                 eval_steps=2, device="cpu")
     base.update(kw)
-    return PretrainArgs(**base)
+    return Args(**base)
 
 
 def inputs(batch=1, seed=0):
@@ -139,7 +139,7 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     from diffusers import UNet2DConditionModel
 
     unet = tiny_unet(seed=3)
-    finetune.save_model(tmp_path, unet, dict(num_views=NUM_VIEWS, resolution=RES))
+    pretrain.save_model(tmp_path, unet, dict(num_views=NUM_VIEWS, resolution=RES))
     loaded, config = load_model(tmp_path)
     _, image = inputs()
     a = sample_views(unet, image, 2, 2.0, torch.Generator().manual_seed(0))
@@ -172,16 +172,16 @@ def test_killed_and_resumed_pretraining_matches_an_uninterrupted_run(tmp_path, r
 
     other = tmp_path / "other"
     shutil.copytree(run_dir / "data", other / "data")
-    straight = pretrain(tiny_args(run_dir))
+    straight = train_base(tiny_args(run_dir))
 
     def kill(step):
         if step == 2:
             raise Killed
 
     with pytest.raises(Killed):
-        pretrain(tiny_args(other), hook=kill)
+        train_base(tiny_args(other), hook=kill)
     assert (other / "base_ckpt/step_000002/model.safetensors").exists() and not (other / "base").exists()
-    resumed = pretrain(tiny_args(other, resume=True))
+    resumed = train_base(tiny_args(other, resume=True))
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["conv_in.weight"], weights_after_init(run_dir))  # it did train
@@ -197,18 +197,18 @@ def weights_after_init(run_dir):
 
 
 def test_incompatible_or_broken_checkpoint_is_refused(run_dir):
-    pretrain(tiny_args(run_dir, steps=2))
+    train_base(tiny_args(run_dir, steps=2))
     with pytest.raises(UserError, match="different network"):
-        pretrain(tiny_args(run_dir, steps=4, channels=(8, 24), resume=True))
+        train_base(tiny_args(run_dir, steps=4, channels=(8, 24), resume=True))
     with pytest.raises(UserError, match="data differs"):
-        pretrain(tiny_args(run_dir, steps=4, batch_size=4, resume=True))
+        train_base(tiny_args(run_dir, steps=4, batch_size=4, resume=True))
     (run_dir / "base_ckpt/step_000002/state.json").write_text("{not json")
     with pytest.raises(UserError, match="unreadable"):
-        pretrain(tiny_args(run_dir, steps=4, resume=True))
+        train_base(tiny_args(run_dir, steps=4, resume=True))
 
 
 def test_pretrain_writes_base_with_metrics_and_sheets(run_dir):
-    base = pretrain(tiny_args(run_dir, steps=2, num_eval=2, sheet_subjects=2))
+    base = train_base(tiny_args(run_dir, steps=2, num_eval=2, sheet_subjects=2))
     results = json.loads((base / "val_metrics.json").read_text())
     assert set(results["val"]) >= {"psnr_color", "psnr_normal"} and results["bench"]["count"] == 2
     assert (base / "samples_val.png").exists() and (base / "samples_bench.png").exists()
@@ -216,9 +216,9 @@ def test_pretrain_writes_base_with_metrics_and_sheets(run_dir):
     assert config["resolution"] == RES and config["prediction_type"] == "v_prediction"
     unet, _ = load_model(base)
     assert isinstance(unet.attn_processors[next(k for k in unet.attn_processors if "attn1" in k)],
-                      finetune.MultiViewAttnProcessor)
+                      pretrain.MultiViewAttnProcessor)
 
 
 def test_missing_data_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="prepare_data.py"):
-        pretrain(tiny_args(tmp_path))
+        train_base(tiny_args(tmp_path))

@@ -65,7 +65,7 @@ def trained(run_dir):
 
 @pytest.fixture(scope="session")
 def val(run_dir):
-    return ps.load_views(run_dir / "data" / "scans" / "val.npz")
+    return ps.load_view_latents(run_dir / "data" / "scans" / "val.npz")
 
 
 def _tiny_ctx(res=8, dtype=torch.float32):
@@ -128,7 +128,7 @@ def test_posescore_prefers_the_true_pose_and_falls_with_perturbation(trained, va
     ctx, validation = trained
     body = pd.load_body_model(run_dir / "body")
     levels = (0.1, 0.2, 0.3, 0.4, 0.5)
-    results = [ps.true_vs_perturbed(ps.posescore, val["latents"], val["joints_t"],
+    results = [ps.true_vs_perturbed(ps.posescore_reward, val["latents"], val["joints_t"],
                                     ps.perturbed_joints(body, val, levels, seed=seed), levels, ctx)
                for seed in (1, 2)]  # two fresh perturbation directions per subject: 120 pairs
     print("toy val, true vs perturbed:", results)
@@ -139,7 +139,7 @@ def test_posescore_prefers_the_true_pose_and_falls_with_perturbation(trained, va
 def test_batched_over_views_equals_a_loop(trained, val):
     ctx, _ = trained
     views, joints = val["latents"][:3], val["joints_t"][:3]
-    rewards, parts = ps.posescore(views, {"joints": joints}, ctx)
+    rewards, parts = ps.posescore_reward(views, {"joints": joints}, ctx)
     target = ps.skeleton_maps(joints, RES, ctx.width)
     per_view = []
     for v, azimuth in enumerate(pd.VIEW_AZIMUTHS):
@@ -177,8 +177,8 @@ def test_keypoint_reward_shares_the_signature_and_prefers_the_true_pose(trained,
     assert set(ps.REWARDS) >= {"posescore", "keypoints"}
     body = pd.load_body_model(run_dir / "body")
     moved = ps.perturbed_joints(body, val, (0.5,), seed=1)
-    true_r, parts = ps.keypoints(val["latents"], {"joints": val["joints_t"]}, ctx)
-    moved_r, _ = ps.keypoints(val["latents"], {"joints": moved[0]}, ctx)
+    true_r, parts = ps.keypoints_reward(val["latents"], {"joints": val["joints_t"]}, ctx)
+    moved_r, _ = ps.keypoints_reward(val["latents"], {"joints": moved[0]}, ctx)
     assert set(parts) == {f"view_{a:03d}" for a in pd.VIEW_AZIMUTHS}
     assert (true_r > moved_r).float().mean() >= 0.8
 
@@ -189,8 +189,8 @@ def test_dice_reward_prefers_the_true_pose_and_does_not_pay_for_hedging(trained,
     ctx, _ = trained
     body = pd.load_body_model(run_dir / "body")
     moved = ps.perturbed_joints(body, val, (0.5,), seed=1)
-    true_r, parts = ps.posescore_dice(val["latents"], {"joints": val["joints_t"]}, ctx)
-    moved_r, _ = ps.posescore_dice(val["latents"], {"joints": moved[0]}, ctx)
+    true_r, parts = ps.posescore_dice_reward(val["latents"], {"joints": val["joints_t"]}, ctx)
+    moved_r, _ = ps.posescore_dice_reward(val["latents"], {"joints": moved[0]}, ctx)
     assert (true_r > moved_r).float().mean() >= 0.8
     assert torch.allclose(true_r, parts["bce"] - ps.DICE_WEIGHT * (1 - parts["dice"]), atol=1e-6)
     target = ps.skeleton_maps(val["joints_t"][:1], RES, 1.0)[0, 0]  # (K, H, W) sharp lines
@@ -211,8 +211,8 @@ def test_perceptual_term_loads_local_torchscript(trained, val, tmp_path):
     torch.jit.script(MeanAbs()).save(str(path))
     ctx_p = ps.RewardContext(**{**ctx.__dict__, "perceptual": ps.load_perceptual(path), "perceptual_weight": 2.0})
     batch = {"joints": val["joints_t"][:2]}
-    plain, _ = ps.posescore(val["latents"][:2], batch, ctx)
-    with_p, parts = ps.posescore(val["latents"][:2], batch, ctx_p)
+    plain, _ = ps.posescore_reward(val["latents"][:2], batch, ctx)
+    with_p, parts = ps.posescore_reward(val["latents"][:2], batch, ctx_p)
     assert torch.allclose(with_p, plain + 2.0 * parts["perceptual"]) and (parts["perceptual"] < 0).all()
     with pytest.raises(pd.UserError):
         ps.load_perceptual(tmp_path / "missing.pt")
@@ -250,7 +250,7 @@ def test_score_cli_on_a_recon_folder(trained, run_dir, val, tmp_path):
     ps.score(ps.ScoreArgs(views_dir=recon, poses=run_dir / "data" / "scans" / "val.npz", run_dir=run_dir))
     result = json.loads((recon / "score_posescore.json").read_text())
     assert result["count"] == 3 and len(result["per_sample"]) == 3
-    expected, _ = ps.posescore(val["latents"][:3], {"joints": val["joints_t"][:3]}, trained[0])
+    expected, _ = ps.posescore_reward(val["latents"][:3], {"joints": val["joints_t"][:3]}, trained[0])
     assert np.allclose([s["reward"] for s in result["per_sample"]], expected.numpy(), atol=1e-5)
     # a user's mistake is one line on stderr and exit status 2
     proc = subprocess.run([sys.executable, "posescore.py", "score", "--views-dir", str(tmp_path / "nothing"),
@@ -284,3 +284,45 @@ def test_init_with_zero_steps_keeps_the_weights_and_writes_to_out(trained, run_d
     config = json.loads((out / "posescore_config.json").read_text())
     assert config["width"] == 1.0 and config["args"]["channels"] == [16, 32]
     assert (out / "validation.json").exists() and not (run_dir / "posescore" / "reader").exists()
+
+
+def test_a_forked_reward_that_reads_only_gskel_runs_through_stage_2_and_drpose(trained, run_dir, tmp_path,
+                                                                               monkeypatch):
+    """The forker's path: one function, one dict line. Stage 2's validation must not call it (it may
+    need context a validation cannot give), and finetune.py must train against it without NaN."""
+    import finetune
+    import pretrain
+
+    def mean_confidence(views, batch, ctx):  # needs nothing but g_skel: how sure g_skel is of any bone
+        confidence = torch.sigmoid(ps.gskel_logits(ctx.gskel, views.to(ctx.device))).amax(2).mean((1, 2, 3))
+        return confidence, {"confidence": confidence.detach()}
+
+    monkeypatch.setitem(ps.REWARDS, "mean_confidence", mean_confidence)
+    out = tmp_path / "gskel"
+    ps.train(ps.TrainArgs(run_dir=run_dir, out=out, init=run_dir / "posescore", steps=0, threads=1))
+    validation = json.loads((out / "validation.json").read_text())
+    assert all(np.isfinite(v) for split in ("val", "bench") for v in _numbers(validation[split]))
+    assert not any("mean_confidence" in key for key in validation["val"])
+
+    count = 4
+    images = np.load(run_dir / "data" / "scans" / "train.npz")
+    pd.save_npz(tmp_path / "run/data/drpose/pairs.npz", image=images["color"][:count, 0], joints=images["joints"][:count])
+    pd.write_json(tmp_path / "run/data/drpose/manifest.json", {"files": {"pairs.npz": count}, "resolution": RES})
+    torch.manual_seed(0)
+    unet = pretrain.build_unet(pretrain.unet_config(RES, (16, 32), 1, 1, 2, 16))
+    pretrain.save_model(tmp_path / "run/base", unet, dict(resolution=RES, num_views=pd.NUM_VIEWS, scheduler=pretrain.SCHEDULER,
+                                                           sampling=dict(sampler="ddim", num_steps=3, guidance=1.0)))
+    drpose = finetune.drpose(finetune.Args(run_dir=tmp_path / "run", posescore_dir=out, reward="mean_confidence",
+                                           steps=2, batch_size=2, lora_rank=4, log_every=1, num_eval=0,
+                                           checkpoint_every=2, device="cpu"))
+    lines = [json.loads(x) for x in (drpose / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(np.isfinite([x["loss"], x["reward"], x["parts"]["confidence"]]).all() for x in lines)
+
+
+def _numbers(tree):
+    """Every number in a nested dict/list (validation.json), for a NaN check."""
+    if isinstance(tree, dict):
+        return [v for x in tree.values() for v in _numbers(x)]
+    if isinstance(tree, list):
+        return [v for x in tree for v in _numbers(x)]
+    return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []

@@ -197,15 +197,15 @@ def test_rerun_skips_complete_samples_and_redoes_a_killed_one(world, oracle_run)
 # --- generation: a tiny model, one image file, per-sample noise -------------------------------------
 
 def test_image_input_generates_views_with_per_sample_noise(world, tmp_path):
-    import finetune
+    import pretrain
     import posescore
     from PIL import Image
 
     res = 16
     torch.manual_seed(0)
-    unet = finetune.build_unet(finetune.unet_config(res, (8, 16), 1, 1, 2, 16)).eval()
+    unet = pretrain.build_unet(pretrain.unet_config(res, (8, 16), 1, 1, 2, 16)).eval()
     model = tmp_path / "tiny"
-    finetune.save_model(model, unet, dict(resolution=res, num_views=pd.NUM_VIEWS, sampling=dict(num_steps=2, guidance=1.5)))
+    pretrain.save_model(model, unet, dict(resolution=res, num_views=pd.NUM_VIEWS, sampling=dict(num_steps=2, guidance=1.5)))
     gskel = posescore.build_gskel(res, (8, 8))
     gskel.save_pretrained(tmp_path / "pose_reader")
     pd.write_json(tmp_path / "pose_reader" / "posescore_config.json", dict(resolution=res, width=1.0))
@@ -218,8 +218,8 @@ def test_image_input_generates_views_with_per_sample_noise(world, tmp_path):
     assert out == tmp_path / "recon" / "tiny"
     image = rc.load_image(tmp_path / "person.png", res)
     assert image.shape == (3, res, res) and image[:, 0, 0].tolist() == [1.0, 1.0, 1.0]  # white margin
-    loaded, _ = finetune.load_model(model)
-    expect = finetune.sample_views(loaded, image[None], 2, 1.5, torch.Generator().manual_seed(0))[0]
+    loaded, _ = pretrain.load_model(model)
+    expect = pretrain.sample_views(loaded, image[None], 2, 1.5, torch.Generator().manual_seed(0))[0]
     assert np.allclose(np.load(out / "00000" / "views.npz")["latents"], expect.numpy(), atol=1e-5)
     assert (out / "00000" / "mesh.ply").exists()
 

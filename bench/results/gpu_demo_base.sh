@@ -12,7 +12,7 @@ python3 -c "import torch, diffusers, smplx, tyro, trimesh, mannequin; print('tor
 t0=$(date +%s)
 python3 prepare_data.py --preset demo --run-dir $RUN --num-scans $SCANS --num-val-scans $VAL --device $DATA_DEV
 t1=$(date +%s); echo "TIME prepare_data $((t1-t0)) s"
-python3 finetune.py pretrain --preset demo --run-dir $RUN --device $DEV --batch-size 32 --steps $PROBE --num-eval 0 --checkpoint-every 100000 --log-every 25
+python3 pretrain.py --preset demo --run-dir $RUN --device $DEV --batch-size 32 --steps $PROBE --num-eval 0 --checkpoint-every 100000 --log-every 25
 t2=$(date +%s); echo "TIME probe ($PROBE steps) $((t2-t1)) s"
 # training budget: BUDGET_S, less if data + probe ate into the deadline (90 s kept for eval and copies)
 LEFT=$((DEADLINE_S - (t2 - t0) - 90)); [ $LEFT -lt $BUDGET_S ] && BUDGET_S=$LEFT
@@ -29,7 +29,7 @@ print(f"sec_per_step median {sps:.4f} -> steps {min(cap, max(500, n))}", file=sy
 PY
 )
 echo "STEPS $N"
-python3 finetune.py pretrain --preset demo --run-dir $RUN --device $DEV --batch-size 32 --steps $N --lr 1e-3 --warmup-steps 200 --num-eval 48 --checkpoint-every 100000 --log-every 50 --val-every 500
+python3 pretrain.py --preset demo --run-dir $RUN --device $DEV --batch-size 32 --steps $N --lr 1e-3 --warmup-steps 200 --num-eval 48 --checkpoint-every 100000 --log-every 50 --val-every 500
 t3=$(date +%s); echo "TIME train ($N steps + eval) $((t3-t2)) s"
 echo "TIME total $((t3-t0)) s"
 for f in config.json diffusion_pytorch_model.safetensors drpose_config.json val_metrics.json samples_val.png samples_bench.png metrics.jsonl; do

@@ -1,0 +1,741 @@
+"""Stage 3: the base image-to-multi-view (I2MV) diffusion model, PSHuman's stand-in.
+
+    python pretrain.py --preset demo                 # base model on data/scans/ (CPU, ~3 minutes)
+    python pretrain.py --preset full                 # 64 px, bigger net (one GPU, ~20 minutes)
+    python pretrain.py --resume                      # continue from the newest base_ckpt/step_*/
+    python pretrain.py --init pretrained/demo_base --steps 0   # take a trained model, only evaluate it
+    accelerate launch pretrain.py --preset full      # several GPUs, the same code
+
+In the paper this model is downloaded (PSHuman); it is not part of DrPose. It lives in its own stage so
+that finetune.py holds the method alone. What it is (learned from scratch at low resolution): a stock
+diffusers `UNet2DConditionModel` that denoises the six views of one person at once.
+  - input per view: the noisy view latent (colour + normal, 6 channels) concatenated with the
+    conditioning front image (3 channels); which view it is enters as a class embedding;
+  - the image also enters as cross-attention tokens: 8 x 8 patches projected by the U-Net's own
+    `encoder_hid_proj` (PSHuman uses a CLIP image embedding; ours is learned and lives in the U-Net);
+  - self-attention spans all six views of a subject (`MultiViewAttnProcessor`, installed with
+    `set_attn_processor`; the diffusers blocks stay stock);
+  - v-prediction, DDPM noise for training, DDIM (`sample_views`) for sampling, classifier-free
+    guidance with the all-background image as the dropped condition.
+
+Writes, under the run folder: base/ (`unet.save_pretrained` + drpose_config.json + val_metrics.json
++ sample sheets + metrics.jsonl) and base_ckpt/step_NNNNNN/ checkpoints.
+
+What later stages use: the latent seam (`encode`/`decode`), the sampler (`sample_views`, `predict`,
+`guided_output`, `split_v`, `clip_prediction`, `ddim_step`, `ddim_timesteps`, `alphas_cumprod`),
+`load_model`/`save_model`, and the run scaffolding both trainers share (`step_rows`, checkpoint
+folders with RNG state, `append_log`/`truncate_log`, `autocast`).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import math
+import re
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, NamedTuple
+
+import diffusers
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from prepare_data import (NUM_VIEWS, VIEW_AZIMUTHS, UserError, atomic_dir, atomic_write, from_uint8, latents_to_views,
+                          load_split, read_manifest, run_cli, views_to_latents, write_json, with_preset)
+from posescore import warmup_cosine
+
+
+@dataclass
+class Args:
+    """Train the image-to-multi-view diffusion model on data/scans/ and save it as base/."""
+
+    preset: Literal["demo", "full"] = "demo"
+    """demo: small net, CPU minutes; full: bigger net, one GPU (fields left unset take the preset's value)"""
+    run_dir: Path = Path("runs/demo")
+    """the run folder: reads data/scans/ and data/bench/, writes base/ and base_ckpt/"""
+    steps: int | None = None
+    """optimizer steps (demo 300, full 4000)"""
+    batch_size: int | None = None
+    """subjects per step and device, each with all six views (demo 6, full 16)"""
+    lr: float | None = None
+    """peak AdamW learning rate; linear warmup, then cosine decay to zero (demo 2e-3, full 4e-4)"""
+    warmup_steps: int = 50
+    """learning-rate warmup steps"""
+    cond_drop: float = 0.1
+    """probability of replacing the input image by the all-background image (for guidance)"""
+    grad_clip: float = 1.0
+    """gradient norm clip"""
+    channels: tuple[int, ...] | None = None
+    """U-Net widths per resolution level (demo 32 64 96, full 64 128 192 256)"""
+    layers_per_block: int | None = None
+    """resnet (+ transformer) layers per level (demo 1, full 2)"""
+    attn_levels: int | None = None
+    """how many of the deepest levels have (multi-view) attention; the middle block always has (demo 1, full 3)"""
+    heads: int = 4
+    """attention heads in every transformer block"""
+    token_dim: int | None = None
+    """width of the image tokens the U-Net cross-attends to (demo 64, full 256)"""
+    init: Path | None = None
+    """start from the weights of this model folder (any base/-like folder) instead of random init"""
+    resume: bool = False
+    """continue from the newest complete base_ckpt/step_*/ folder"""
+    checkpoint_every: int | None = None
+    """steps between checkpoints (demo 150, full 1000)"""
+    keep_checkpoints: int = 2
+    """how many newest checkpoints to keep"""
+    log_every: int = 25
+    """steps between log lines (tqdm postfix + metrics.jsonl)"""
+    val_every: int = 100
+    """steps between validation losses (fixed noise on val.npz)"""
+    eval_steps: int | None = None
+    """DDIM steps for the final PSNR numbers; stored as the model's default (demo 10, full 20)"""
+    guidance: float | None = None
+    """classifier-free guidance for the final evaluation; stored as the model's default (demo 1.0:
+    measured as good as 1.5 here and half the compute; full 1.5)"""
+    num_eval: int | None = None
+    """val and bench subjects scored at the end, each (demo 8, full 200); 0 skips the evaluation"""
+    sheet_subjects: int = 6
+    """subjects per contact sheet"""
+    seed: int = 0
+    """seeds model init, data order, noise and evaluation noise"""
+    device: str = "auto"
+    """auto (cuda if available), cpu or cuda; bf16 autocast on cuda"""
+
+    def resolved(self) -> "Args":
+        """The preset's values for every field left unset (an explicit flag always wins)."""
+        table = PRESETS[self.preset]
+        return with_preset(self, table)
+
+
+PRESETS = {
+    # demo: ~0.4 s/step on 2 idle cores, so 300 steps + a 16-subject evaluation fit in 3 minutes.
+    "demo": dict(steps=300, batch_size=6, lr=2e-3, channels=(32, 64, 96), layers_per_block=1, attn_levels=1,
+                 token_dim=64, checkpoint_every=150, num_eval=8, eval_steps=10, guidance=1.0),
+    "full": dict(steps=4000, batch_size=16, lr=4e-4, channels=(64, 128, 192, 256), layers_per_block=2,
+                 attn_levels=3, token_dim=256, checkpoint_every=1000, num_eval=200, eval_steps=20, guidance=1.5),
+}
+
+
+LATENT_CHANNELS = 6  # colour RGB + normal XYZ per view (prepare_data.views_to_latents)
+IMAGE_CHANNELS = 3  # the conditioning front image
+TOKEN_GRID = 8  # the input image becomes 8 x 8 patch tokens at any resolution
+POS_FREQS = 4  # sin/cos frequencies per axis appended to each patch (tokens need a position)
+POS_DIM = 4 * POS_FREQS
+# Cosine schedule: at 32-64 px in pixel space a linear schedule wastes most steps on near-clean
+# images; the cosine one (Nichol & Dhariwal) also ends at almost zero SNR, so sampling from pure
+# noise at t = T matches training.
+SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+
+
+# --- the latent seam -----------------------------------------------------------------------------
+# In the embedded default the diffusion runs on the views themselves. A latent-diffusion model
+# (PSHuman: SD 2.1's VAE) would encode here and decode there; nothing else changes.
+
+def encode(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (..., C, H, W) -> latents. Identity in pixel space."""
+    return images
+
+
+def decode(latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [-1, 1]. Identity in pixel space."""
+    return latents
+
+
+# --- the model: stock U-Net + a multi-view self-attention processor -------------------------------
+
+class MultiViewAttnProcessor:
+    """Self-attention over all views of one subject: tokens (B*V, N, C) attend as (B, V*N, C).
+
+    This is the only change to the stock U-Net (PSHuman/Era3D do the same with their "multi-view
+    attention"). Everything but the token reshaping is diffusers' own `AttnProcessor2_0`, so peft
+    LoRA on to_q/to_k/to_v/to_out still applies."""
+
+    def __init__(self, num_views: int = NUM_VIEWS):
+        self.num_views = num_views
+        self.inner = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
+            raise ValueError("MultiViewAttnProcessor is for unmasked self-attention on (B*V, N, C) tokens")
+        bv, n, c = hidden_states.shape  # (B*V, N, C)
+        joint = hidden_states.reshape(bv // self.num_views, self.num_views * n, c)  # (B, V*N, C)
+        out = self.inner(attn, joint, None, None, temb)
+        return out.reshape(bv, n, c)  # (B*V, N, C)
+
+
+def set_view_attention(unet, num_views: int = NUM_VIEWS, multi_view: bool = True):
+    """Install the multi-view processor on every self-attention (attn1); cross-attention (attn2)
+    keeps the stock one. multi_view=False gives each view its own attention (for tests/ablation)."""
+    processors = {name: (MultiViewAttnProcessor(num_views) if multi_view and name.endswith("attn1.processor")
+                         else AttnProcessor2_0()) for name in unet.attn_processors}
+    unet.set_attn_processor(processors)
+    return unet
+
+
+def unet_config(resolution: int, channels, layers_per_block: int, attn_levels: int, heads: int,
+                token_dim: int, num_views: int = NUM_VIEWS) -> dict:
+    """The diffusers config of our U-Net. Attention only at the deepest `attn_levels` levels: at full
+    resolution six views of H*W tokens would make self-attention the whole cost."""
+    levels = len(channels)
+    patch = resolution // TOKEN_GRID
+    has_attn = [i >= levels - attn_levels for i in range(levels)]
+    groups = math.gcd(*channels, 32)  # GroupNorm groups must divide every width
+    return dict(
+        sample_size=resolution,
+        in_channels=LATENT_CHANNELS + IMAGE_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        block_out_channels=tuple(channels),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        layers_per_block=layers_per_block,
+        norm_num_groups=groups,
+        attention_head_dim=heads,  # diffusers' legacy name: this is the number of heads
+        cross_attention_dim=token_dim,
+        encoder_hid_dim=IMAGE_CHANNELS * patch * patch + POS_DIM,
+        encoder_hid_dim_type="text_proj",
+        num_class_embeds=num_views,  # view identity, added to the time embedding
+    )
+
+
+def build_unet(config: dict, num_views: int = NUM_VIEWS):
+    return set_view_attention(UNet2DConditionModel(**config), num_views)
+
+
+def image_tokens(image: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) image in [-1, 1] -> (B, 64, 3*p*p + POS_DIM) patch tokens with a fixed
+    sin/cos position, so cross-attention knows where each patch is. No parameters: the learned
+    projection is the U-Net's encoder_hid_proj."""
+    b, _, h, w = image.shape
+    patch = h // TOKEN_GRID
+    patches = F.unfold(image, kernel_size=patch, stride=patch).transpose(1, 2)  # (B, 64, 3*p*p)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, TOKEN_GRID), torch.linspace(-1, 1, TOKEN_GRID), indexing="ij")
+    freqs = math.pi * 2.0 ** torch.arange(POS_FREQS)  # (F,)
+    angles = torch.cat([ys.reshape(-1, 1) * freqs, xs.reshape(-1, 1) * freqs], dim=1)  # (64, 2F)
+    pos = torch.cat([angles.sin(), angles.cos()], dim=1).to(image)  # (64, POS_DIM)
+    return torch.cat([patches, pos.expand(b, -1, -1)], dim=2)
+
+
+def model_output(unet, x_t: torch.Tensor, t: torch.Tensor, cond_image: torch.Tensor) -> torch.Tensor:
+    """One U-Net call on all views: x_t (B, V, 6, H, W), t (B,) long, cond_image (B, 3, H, W) in
+    [0, 1] -> v-prediction (B, V, 6, H, W). Uses only `unet(...)`, so a DDP/peft wrapper works."""
+    b, v, c, h, w = x_t.shape
+    image = cond_image * 2 - 1
+    z_image = encode(image)[:, None].expand(b, v, -1, h, w)  # (B, V, 3, H, W): every view sees it
+    sample = torch.cat([x_t, z_image.to(x_t.dtype)], dim=2).reshape(b * v, c + IMAGE_CHANNELS, h, w)
+    tokens = image_tokens(image).repeat_interleave(v, dim=0)  # (B*V, 64, D)
+    views = torch.arange(v, device=x_t.device).repeat(b)  # (B*V,) view index = class label
+    out = unet(sample, t.repeat_interleave(v), encoder_hidden_states=tokens, class_labels=views).sample
+    return out.reshape(b, v, c, h, w)
+
+
+# --- one denoising step: predict, then a DDIM update ---------------------------------------------
+# DrPose's loop calls these same two functions with its own gradient control (detached inputs,
+# K steps in the graph, early stop taking x0 directly), so sampling is written exactly once.
+
+class Prediction(NamedTuple):
+    out: torch.Tensor  # (B, V, 6, H, W) the (guided) model output, v
+    x0: torch.Tensor  # (B, V, 6, H, W) predicted clean latents
+    eps: torch.Tensor  # (B, V, 6, H, W) predicted noise
+
+
+def alphas_cumprod(config: dict | None = None) -> torch.Tensor:
+    """(T,) float64 cumulative alphas of the training noise schedule (ours, or a model's config)."""
+    scheduler_config = (config or {}).get("scheduler", SCHEDULER)
+    return DDPMScheduler.from_config(scheduler_config).alphas_cumprod.double()
+
+
+def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """Descending DDIM timesteps with "trailing" spacing, so the first step is t = T - 1 (pure noise)."""
+    return [int(t) for t in np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)) - 1]
+
+
+def guided_output(unet, x_t: torch.Tensor, t: torch.Tensor | int, cond_image: torch.Tensor,
+                  guidance: float) -> torch.Tensor:
+    """The guided model output v at x_t (B, V, 6, H, W), timestep t, image (B, 3, H, W) in [0, 1].
+    Guidance g: v = v_uncond + g * (v_cond - v_uncond), with the all-background image as the
+    dropped condition; g = 1 is exactly the conditional prediction (no unconditional pass)."""
+    b = x_t.shape[0]
+    t = torch.as_tensor(t, device=x_t.device).long().expand(b)  # (B,)
+    if guidance == 1:
+        return model_output(unet, x_t, t, cond_image)
+    null = torch.ones_like(cond_image)  # the dropped condition: all background (white)
+    both = model_output(unet, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond_image, null]))
+    cond, uncond = both.chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
+def split_v(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, alphas: torch.Tensor) -> Prediction:
+    """x0 and eps from a v-prediction at x_t: v = sqrt(a) eps - sqrt(1-a) x0. Differentiable in
+    both, so the DDIM arithmetic can stay in the graph when the U-Net call does not."""
+    a = alphas.to(x_t.device)[torch.as_tensor(t, device=x_t.device).long()].to(x_t.dtype)
+    x0 = a.sqrt() * x_t - (1 - a).sqrt() * out
+    eps = a.sqrt() * out + (1 - a).sqrt() * x_t
+    return Prediction(out, x0, eps)
+
+
+def predict(unet, x_t: torch.Tensor, t: torch.Tensor | int, cond_image: torch.Tensor, guidance: float,
+            alphas: torch.Tensor) -> Prediction:
+    """One guided prediction (v, x0, eps) at x_t; see `guided_output` and `split_v`."""
+    return split_v(guided_output(unet, x_t, t, cond_image, guidance), x_t, t, alphas)
+
+
+def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_prev: torch.Tensor | float) -> torch.Tensor:
+    """Deterministic DDIM update (eta = 0) to the previous timestep's x. Differentiable."""
+    alpha_prev = torch.as_tensor(alpha_prev, dtype=x0.dtype, device=x0.device)
+    return alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps
+
+
+def clip_prediction(pred: Prediction, x_t: torch.Tensor, t, alphas: torch.Tensor) -> Prediction:
+    """Clamp x0 to the data range [-1, 1] and recompute eps to match (diffusers' clip_sample)."""
+    a = alphas.to(x_t.device)[torch.as_tensor(t, device=x_t.device).long()].to(x_t.dtype)
+    a = a.view(-1, 1, 1, 1, 1) if a.ndim else a  # per-sample t (B,) or one shared t
+    x0 = pred.x0.clamp(-1, 1)
+    return Prediction(pred.out, x0, (x_t - a.sqrt() * x0) / (1 - a).sqrt())
+
+
+@torch.no_grad()
+def sample_views(unet, cond_image: torch.Tensor, num_steps: int = 20, guidance: float = 1.5,
+                 generator: torch.Generator | None = None, *, alphas: torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None, clip: bool = True, num_views: int = NUM_VIEWS,
+                 progress: bool = False) -> torch.Tensor:
+    """Six views from one image: cond_image (B, 3, H, W) in [0, 1] -> (B, V, 6, H, W) in [-1, 1].
+
+    DDIM with `num_steps` steps and classifier-free `guidance`. All randomness is the starting
+    noise, drawn from `generator` (or passed as `noise`), so a fixed generator gives fixed views and
+    the caller's global RNG is untouched. `alphas`: the model's schedule (default: ours)."""
+    alphas = alphas_cumprod() if alphas is None else alphas
+    b, _, h, w = cond_image.shape
+    if noise is None:
+        gen_device = generator.device if generator is not None else "cpu"
+        noise = torch.randn((b, num_views, LATENT_CHANNELS, h, w), generator=generator, device=gen_device)
+    x = noise.to(cond_image.device, cond_image.dtype)  # (B, V, 6, H, W)
+    steps = ddim_timesteps(num_steps, len(alphas))
+    for i, t in enumerate(tqdm_if(steps, progress, "sampling")):
+        pred = predict(unet, x, t, cond_image, guidance, alphas)
+        if clip:
+            pred = clip_prediction(pred, x, t, alphas)
+        alpha_prev = alphas[steps[i + 1]] if i + 1 < len(steps) else torch.tensor(1.0, dtype=alphas.dtype)
+        x = ddim_step(pred.x0.float(), pred.eps.float(), alpha_prev.float())
+    return decode(x).clamp(-1, 1)
+
+
+def tqdm_if(items, show: bool, desc: str):
+    return tqdm(items, desc=desc, leave=False) if show else items
+
+
+# --- loading and saving models --------------------------------------------------------------------
+
+CONFIG_NAME = "drpose_config.json"
+
+
+def load_model(folder: Path, device="cpu"):
+    """A model folder (base/, or any folder written the same way) -> (unet in eval mode, config dict).
+
+    The weights are a plain diffusers folder (`UNet2DConditionModel.from_pretrained(folder)` loads
+    them); the multi-view attention processor is code, not weights, so it is installed here."""
+    folder = Path(folder)
+    config_path = folder / CONFIG_NAME
+    if not config_path.exists() or not (folder / "config.json").exists():
+        raise UserError(f"{folder} is not a model folder (no {CONFIG_NAME} or config.json); "
+                        f"make one with `python pretrain.py --run-dir {folder.parent}`")
+    try:
+        config = json.loads(config_path.read_text())
+        unet = UNet2DConditionModel.from_pretrained(folder)
+    except Exception as err:
+        raise UserError(f"{folder}: cannot load the model ({type(err).__name__}: {err}); re-run "
+                        f"`python pretrain.py --run-dir {folder.parent}`") from None
+    if config.get("num_views") != NUM_VIEWS or unet.config.in_channels != LATENT_CHANNELS + IMAGE_CHANNELS:
+        raise UserError(f"{folder} was made for {config.get('num_views')} views / {unet.config.in_channels} "
+                        f"input channels, this code uses {NUM_VIEWS} / {LATENT_CHANNELS + IMAGE_CHANNELS}")
+    set_view_attention(unet, config["num_views"])
+    return unet.to(device).eval(), config
+
+
+def save_model(folder: Path, unet, config: dict) -> None:
+    """Write `unet.save_pretrained(folder)` and our config next to it (folder may be a tmp dir)."""
+    unet.save_pretrained(folder, safe_serialization=True)
+    write_json(Path(folder) / CONFIG_NAME, config)
+
+
+def model_record(resolution: int, args: Args, step: int) -> dict:
+    """What drpose_config.json says about a model besides the U-Net's own config."""
+    return dict(
+        format="drpose-i2mv", resolution=resolution, num_views=NUM_VIEWS, view_azimuths=list(VIEW_AZIMUTHS),
+        latent_channels=LATENT_CHANNELS, latent_space="pixel (encode/decode are identity)",
+        latent_layout="cat(colour RGB, normal XYZ) * 2 - 1, normal stored as (n+1)/2 in camera space",
+        condition="front colour image in [0,1]: channel concat to every view + 8x8 patch tokens via "
+                  "encoder_hid_proj; dropped condition = all-white image",
+        prediction_type=SCHEDULER["prediction_type"], scheduler=SCHEDULER, token_grid=TOKEN_GRID,
+        sampling=dict(sampler="ddim", num_steps=args.eval_steps, guidance=args.guidance),
+        step=step, train_args=jsonable(dataclasses.asdict(args)),
+        versions=dict(torch=torch.__version__, diffusers=diffusers.__version__),
+    )
+
+
+def jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def load_multiview(path: Path, run_dir: Path, image_key: str | None = None) -> dict:
+    """An npz with six-view GT -> dict(image (N,3,H,W) u8, color, normal (N,V,3,H,W) u8), checked
+    against its manifest. The input image is the front colour view unless the file has `image_key`."""
+    made_by = f"python prepare_data.py --run-dir {run_dir}"
+    arrays = load_split(path, expect_keys=("color", "normal") + ((image_key,) if image_key else ()), made_by=made_by)
+    manifest = read_manifest(Path(path).parent, made_by)
+    views = tuple(manifest.get("views", ()))
+    if views != VIEW_AZIMUTHS:
+        raise UserError(f"{Path(path).parent}/manifest.json has views {list(views)}, this code uses "
+                        f"{list(VIEW_AZIMUTHS)}; re-run `{made_by}`")
+    color, normal = arrays["color"], arrays["normal"]  # (N, V, 3, H, W) u8
+    if color.shape[1:3] != (NUM_VIEWS, 3) or color.shape != normal.shape or color.shape[-1] != manifest.get("resolution"):
+        raise UserError(f"{path}: colour/normal shapes {color.shape}/{normal.shape} do not match six views at "
+                        f"{manifest.get('resolution')} px; re-run `{made_by}`")
+    image = arrays[image_key] if image_key else color[:, 0]
+    return dict(image=torch.from_numpy(image), color=torch.from_numpy(color), normal=torch.from_numpy(normal),
+                resolution=int(manifest["resolution"]))
+
+
+def batch_latents(data: dict, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> views (B, V, 6, H, W) in [-1, 1] (encoded) and image (B, 3, H, W) in [0, 1]."""
+    color, normal = from_uint8(data["color"][idx].numpy(), device), from_uint8(data["normal"][idx].numpy(), device)
+    return encode(views_to_latents(color, normal)), from_uint8(data["image"][idx].numpy(), device)
+
+
+def epoch_batches(num: int, batch: int, epoch: int, seed: int) -> torch.Tensor:
+    """(steps_per_epoch, batch) subject indices. A pure function of (seed, epoch), so resuming
+    at any step replays exactly the same data order without saving a data-loader state."""
+    perm = torch.randperm(num, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    steps = num // batch
+    return perm[: steps * batch].reshape(steps, batch)
+
+
+def step_rows(step: int, num: int, batch: int, world: int, rank: int, seed: int) -> torch.Tensor:
+    """(batch,) subject indices this process trains on at `step`: its slice of the global batch of
+    the step's epoch permutation (a pure function, so resume replays the same order)."""
+    batches = epoch_batches(num, batch * world, step // (num // (batch * world)), seed)
+    return batches[step % len(batches)].view(world, batch)[rank]
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+STEP_DIR = re.compile(r"^step_(\d{6})$")
+
+
+def rng_to_str(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def rng_from_str(text: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
+
+
+def save_checkpoint(root: Path, step: int, unet, optimizer, rng_states: list[str], record: dict, keep: int) -> Path:
+    """base_ckpt/step_NNNNNN/: model.safetensors, optimizer.pt, state.json (step, RNG, args,
+    versions, model config). Written as step_NNNNNN.tmp/ and renamed when complete."""
+    folder = Path(root) / f"step_{step:06d}"
+    with atomic_dir(folder) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}, tmp / "model.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        write_json(tmp / "state.json", dict(record, step=step, rng=rng_states, unet_config=dict(unet.config)))
+    for old in sorted(p for p in Path(root).iterdir() if STEP_DIR.match(p.name))[:-keep]:
+        shutil.rmtree(old)
+    return folder
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete step_*/ folder (a .tmp folder from a killed write is ignored)."""
+    done = [p for p in Path(root).glob("step_*") if STEP_DIR.match(p.name) and (p / "state.json").exists()]
+    return max(done, key=lambda p: p.name) if done else None
+
+
+def load_checkpoint(folder: Path, unet, optimizer, expect: dict) -> tuple[int, list[str]]:
+    """Restore weights and optimizer in place; return (step, RNG states). A checkpoint made with a
+    different model, resolution or world size is refused in one line."""
+    fix = f"delete {folder.parent} or use another --run-dir"
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        weights = load_file(folder / "model.safetensors")
+        opt_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{folder} is unreadable ({type(err).__name__}); {fix}") from None
+    if jsonable(state.get("unet_config")) != jsonable(dict(unet.config)):
+        raise UserError(f"{folder} is incompatible: it holds a different network (unet_config); {fix}")
+    for key, want in jsonable(expect).items():
+        if jsonable(state.get("resume_key", {})).get(key) != want:
+            raise UserError(f"{folder} is incompatible: its {key} differs from this run's; {fix}")
+    try:
+        unet.load_state_dict(weights, strict=True)
+        optimizer.load_state_dict(opt_state)
+    except Exception as err:
+        raise UserError(f"{folder} does not fit this model ({type(err).__name__}); {fix}") from None
+    return int(state["step"]), state["rng"]
+
+
+# --- training -------------------------------------------------------------------------------------
+
+def diffusion_loss(unet, views: torch.Tensor, image: torch.Tensor, alphas: torch.Tensor,
+                   cond_drop: float, generator: torch.Generator) -> torch.Tensor:
+    """Standard v-prediction loss on views (B, V, 6, H, W) given image (B, 3, H, W) in [0, 1].
+    One timestep per subject (all its views share it, as they are denoised together)."""
+    b, device = views.shape[0], views.device
+    t = torch.randint(0, len(alphas), (b,), generator=generator)
+    noise = torch.randn(views.shape, generator=generator)
+    drop = torch.rand(b, generator=generator) < cond_drop
+    t, noise, drop = t.to(device), noise.to(device), drop.to(device)
+    a = alphas.to(device)[t].float().view(b, 1, 1, 1, 1)
+    x_t = a.sqrt() * views + (1 - a).sqrt() * noise
+    target = a.sqrt() * noise - (1 - a).sqrt() * views  # v
+    image = torch.where(drop.view(b, 1, 1, 1), torch.ones_like(image), image)  # dropped = all background
+    return F.mse_loss(model_output(unet, x_t, t, image).float(), target)
+
+
+@torch.no_grad()
+def validation_loss(unet, val: dict, alphas: torch.Tensor, device, seed: int, limit: int = 16) -> float:
+    """The loss on up to `limit` val subjects with fixed noise and timesteps (comparable over steps)."""
+    idx = torch.arange(min(limit, len(val["image"])))
+    views, image = batch_latents(val, idx, device)
+    return diffusion_loss(unet, views, image, alphas, 0.0, torch.Generator().manual_seed(seed + 1)).item()
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (for the parts accelerate does not wrap, e.g. sampling); none on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
+    """Train (or resume), evaluate and write base/. Returns the base/ folder. `hook(step)` runs after
+    every step and its checkpoint (tests use it to kill a run)."""
+    args = args.resolved()
+    run_dir = Path(args.run_dir)
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if use_cuda else "no")
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+
+    # --- data: scan-like training subjects; val for the validation loss and the final numbers ---
+    train = load_multiview(run_dir / "data/scans/train.npz", run_dir)
+    val = load_multiview(run_dir / "data/scans/val.npz", run_dir)
+    resolution = train["resolution"]
+    if resolution % TOKEN_GRID or resolution // TOKEN_GRID < 1:
+        raise UserError(f"resolution {resolution} must be a multiple of {TOKEN_GRID}")
+    if len(train["image"]) < args.batch_size * world:
+        raise UserError(f"{run_dir}/data/scans/train.npz has {len(train['image'])} subjects, fewer than "
+                        f"--batch-size x devices = {args.batch_size * world}")
+
+    # --- model and optimizer ---
+    torch.manual_seed(args.seed)  # model init is the only user of the global RNG
+    if args.init is not None:
+        unet, init_config = load_model(args.init)
+        if init_config["resolution"] != resolution:
+            raise UserError(f"{args.init} is a {init_config['resolution']} px model, the data is {resolution} px")
+        unet.train()
+    else:
+        unet = build_unet(unet_config(resolution, args.channels, args.layers_per_block, args.attn_levels,
+                                      args.heads, args.token_dim))
+    unet.to(device)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    alphas = alphas_cumprod()
+    record = model_record(resolution, args, args.steps)
+    # What must match to resume: the network, the data size, the data order and the devices.
+    expect = dict(resolution=resolution, world=world,
+                  data=dict(seed=args.seed, batch_size=args.batch_size, subjects=len(train["image"])))
+
+    ckpt_root = run_dir / "base_ckpt"
+    metrics_path = ckpt_root / "metrics.jsonl"
+    step, generator = 0, torch.Generator().manual_seed(args.seed * 1000 + rank)  # noise, t, dropout
+    found = latest_checkpoint(ckpt_root) if args.resume and ckpt_root.exists() else None
+    if found is not None:
+        step, rng_states = load_checkpoint(found, unet, optimizer, expect)
+        if step > args.steps:
+            raise UserError(f"{found} is past --steps {args.steps}; raise --steps or use another --run-dir")
+        generator.set_state(rng_from_str(rng_states[rank]))
+        accelerator.print(f"resumed from {found} (step {step})")
+    elif args.resume:
+        accelerator.print(f"no checkpoint under {ckpt_root}; starting from step 0")
+    if accelerator.is_main_process and found is None and ckpt_root.exists():
+        # A fresh run replaces an old run's checkpoints, so a later --resume cannot mix the two.
+        for old in (p for p in ckpt_root.glob("step_*") if p.is_dir()):
+            shutil.rmtree(old)
+    if accelerator.is_main_process:
+        truncate_log(metrics_path, step)  # drop lines a killed run logged after its last checkpoint
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+
+    # --- train ---
+    unet.train()
+    bar = tqdm(total=args.steps, initial=step, desc="pretrain", disable=not accelerator.is_main_process)
+    tick = time.time()
+    while step < args.steps:
+        row = step_rows(step, len(train["image"]), args.batch_size, world, rank, args.seed)
+        views, image = batch_latents(train, row, device)  # (B, V, 6, H, W), (B, 3, H, W)
+        lr = warmup_cosine(step, args.steps, args.lr, args.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = diffusion_loss(unet, views, image, alphas, args.cond_drop, generator)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.grad_clip)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == args.steps:
+            line = dict(step=step, loss=round(loss.item(), 5), lr=lr, grad_norm=round(float(grad_norm), 4),
+                        sec_per_step=round((time.time() - tick) / args.log_every, 4))
+            if step % args.val_every == 0 or step == args.steps:
+                unet.eval()
+                line["val_loss"] = round(validation_loss(accelerator.unwrap_model(unet), val, alphas, device, args.seed), 5)
+                unet.train()
+            bar.set_postfix({k: v for k, v in line.items() if k in ("loss", "val_loss")})
+            if accelerator.is_main_process:
+                append_log(metrics_path, line)
+            tick = time.time()
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            rng_states = gather_object([rng_to_str(generator.get_state())])
+            if accelerator.is_main_process:
+                save_checkpoint(ckpt_root, step, accelerator.unwrap_model(unet), optimizer, rng_states,
+                                dict(record, resume_key=expect),
+                                args.keep_checkpoints)
+            accelerator.wait_for_everyone()
+        if hook is not None:
+            hook(step)
+    bar.close()
+
+    # --- evaluate and write base/ ---
+    unet = accelerator.unwrap_model(unet).eval()
+    base = run_dir / "base"
+    if accelerator.is_main_process:
+        with atomic_dir(base) as tmp:
+            save_model(tmp, unet, record)
+            if metrics_path.exists():
+                shutil.copy(metrics_path, tmp / "metrics.jsonl")
+            if args.num_eval > 0:
+                with autocast(device):
+                    results = evaluate_base(unet, val, run_dir, args, device, alphas, tmp)
+                write_json(tmp / "val_metrics.json", results)
+                print_metrics(results)
+    accelerator.wait_for_everyone()
+    return base
+
+
+
+
+def append_log(path: Path, line: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(line) + "\n")
+
+
+def truncate_log(path: Path, step: int) -> None:
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+# --- evaluation: PSNR against GT renders, contact sheets -------------------------------------------
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, ...) images in [0, 1] -> (B,) PSNR in dB, one MSE over all pixels of each subject (in float64,
+    capped at 100 dB so json never holds Infinity)."""
+    mse = (pred.double() - target.double()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(1 / mse)
+
+
+@torch.no_grad()
+def generate(unet, data: dict, count: int, args: Args, device, alphas, chunk: int = 8) -> torch.Tensor:
+    """Views (count, V, 6, H, W) for the first `count` subjects; noise from its own generator so
+    every model sees the same noise and the training RNG is untouched."""
+    generator = torch.Generator().manual_seed(args.seed + 12345)
+    out = []
+    for start in range(0, count, chunk):
+        idx = torch.arange(start, min(count, start + chunk))
+        image = from_uint8(data["image"][idx].numpy(), device)
+        out.append(sample_views(unet, image, args.eval_steps, args.guidance, generator, alphas=alphas).float().cpu())
+    return torch.cat(out)
+
+
+def evaluate_base(unet, val: dict, run_dir: Path, args: Args, device, alphas, out_dir: Path) -> dict:
+    """PSNR of generated colour and normal views vs GT on val (scan-like) and bench (hard) poses,
+    plus a contact sheet for each. Bench is skipped with a note if data/bench/ is absent."""
+    sets = {"val": val}
+    bench_path = run_dir / "data/bench/bench.npz"
+    if bench_path.exists():
+        sets["bench"] = load_multiview(bench_path, run_dir, image_key="image")
+    results = dict(num_steps=args.eval_steps, guidance=args.guidance, seed=args.seed + 12345,
+                   note="PSNR in dB over all pixels of the six views (white background included), "
+                        "mean over subjects; colour and encoded normal ((n+1)/2) separately")
+    for name, data in sets.items():
+        count = min(args.num_eval, len(data["image"]))
+        generated = generate(unet, data, count, args, device, alphas)  # (N, V, 6, H, W)
+        gen_color, gen_normal = latents_to_views(generated)
+        gt_color, gt_normal = from_uint8(data["color"][:count].numpy()), from_uint8(data["normal"][:count].numpy())
+        results[name] = dict(count=count, psnr_color=psnr(gen_color, gt_color).mean().item(),
+                             psnr_normal=psnr(gen_normal, gt_normal).mean().item(),
+                             psnr_front_color=psnr(gen_color[:, 0], gt_color[:, 0]).mean().item())
+        gt = views_to_latents(gt_color, gt_normal)
+        k = min(args.sheet_subjects, count)
+        samples_sheet(from_uint8(data["image"][:k].numpy()), generated[:k], gt[:k], out_dir / f"samples_{name}.png")
+    if "bench" not in sets:
+        results["bench"] = f"skipped: {bench_path} not found"
+    return results
+
+
+def print_metrics(results: dict) -> None:
+    print(f"PSNR (dB), DDIM {results['num_steps']} steps, guidance {results['guidance']}:")
+    for name in ("val", "bench"):
+        r = results.get(name)
+        if isinstance(r, dict):
+            print(f"  {name:5s} n={r['count']:3d}  colour {r['psnr_color']:6.2f}  normal {r['psnr_normal']:6.2f}")
+        else:
+            print(f"  {name:5s} {r}")
+
+
+def samples_sheet(image: torch.Tensor, generated: torch.Tensor, gt: torch.Tensor | None, path: Path,
+                  scale: int = 3) -> None:
+    """A png per subject: row 1 input | generated colour x6 | generated normal x6; row 2 (when gt is
+    given) blank | GT colour x6 | GT normal x6. image (B, 3, H, W) in [0, 1]; views (B, V, 6, H, W) in [-1, 1]."""
+    def strip(views):  # (V, 6, H, W) -> (3, H, 2V*W): colour views then normal views
+        color, normal = latents_to_views(views[None])
+        return torch.cat([*color[0], *normal[0]], dim=2)
+
+    b, _, h, w = image.shape
+    gap = torch.full((3, h, 2), 0.5)
+    rows = []
+    for i in range(b):
+        rows.append(torch.cat([image[i].cpu(), gap, strip(generated[i].cpu())], dim=2))
+        if gt is not None:
+            rows.append(torch.cat([torch.full_like(image[i].cpu(), 0.5), gap, strip(gt[i].cpu())], dim=2))
+        rows.append(torch.full((3, 2, rows[-1].shape[2]), 0.5))
+    sheet = torch.cat(rows, dim=1)
+    pixels = (sheet.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    picture = Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST)
+    with atomic_write(Path(path)) as tmp:
+        picture.save(tmp, format="png")
+
+
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+def main(args: Args) -> None:
+    start = time.time()
+    out = train_base(args)
+    print(f"wrote {out} in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    run_cli(main, Args)
