@@ -256,7 +256,8 @@ def load_bench(run_dir: Path) -> dict:
 
 
 def load_recon(run_dir: Path, tag: str, bench: dict) -> dict:
-    """One model's reconstructions: latents (N, V, 6, H, W), joints (N, 55, 3), mesh paths."""
+    """One model's reconstructions: latents (N, V, 6, H, W), joints (N, 55, 3), mesh paths; a views-only
+    sample (reconstruct.py --fit-every) has NaN joints and no mesh."""
     folder = run_dir / "recon" / tag
     made_by = recon_command(run_dir, tag)
     manifest = read_manifest(folder, made_by)
@@ -267,15 +268,18 @@ def load_recon(run_dir: Path, tag: str, bench: dict) -> dict:
     if manifest.get("resolution", bench["resolution"]) != bench["resolution"]:
         raise UserError(f"{folder / 'manifest.json'}: resolution {manifest['resolution']} differs from the "
                         f"bench's {bench['resolution']}; re-run `{made_by}`")
+    fit_every = int(manifest.get("fit_every") or 1)  # reconstruct.py --fit-every: 3D for every N-th sample
     latents, joints, meshes = [], [], []
     for i in range(count):
         sample = folder / f"{i:05d}"
-        for name in ("views.npz", "joints.npz", "mesh.ply"):
+        fitted = i % fit_every == 0
+        for name in ("views.npz",) + (("joints.npz", "mesh.ply") if fitted else ()):
             if not (sample / name).exists():
                 raise UserError(f"{sample / name} is missing; make it with `{made_by}`")
         latents.append(_npz_key(sample / "views.npz", "latents", made_by))
-        joints.append(_npz_key(sample / "joints.npz", "joints", made_by))
-        meshes.append(sample / "mesh.ply")
+        joints.append(_npz_key(sample / "joints.npz", "joints", made_by) if fitted
+                      else np.full(bench["joints"].shape[1:], np.nan, np.float32))
+        meshes.append(sample / "mesh.ply" if fitted else None)
     latents = np.stack(latents)
     if latents.shape[1:] != (len(VIEW_AZIMUTHS), 6) + bench["color"].shape[-2:]:
         raise UserError(f"{folder}: views.npz latents have shape {latents.shape[1:]}, expected "
@@ -315,16 +319,18 @@ def score_model(args: Args, bench: dict, recon: dict, count: int, run_dir: Path,
     for i in tqdm(range(count), desc=f"evaluate {tag}", leave=False):
         # One Generator per subject: base and drpose meet identical GT samples, global RNG untouched.
         rng = np.random.default_rng([args.seed, i])
-        geometry = geometry_metrics(load_mesh(recon["mesh_paths"][i], recon_command(run_dir, tag)),
-                                    load_mesh(bench["mesh_paths"][i], bench_command(run_dir)),
-                                    args.num_samples, args.fscore_cm / 100, rng, args.align)
-        pred_joints = recon["joints"][i, :NUM_BODY_JOINTS].astype(np.float64)
-        gt_joints = bench["joints"][i, :NUM_BODY_JOINTS].astype(np.float64)
+        row = dict.fromkeys(("chamfer_cm", "p2s_cm", "normal_consistency", "fscore", "mpjpe_mm", "pa_mpjpe_mm"), np.nan)
+        if recon["mesh_paths"][i] is not None:  # 3D metrics where the body was fitted (--fit-every)
+            geometry = geometry_metrics(load_mesh(recon["mesh_paths"][i], recon_command(run_dir, tag)),
+                                        load_mesh(bench["mesh_paths"][i], bench_command(run_dir)),
+                                        args.num_samples, args.fscore_cm / 100, rng, args.align)
+            pred_joints = recon["joints"][i, :NUM_BODY_JOINTS].astype(np.float64)
+            gt_joints = bench["joints"][i, :NUM_BODY_JOINTS].astype(np.float64)
+            row.update(chamfer_cm=geometry["chamfer_cm"], p2s_cm=geometry["p2s_cm"],
+                       normal_consistency=geometry["normal_consistency"], fscore=geometry["fscore"],
+                       mpjpe_mm=mpjpe_mm(pred_joints, gt_joints), pa_mpjpe_mm=pa_mpjpe_mm(pred_joints, gt_joints))
         rows.append(dict(
-            chamfer_cm=geometry["chamfer_cm"], p2s_cm=geometry["p2s_cm"],
-            normal_consistency=geometry["normal_consistency"], fscore=geometry["fscore"],
-            mpjpe_mm=mpjpe_mm(pred_joints, gt_joints), pa_mpjpe_mm=pa_mpjpe_mm(pred_joints, gt_joints),
-            mask_iou=mask_iou(pred_masks[i], bench["mask"][i]),
+            row, mask_iou=mask_iou(pred_masks[i], bench["mask"][i]),
             psnr_color_db=psnr(color[i][None], gt_color[i][None]).item(),
             ssim_color=ssim(color[i].numpy(), gt_color[i].numpy()),
             psnr_normal_db=psnr(normal[i][None], gt_normal[i][None]).item(),
@@ -368,19 +374,56 @@ def network_scores(args: Args, latents: dict[str, np.ndarray], bench: dict, coun
 
 # --- summaries: results.json and results.md --------------------------------------------------------
 
+def summary(values: np.ndarray) -> dict:
+    """mean, std and count over the subjects that have the metric (3D metrics: the fitted ones);
+    per_subject keeps every subject, null where it has none."""
+    finite = values[np.isfinite(values)]
+    return dict(mean=float(np.mean(finite)) if len(finite) else None, std=float(np.std(finite)) if len(finite) else None,
+                count=int(len(finite)), per_subject=[float(v) if np.isfinite(v) else None for v in values])
+
+
+# The judge of DrPose's effect: the pose reader's view joint error, and the share of the base ->
+# supervised ceiling gap a model closes on it, per bench split (README, "How the result is judged").
+GAP_METRIC = "view_joint_error_px"
+
+
+def gap_closed(base: float, model: float, ceiling: float) -> float | None:
+    """(base - model) / (base - ceiling): 0 is the base, 1 the ceiling; None when the ceiling is no
+    better than the base (no gap to close)."""
+    return (base - model) / (base - ceiling) if base - ceiling > 1e-9 else None
+
+
+def split_summary(per_subject: dict, bench: dict, count: int) -> dict:
+    """Per bench split (`dynamic`, `extreme`; a bench without splits is one split `all`): each model's
+    mean of every metric and, when models `base` and `ceiling` are both evaluated, the gap each other
+    model closes on GAP_METRIC."""
+    splits = np.array([str(s) for s in bench["split"][:count]]) if "split" in bench else np.full(count, "all")
+    out = {}
+    for name in dict.fromkeys(splits):
+        rows = splits == name
+        means = {tag: {m: summary(np.asarray(v)[rows])["mean"] for m, v in values.items()}
+                 for tag, values in per_subject.items()}
+        entry = dict(count=int(rows.sum()), models=means)
+        if {"base", "ceiling"} <= set(means) and GAP_METRIC in means["base"]:
+            base, ceiling = means["base"][GAP_METRIC], means["ceiling"][GAP_METRIC]
+            entry["gap_closed"] = {tag: gap_closed(base, m[GAP_METRIC], ceiling) for tag, m in means.items()
+                                   if tag not in ("base", "ceiling")}
+        out[name] = entry
+    return out
+
+
 def summarise(args: Args, per_subject: dict, gt_values: dict, bench: dict, count: int) -> dict:
     """The results.json object: protocol, per model per metric mean/std/per-subject, changes."""
-    models = {}
-    for tag, values in per_subject.items():
-        models[tag] = {name: dict(mean=float(np.mean(values[name])), std=float(np.std(values[name])),
-                                  per_subject=[float(v) for v in values[name]])
-                       for name in METRICS if name in values}
+    models = {tag: {name: summary(values[name]) for name in METRICS if name in values}
+              for tag, values in per_subject.items()}
     reference = args.models[0]
     change = {}
     for tag in args.models[1:]:
         change[tag] = {}
         for name in models[tag]:
             base = models[reference][name]["mean"]
+            if base is None or models[tag][name]["mean"] is None:
+                continue
             delta = models[tag][name]["mean"] - base
             better = METRICS[name][2]
             tied = abs(delta) <= 1e-9 * max(1.0, abs(base))  # float noise is no change
@@ -389,6 +432,7 @@ def summarise(args: Args, per_subject: dict, gt_values: dict, bench: dict, count
                 verdict="same" if tied else "better" if (delta < 0) == (better == "lower") else "worse")
     return dict(
         run_dir=str(args.run_dir), models=models, reference=reference, change=change,
+        splits=split_summary(per_subject, bench, count),
         subjects=count, bench_subjects=len(bench["joints"]),
         categories=[str(c) for c in bench.get("category", np.array([""] * count))[:count]],
         gt_reference={metric: dict(mean=float(np.mean(v)), std=float(np.std(v))) for metric, v in gt_values.items()},
@@ -432,12 +476,40 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     for name in METRICS:
         if name not in results["models"][tags[0]]:
             continue
-        row = [metric_label(name, results)]
-        row += [f"{results['models'][t][name]['mean']:.4g} ± {results['models'][t][name]['std']:.2g}" for t in tags]
+        counted = results["models"][tags[0]][name].get("count", results["subjects"])
+        row = [metric_label(name, results) + (f" [{counted} subjects]" if counted != results["subjects"] else "")]
+        row += [_mean_std(results["models"][t][name]) for t in tags]
         for tag in others:
-            c = results["change"][tag][name]
+            c = results["change"][tag].get(name)
+            if c is None:
+                row.append("n/a")
+                continue
             rel = "n/a" if c["relative"] is None else f"{100 * c['relative']:+.1f}%"
             row.append(f"{rel} ({c['verdict']})")
+        rows.append(row)
+    return header, rows
+
+
+def _mean_std(entry: dict) -> str:
+    return "n/a" if entry["mean"] is None else f"{entry['mean']:.4g} ± {entry['std']:.2g}"
+
+
+def split_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """The judge's table: per bench split, every model's mean view joint error and, with a base and a
+    ceiling, the share of the gap each other model closes."""
+    tags = list(results["models"])
+    others = [t for t in tags if t not in ("base", "ceiling")]
+    has_gap = any("gap_closed" in entry for entry in results["splits"].values())
+    header = ["split", "subjects"] + [f"{t}: {metric_label(GAP_METRIC, results)}" for t in tags]
+    header += [f"{t}: gap closed" for t in others] if has_gap else []
+    rows = []
+    for name, entry in results["splits"].items():
+        row = [name, str(entry["count"])]
+        row += ["n/a" if entry["models"][t].get(GAP_METRIC) is None else f"{entry['models'][t][GAP_METRIC]:.3f}"
+                for t in tags]
+        if has_gap:
+            gaps = entry.get("gap_closed", {})
+            row += ["n/a" if gaps.get(t) is None else f"{100 * gaps[t]:.0f}%" for t in others]
         rows.append(row)
     return header, rows
 
@@ -446,12 +518,19 @@ def write_markdown(path: Path, results: dict) -> str:
     header, rows = table_rows(results)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    if any(GAP_METRIC in entry["models"].get(results["reference"], {}) for entry in results["splits"].values()):
+        header, rows = split_rows(results)
+        lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
     note = (f"{results['subjects']} bench subjects; mean ± std (population) over subjects; "
             f"alignment: {results['protocol']['alignment']}; Chamfer = mean of both directions' mean "
             f"L2 distance. Made by `python evaluate.py --run-dir {results['run_dir']} "
             f"--models {' '.join(results['models'])}`.")
     for metric, value in results["gt_reference"].items():
         note += f" {METRICS[metric][0]} of the GT renders: {value['mean']:.4g}."
+    note += (" Split table: mean view joint error per bench split (the pose reader, never the reward); gap "
+             "closed = (base - model) / (base - ceiling), the share of the way from the base to the "
+             "supervised ceiling (the base fine-tuned on six-view renders of the DrPose poses).")
     text = "\n".join(lines) + "\n\n" + note + "\n"
     with atomic_write(path) as tmp:
         tmp.write_text(text)
@@ -478,8 +557,8 @@ def plot_metrics(path: Path, results: dict) -> None:
     fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(3 * cols, 2.4 * math.ceil(len(names) / cols)),
                              squeeze=False)
     for ax, name in zip(axes.flat, names):
-        means = [results["models"][t][name]["mean"] for t in tags]
-        stds = [results["models"][t][name]["std"] for t in tags]
+        means = [results["models"][t][name]["mean"] or 0.0 for t in tags]
+        stds = [results["models"][t][name]["std"] or 0.0 for t in tags]
         ax.bar(tags, means, yerr=stds, color=[f"C{k}" for k in range(len(tags))], capsize=3)
         ax.set_title(metric_label(name, results), fontsize=9)
         ax.ticklabel_format(axis="y", useOffset=False)
@@ -499,12 +578,15 @@ def plot_scatter(path: Path, results: dict) -> None:
     cols = 4
     fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(3 * cols, 2.8 * math.ceil(len(names) / cols)),
                              squeeze=False)
+    def per_subject(tag: str, name: str) -> np.ndarray:  # null (no 3D fit) -> NaN, which plots skip
+        return np.array([np.nan if v is None else v for v in results["models"][tag][name]["per_subject"]], float)
+
     for ax, name in zip(axes.flat, names):
-        x = np.array(results["models"][ref][name]["per_subject"])
+        x = per_subject(ref, name)
         for k, tag in enumerate(results["change"]):
-            ax.scatter(x, results["models"][tag][name]["per_subject"], s=12, color=f"C{k + 1}", label=tag)
-        values = np.concatenate([x] + [results["models"][t][name]["per_subject"] for t in results["change"]])
-        lo, hi = float(values.min()), float(values.max())
+            ax.scatter(x, per_subject(tag, name), s=12, color=f"C{k + 1}", label=tag)
+        values = np.concatenate([x] + [per_subject(t, name) for t in results["change"]])
+        lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
         ax.set_title(metric_label(name, results), fontsize=9)
         ax.set_xlabel(ref, fontsize=8)
@@ -546,7 +628,8 @@ def plot_grid(path: Path, index: int, bench: dict, recons: dict, run_dir: Path, 
 
     views = len(VIEW_AZIMUTHS)
     meshes = [("GT", load_mesh(bench["mesh_paths"][index], bench_command(run_dir)))]
-    meshes += [(tag, load_mesh(r["mesh_paths"][index], recon_command(run_dir, tag))) for tag, r in recons.items()]
+    meshes += [(tag, load_mesh(r["mesh_paths"][index], recon_command(run_dir, tag))) for tag, r in recons.items()
+               if r["mesh_paths"][index] is not None]  # views-only samples (--fit-every) have none
     image_rows = [("GT colour", bench["color"][index] / 255), ("GT normal", bench["normal"][index] / 255)]
     for tag, recon in recons.items():
         color, normal = latents_to_views(torch.from_numpy(recon["latents"][index:index + 1]))
@@ -580,9 +663,12 @@ def plot_grid(path: Path, index: int, bench: dict, recons: dict, run_dir: Path, 
 def write_report(path: Path, results: dict, figures: dict[str, str], grids: list[tuple[str, str]]) -> None:
     """report.html: protocol, table, plots and grids, every reference relative to eval/."""
     esc = html.escape
-    header, rows = table_rows(results)
-    table = "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
-    table += "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>"
+
+    def html_table(header, rows) -> str:
+        return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+
+    table = html_table(*table_rows(results)) + "<h2>Per bench split</h2>" + html_table(*split_rows(results))
     protocol = "".join(f"<li><b>{esc(k)}</b>: {esc(str(v))}</li>" for k, v in results["protocol"].items())
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>DrPose evaluation</title><style>"

@@ -20,7 +20,8 @@ Vocabulary (DRaFT, DRTune, AlignProp), each one flag:
                          U-Net's Jacobian along the chain; K steps spread over the executed chain
   `--method draft`       DRaFT-K: the last K steps in the graph, inputs not detached, full chain
   `--method alignprop`   AlignProp: a random number of last steps in the graph, full chain
-Loss (written once, `drpose_loss`): (1 - r) + w_KL * ||eps_trained - eps_frozen||^2 at the K steps.
+Loss (written once, `drpose_loss`): (1 - r) + w_KL * ||eps_trained - eps_frozen||^2 at the K steps
+[+ w_real * the frozen base's denoising error on the views, `--realism-weight`, not in the paper].
 With LoRA the frozen model is the same network with its adapters switched off.
 
 Reads base/ (pretrain.py), posescore/ (posescore.py) and data/drpose/ (poses + single images only:
@@ -52,7 +53,7 @@ import posescore
 from prepare_data import NUM_VIEWS, UserError, atomic_dir, atomic_write, from_uint8, load_split, read_manifest, \
     run_cli, with_preset
 from pretrain import (LATENT_CHANNELS, alphas_cumprod, append_log, autocast, clip_prediction, ddim_step, ddim_timesteps,
-                      decode, guided_output, jsonable, latest_checkpoint, load_checkpoint, load_model, rng_from_str,
+                      decode, denoising_error, encode, guided_output, jsonable, latest_checkpoint, load_checkpoint, load_model, rng_from_str,
                       rng_to_str, sample_views, save_checkpoint, save_model, split_v, step_rows, truncate_log)
 
 @dataclass
@@ -87,6 +88,11 @@ class Args:
     default 0.4 T, the paper's 8 of 20)"""
     kl_weight: float = 0.01
     """w_KL on the squared noise-prediction difference to the frozen model at the K steps (paper: 0.01)"""
+    realism_weight: float = 0.0
+    """weight of the realism penalty, the frozen base's denoising error on the generated views
+    (`realism_penalty`; not in the paper: 0 is the paper's method)"""
+    realism_t_range: tuple[int, int] = (50, 950)
+    """timesteps at which the generated views are re-noised for the realism penalty"""
     guidance: float | None = None
     """classifier-free guidance while sampling for the reward (default: the base model's inference value)"""
     lora_rank: int | None = None
@@ -217,9 +223,28 @@ def sample_with_grad(unet, image: torch.Tensor, noise: torch.Tensor, plan: Chain
     raise AssertionError("plan.stop lies beyond the chain")
 
 
-def drpose_loss(rewards: torch.Tensor, kl: torch.Tensor, kl_weight: float) -> torch.Tensor:
-    """The one place the sign convention lives: rewards are maximised, so the loss is 1 - r."""
-    return (1 - rewards).mean() + kl_weight * kl.mean()
+def realism_penalty(frozen: tuple, views: torch.Tensor, image: torch.Tensor, alphas: torch.Tensor,
+                    t_range: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """(B,) the starting model's denoising error on the generated views (`pretrain.denoising_error`).
+    Views the base finds unlikely (a reward network's adversarial strokes, blobs) cost more than views
+    it could have drawn. The gradient reaches the views only; checkpointing is off for this pass, as
+    its recomputation in backward would run with the adapters on again."""
+    with frozen_model(*frozen) as reference:
+        checkpointing = reference.is_gradient_checkpointing
+        reference.disable_gradient_checkpointing()
+        try:
+            return denoising_error(reference, encode(views), image, alphas, t_range, generator)
+        finally:
+            if checkpointing:
+                reference.enable_gradient_checkpointing()
+
+
+def drpose_loss(rewards: torch.Tensor, kl: torch.Tensor, kl_weight: float, realism: torch.Tensor | None = None,
+                realism_weight: float = 0.0) -> torch.Tensor:
+    """The one place the sign convention lives: rewards are maximised, so the loss is 1 - r; the KL
+    term and the realism penalty are minimised."""
+    loss = (1 - rewards).mean() + kl_weight * kl.mean()
+    return loss + realism_weight * realism.mean() if realism is not None else loss
 
 
 # --- the training pairs: poses and single images, never multi-view ---------------------------------
@@ -343,7 +368,9 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
         with autocast(device):
             views, kl = sample_with_grad(unet, image, noise, plan, guidance, alphas, args.num_steps, frozen)
         rewards, parts = reward_fn(views, batch, ctx)
-        loss = drpose_loss(rewards, kl, args.kl_weight)
+        realism = realism_penalty(frozen, views, image, alphas, args.realism_t_range, generator) \
+            if args.realism_weight > 0 else None  # no draws when off, so the paper's runs keep their noise
+        loss = drpose_loss(rewards, kl, args.kl_weight, realism, args.realism_weight)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(trainable, args.grad_clip)
@@ -357,6 +384,8 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
                         grad_steps=list(plan.grad_steps), stop=plan.stop,
                         sec_per_step=round((time.time() - tick) / args.log_every, 3),
                         parts={k: round(v.mean().item(), 5) for k, v in parts.items()})
+            if realism is not None:
+                line["realism"] = round(realism.mean().item(), 6)
             if eval_inputs is not None and accelerator.is_main_process and \
                     (step % args.eval_every == 0 or step == args.steps):
                 unet.eval()

@@ -4,6 +4,8 @@
     python pretrain.py --preset full                 # 64 px, bigger net (one GPU, ~20 minutes)
     python pretrain.py --resume                      # continue from the newest base_ckpt/step_*/
     python pretrain.py --init pretrained/demo_base --steps 0   # take a trained model, only evaluate it
+    python pretrain.py --init runs/demo/base --train-data runs/demo/data/drpose_gt/train.npz \
+        --out runs/demo/ceiling --steps 100 --batch-size 4 --lr 5e-4   # the supervised ceiling (README)
     accelerate launch pretrain.py --preset full      # several GPUs, the same code
 
 In the paper this model is downloaded (PSHuman); it is not part of DrPose. It lives in its own stage so
@@ -88,6 +90,11 @@ class Args:
     """attention heads in every transformer block"""
     token_dim: int | None = None
     """width of the image tokens the U-Net cross-attends to (demo 64, full 256)"""
+    train_data: Path | None = None
+    """six-view training subjects (default: <run-dir>/data/scans/train.npz). The supervised ceiling
+    trains the base further on <run-dir>/data/drpose_gt/train.npz: the DrPose poses' six-view renders"""
+    out: Path | None = None
+    """where the model goes (default: <run-dir>/base); checkpoints go to <out>_ckpt/"""
     init: Path | None = None
     """start from the weights of this model folder (any base/-like folder) instead of random init"""
     resume: bool = False
@@ -505,6 +512,20 @@ def diffusion_loss(unet, views: torch.Tensor, image: torch.Tensor, alphas: torch
     return F.mse_loss(model_output(unet, x_t, t, image).float(), target)
 
 
+def denoising_error(unet, latents: torch.Tensor, image: torch.Tensor, alphas: torch.Tensor,
+                    t_range: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """How unlikely the model finds latents (B, V, 6, H, W) given image (B, 3, H, W) in [0, 1]: re-noise
+    them at t ~ U{t_range} and return the v-prediction's squared error per subject (B,). Differentiable
+    in the latents (DrPose's realism penalty, the reward probe's ascent)."""
+    b, device = latents.shape[0], latents.device
+    t = torch.randint(t_range[0], t_range[1] + 1, (b,), generator=generator).to(device)
+    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    a = alphas.to(device)[t].to(latents.dtype).view(b, 1, 1, 1, 1)
+    x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
+    target = a.sqrt() * noise - (1 - a).sqrt() * latents  # v
+    return (model_output(unet, x_t, t, image).float() - target.float()).pow(2).flatten(1).mean(1)
+
+
 @torch.no_grad()
 def validation_loss(unet, val: dict, alphas: torch.Tensor, device, seed: int, limit: int = 16) -> float:
     """The loss on up to `limit` val subjects with fixed noise and timesteps (comparable over steps)."""
@@ -528,13 +549,14 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
     # --- data: scan-like training subjects; val for the validation loss and the final numbers ---
-    train = load_multiview(run_dir / "data/scans/train.npz", run_dir)
+    train_path = args.train_data or run_dir / "data/scans/train.npz"
+    train = load_multiview(train_path, run_dir)
     val = load_multiview(run_dir / "data/scans/val.npz", run_dir)
     resolution = train["resolution"]
     if resolution % TOKEN_GRID or resolution // TOKEN_GRID < 1:
         raise UserError(f"resolution {resolution} must be a multiple of {TOKEN_GRID}")
     if len(train["image"]) < args.batch_size * world:
-        raise UserError(f"{run_dir}/data/scans/train.npz has {len(train['image'])} subjects, fewer than "
+        raise UserError(f"{train_path} has {len(train['image'])} subjects, fewer than "
                         f"--batch-size x devices = {args.batch_size * world}")
 
     # --- model and optimizer ---
@@ -555,7 +577,8 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     expect = dict(resolution=resolution, world=world,
                   data=dict(seed=args.seed, batch_size=args.batch_size, subjects=len(train["image"])))
 
-    ckpt_root = run_dir / "base_ckpt"
+    base = args.out or run_dir / "base"
+    ckpt_root = Path(str(base) + "_ckpt")
     metrics_path = ckpt_root / "metrics.jsonl"
     step, generator = 0, torch.Generator().manual_seed(args.seed * 1000 + rank)  # noise, t, dropout
     found = latest_checkpoint(ckpt_root) if args.resume and ckpt_root.exists() else None
@@ -617,7 +640,6 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
 
     # --- evaluate and write base/ ---
     unet = accelerator.unwrap_model(unet).eval()
-    base = run_dir / "base"
     if accelerator.is_main_process:
         with atomic_dir(base) as tmp:
             save_model(tmp, unet, record)

@@ -1,34 +1,51 @@
-"""Probe a reward for hedging: does it pay for blurring views without changing the pose?
+"""The hacking gate: can a reward be raised without a better pose? Run it before training against a reward.
 
-    python bench/reward_probe.py --run-dir runs/demo --models base drpose [--reward NAME]
+    python bench/reward_probe.py --run-dir runs/demo --reward posescore            # the paper's reward
+    python bench/reward_probe.py --reward posescore --realism-weight 0.3           # with DrPose's realism term
+    python bench/reward_probe.py --reward my_reward --check-dir runs/demo/pose_check   # a forked reward
 
-Scores edited views of the bench with the reward (`--reward`, any name in posescore.REWARDS, default
-the paper's PoseScore, on the g_skel of posescore/ or --posescore-dir) and with the pose reader
-(pose_reader/: its 2D joint error per view, px). The edits keep the front view and change only the
-five other views:
-    blur sides      a Gaussian blur (skimage.filters.gaussian, sigma --sigma px) of colour and normal:
-                    the same pose, less certain
-    other subject   the side views of the next bench subject: sharp, but the wrong pose
-A reward that ranks "blur sides" above the sharp originals rewards uncertainty: a generator pushed
-up such a reward can gain by blurring views it cannot get right (README, "reward hacking").
-Reads <run-dir>/data/bench/, recon/<model>/ (views.npz), posescore/ and pose_reader/."""
+Three probes, all on the bench (data/bench/) and the base model's generated views (recon/base/):
+
+1. Ascent (the gate). From the base's generated views, Adam on the views themselves (the generator's
+   output space: pixels here, latents in a latent model) maximising the reward (minus `--realism-weight`
+   times the frozen base's denoising error of the views, as `finetune.py --realism-weight` trains it).
+   Every few steps: the reward, and the pose reader's side-view joint error (views 1..5; the front view
+   is the input's own). A reward PASSES when the ascent, at the step its value first reaches the GT
+   renders' level (or at the last step, if it never does), has also lowered the reader's side-view
+   error by at least 20% of the base -> GT gap. Optimising a generator against a reward is this ascent
+   with fewer degrees of freedom, so a reward that fails it pays for something other than pose.
+   `--check-dir`: a second network trained apart (`posescore.py train --train-on any --seed 2 --out
+   DIR`) reads the same views, in case the reader itself is being fooled.
+2. Blur: the five side views blurred (Gaussian, --sigma px): the same pose, less certain. A reward that
+   ranks them above the sharp ones pays for hedging.
+3. Swap: the side views of the next subject: sharp, the wrong pose.
+
+Prints a markdown table and writes --out (default bench/results/reward_gate_<reward>.json) with every
+logged ascent step. Reads <run-dir>/data/bench/, recon/base/, base/, posescore/ (or --posescore-dir),
+pose_reader/.
+"""
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
 import torch
+from skimage.filters import gaussian
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import posescore  # noqa: E402
 from evaluate import NETWORK_METRICS  # noqa: E402
-from prepare_data import from_uint8, load_split, views_to_latents  # noqa: E402
+from finetune import realism_penalty  # noqa: E402
+from prepare_data import from_uint8, load_split, views_to_latents, write_json  # noqa: E402
+from pretrain import alphas_cumprod, load_model  # noqa: E402
+
+PASS_SHARE = 0.2  # the ascent must close this share of the base -> GT side-view gap
 
 
 def blur_sides(views: torch.Tensor, sigma: float) -> torch.Tensor:
     """(N, V, C, H, W) in [-1, 1] -> the same with views 1.. blurred over H, W."""
-    from skimage.filters import gaussian
-
     out = views.clone()
     side = views[:, 1:].numpy()
     out[:, 1:] = torch.from_numpy(gaussian(side, sigma=(0, 0, 0, sigma, sigma), mode="nearest",
@@ -42,42 +59,127 @@ def other_sides(views: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def scores(views: torch.Tensor, joints: torch.Tensor, reward: str, reward_ctx, reader_ctx) -> tuple[float, float]:
-    """Mean reward (reward g_skel) and mean view joint error (reader, px, as evaluate.py has it)."""
-    rewards, _ = posescore.reward_in_chunks(posescore.REWARDS[reward], views, joints, reward_ctx)
+def side_error(views: torch.Tensor, joints: torch.Tensor, ctx) -> float:
+    """A pose network's mean 2D joint error (px) over the side views 1..5, as evaluate.py reads views."""
     _, reader_reward, to_metric = NETWORK_METRICS["view_joint_error_px"]
-    errors, _ = posescore.reward_in_chunks(posescore.REWARDS[reader_reward], views, joints, reader_ctx)
-    return float(rewards.mean()), float(to_metric(errors, reader_ctx).mean())
+    _, parts = posescore.reward_in_chunks(posescore.REWARDS[reader_reward], views, joints, ctx)
+    sides = torch.stack([v for k, v in parts.items() if k.startswith("view_") and k != "view_000"], 1)  # (N, 5)
+    return float(to_metric(sides, ctx).mean())
+
+
+def mean_reward(views: torch.Tensor, joints: torch.Tensor, reward: str, ctx) -> float:
+    return float(posescore.reward_in_chunks(posescore.REWARDS[reward], views, joints, ctx)[0].mean())
+
+
+def ascent(views, images, joints, args, reward_ctx, readers, base, alphas, gt_reward) -> list[dict]:
+    """Adam on the views; a log line every --log-every steps."""
+    x = views.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=args.lr)
+    generator = torch.Generator().manual_seed(args.seed)  # the realism term's timesteps and noise
+    log, start = [], time.time()
+    for step in range(args.steps + 1):
+        if step % args.log_every == 0 or step == args.steps:
+            with torch.no_grad():
+                line = dict(step=step, reward=mean_reward(x.detach(), joints, args.reward, reward_ctx),
+                            seconds=round(time.time() - start, 1))
+                line |= {f"side_error_{name}": side_error(x.detach(), joints, ctx) for name, ctx in readers.items()}
+            line["reached_gt"] = line["reward"] >= gt_reward
+            log.append(line)
+            print(json.dumps(line))
+        if step == args.steps:
+            break
+        rewards, _ = posescore.REWARDS[args.reward](x, {"joints": joints}, reward_ctx)
+        objective = rewards.mean()
+        if args.realism_weight > 0:
+            realism = realism_penalty((None, base), x, images, alphas, tuple(args.realism_t_range), generator)
+            objective = objective - args.realism_weight * realism.mean()
+        optimizer.zero_grad()
+        (-objective).backward()
+        optimizer.step()
+        with torch.no_grad():
+            x.clamp_(-1, 1)
+    return log
+
+
+def verdict(log: list[dict], base_side: float, gt_side: float) -> dict:
+    """Judge at the first logged step whose reward reached the GT level, else at the last."""
+    at = next((line for line in log if line["reached_gt"]), log[-1])
+    closed = (base_side - at["side_error_reader"]) / (base_side - gt_side) if base_side > gt_side else None
+    return dict(judged_at_step=at["step"], reached_gt=at["reached_gt"], side_error_reader=at["side_error_reader"],
+                gap_closed=closed, passes=closed is not None and closed >= PASS_SHARE,
+                rule=f"pass: side-view error lowered by >= {PASS_SHARE:.0%} of the base -> GT gap at the step "
+                     "the reward first reaches the GT renders' value (else at the last step)")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--models", nargs="*", default=["base", "drpose"])
-    parser.add_argument("--sigma", type=float, default=2.0)
     parser.add_argument("--reward", default="posescore", help="a name in posescore.REWARDS")
     parser.add_argument("--posescore-dir", type=Path, default=None, help="the reward's g_skel (default <run-dir>/posescore)")
+    parser.add_argument("--check-dir", type=Path, default=None, help="a second pose network trained apart (optional)")
+    parser.add_argument("--realism-weight", type=float, default=0.0, help="as finetune.py --realism-weight")
+    parser.add_argument("--realism-t-range", type=int, nargs=2, default=(50, 950))
+    parser.add_argument("--steps", type=int, default=100, help="Adam steps of the ascent")
+    parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate on views in [-1, 1]")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--count", type=int, default=None, help="the first N bench subjects (default all)")
+    parser.add_argument("--sigma", type=float, default=2.0, help="blur probe: Gaussian sigma, px")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.reward not in posescore.REWARDS:
         parser.error(f"--reward {args.reward} is not one of {sorted(posescore.REWARDS)}")
+    if args.steps < 1 or args.log_every < 1 or args.lr <= 0 or args.realism_weight < 0:
+        parser.error("--steps and --log-every must be >= 1, --lr > 0, --realism-weight >= 0")
     torch.set_num_threads(1)
-    bench = load_split(args.run_dir / "data/bench/bench.npz", expect_keys=("color", "normal", "joints"))
-    gt = views_to_latents(from_uint8(bench["color"]), from_uint8(bench["normal"]))
-    joints = torch.from_numpy(bench["joints"]).float()
-    reward_ctx = posescore.load_reward_context(args.posescore_dir or args.run_dir / "posescore")
-    reader_ctx = posescore.load_reward_context(args.run_dir / "pose_reader")
-    rows = [("GT renders", gt), (f"GT, side views blurred (sigma {args.sigma:g} px)", blur_sides(gt, args.sigma)),
-            ("GT, side views of another subject", other_sides(gt))]
-    for tag in args.models:
-        views, _, _ = posescore.read_scored_views(posescore.ScoreArgs(views_dir=args.run_dir / "recon" / tag,
+    torch.manual_seed(args.seed)
+
+    bench = load_split(args.run_dir / "data/bench/bench.npz", expect_keys=("color", "normal", "joints", "image"))
+    views, _, names = posescore.read_scored_views(posescore.ScoreArgs(views_dir=args.run_dir / "recon" / "base",
                                                                       run_dir=args.run_dir))
-        rows += [(f"{tag} views", views), (f"{tag}, side views blurred", blur_sides(views, args.sigma))]
-    print(f"{len(gt)} bench subjects, {args.run_dir}")
-    print(f"| views | {args.reward} (reward, higher is better) | view joint error, pose reader (px, lower is better) |")
-    print("|---|---|---|")
-    for name, views in rows:
-        reward, error = scores(views, joints, args.reward, reward_ctx, reader_ctx)
-        print(f"| {name} | {reward:.4f} | {error:.2f} |")
+    count = min(len(views), args.count or len(views))
+    index = [int(n) for n in names[:count]]
+    views = views[:count]
+    gt = views_to_latents(from_uint8(bench["color"][index]), from_uint8(bench["normal"][index]))
+    joints = torch.from_numpy(bench["joints"][index]).float()
+    images = from_uint8(bench["image"][index])
+    reward_ctx = posescore.load_reward_context(args.posescore_dir or args.run_dir / "posescore")
+    readers = {"reader": posescore.load_reward_context(args.run_dir / "pose_reader")}
+    if args.check_dir is not None:
+        readers["check"] = posescore.load_reward_context(args.check_dir)
+    base, config = load_model(args.run_dir / "base")
+    base.requires_grad_(False)
+    alphas = alphas_cumprod(config)
+
+    # --- probes 2 and 3: edits that keep or break the pose ---
+    rows = {"GT renders": gt, f"GT, side views blurred (sigma {args.sigma:g} px)": blur_sides(gt, args.sigma),
+            "GT, side views of another subject": other_sides(gt), "base views": views,
+            "base, side views blurred": blur_sides(views, args.sigma)}
+    table = {name: dict(reward=mean_reward(v, joints, args.reward, reward_ctx),
+                        **{f"side_error_{r}": side_error(v, joints, ctx) for r, ctx in readers.items()})
+             for name, v in rows.items()}
+
+    # --- probe 1: ascent in the generator's output space ---
+    log = ascent(views, images, joints, args, reward_ctx, readers, base, alphas, table["GT renders"]["reward"])
+    result = verdict(log, table["base views"]["side_error_reader"], table["GT renders"]["side_error_reader"])
+    if "check" in readers:
+        at = next(line for line in log if line["step"] == result["judged_at_step"])
+        base_c, gt_c = table["base views"]["side_error_check"], table["GT renders"]["side_error_check"]
+        result["gap_closed_check"] = (base_c - at["side_error_check"]) / (base_c - gt_c) if base_c > gt_c else None
+
+    print(f"\n{count} bench subjects, {args.run_dir}, reward {args.reward}"
+          + (f" - {args.realism_weight:g} x realism" if args.realism_weight else ""))
+    cols = list(next(iter(table.values())))
+    print("| views | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
+    for name, values in table.items():
+        print(f"| {name} | " + " | ".join(f"{values[c]:.4f}" for c in cols) + " |")
+    last = log[-1]
+    print(f"| ascent, step {last['step']} | " + " | ".join(f"{last[c]:.4f}" for c in cols) + " |")
+    print(f"\ngate: {'PASS' if result['passes'] else 'FAIL'} ({json.dumps(result)})")
+    out = args.out or Path(__file__).parent / "results" / f"reward_gate_{args.reward}.json"
+    write_json(out, dict(args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                         subjects=count, probes=table, ascent=log, gate=result))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

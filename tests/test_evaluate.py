@@ -319,3 +319,54 @@ def test_cli_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "bench" in lines[0]
+
+
+# --- bench splits, the supervised ceiling and the gap closed ---------------------------------------
+
+def test_gap_closed_is_the_share_of_the_way_from_base_to_ceiling():
+    assert evaluate.gap_closed(5.0, 4.0, 3.0) == pytest.approx(0.5)
+    assert evaluate.gap_closed(5.0, 5.5, 3.0) == pytest.approx(-0.25)  # worse than the base: negative
+    assert evaluate.gap_closed(5.0, 4.0, 5.0) is None  # a ceiling no better than the base: no gap
+
+
+def test_split_table_gap_closed_and_views_only_samples(tmp_path, monkeypatch):
+    """Two splits (the first two subjects dynamic, the last extreme), a ceiling model, and
+    reconstructions whose sample 1 has views only (reconstruct.py --fit-every 2): 3D metrics average
+    over the fitted subjects, view metrics over all, and gap closed is computed per split from a view
+    joint error the test controls."""
+    run = make_run(tmp_path, models=("base", "drpose", "ceiling"))
+    bench = dict(np.load(run / "data/bench/bench.npz"))
+    bench["split"] = np.array(["dynamic", "dynamic", "extreme"])
+    np.savez(run / "data/bench/bench.npz", **bench)
+    for tag in ("base", "drpose", "ceiling"):
+        _manifest(run / "recon" / tag, model=str(run / tag), fit_every=2)
+        for name in ("joints.npz", "mesh.ply", "body.json"):
+            (run / "recon" / tag / "00001" / name).unlink()
+    error = {"base": [6.0, 4.0, 9.0], "drpose": [5.0, 4.0, 9.5], "ceiling": [3.0, 3.0, 7.0]}  # px per subject
+    (run / "pose_reader").mkdir()
+
+    error["gt"] = [1.0, 1.0, 1.0]
+    order = iter(["base", "drpose", "ceiling", "gt"])  # network_scores reads the models in order, then the GT
+
+    def fake_keypoints(views, batch, ctx):  # the made-up error of the model being read, as -px / width
+        return -torch.tensor(error[next(order)][: len(views)]) / RES, {}
+
+    fake = types.ModuleType("posescore")
+    fake.load_reward_context = lambda folder, device: types.SimpleNamespace(resolution=RES)
+    fake.REWARDS = {"keypoints": fake_keypoints}
+    fake.reward_in_chunks = posescore.reward_in_chunks
+    monkeypatch.setattr(evaluate, "posescore", fake)
+    results = run_eval(run, models=("base", "drpose", "ceiling"), max_grids=2)
+
+    assert results["models"]["base"]["chamfer_cm"]["count"] == 2  # subjects 0 and 2 were fitted
+    assert results["models"]["base"]["chamfer_cm"]["per_subject"][1] is None
+    assert results["models"]["base"]["mask_iou"]["count"] == 3
+    dynamic, extreme = results["splits"]["dynamic"], results["splits"]["extreme"]
+    assert dynamic["count"] == 2 and extreme["count"] == 1
+    assert dynamic["models"]["base"]["view_joint_error_px"] == pytest.approx(5.0)
+    # dynamic: base 5.0, drpose 4.5, ceiling 3.0 -> 25%; extreme: base 9, drpose 9.5, ceiling 7 -> -25%
+    assert dynamic["gap_closed"]["drpose"] == pytest.approx(0.25)
+    assert extreme["gap_closed"]["drpose"] == pytest.approx(-0.25)
+    text = (run / "eval" / "results.md").read_text()
+    assert "| dynamic | 2 |" in text and "25%" in text and "-25%" in text
+    assert "[2 subjects]" in text  # 3D rows say how many subjects they average

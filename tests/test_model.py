@@ -222,3 +222,23 @@ def test_pretrain_writes_base_with_metrics_and_sheets(run_dir):
 def test_missing_data_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="prepare_data.py"):
         train_base(tiny_args(tmp_path))
+
+
+def test_the_supervised_ceiling_trains_the_base_further_on_other_data_into_its_own_folder(run_dir, tmp_path):
+    """pretrain.py --init base --train-data other.npz --out ceiling: base/ stays as it was, the
+    ceiling starts from its weights and learns from the other data (here: a 2-subject split)."""
+    base = train_base(tiny_args(run_dir, steps=2))
+    before = weights(base)
+    make_split(tmp_path / "drpose_gt", "train", 2, seed=5)
+    ceiling = train_base(tiny_args(run_dir, init=base, train_data=tmp_path / "drpose_gt/train.npz",
+                                   out=tmp_path / "ceiling", steps=2))
+    assert ceiling == tmp_path / "ceiling" and (tmp_path / "ceiling_ckpt/step_000002").exists()
+    after = weights(base)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # base/ untouched
+    trained = weights(ceiling)
+    assert any(not torch.equal(before[k], trained[k]) for k in before)
+    record = json.loads((ceiling / "drpose_config.json").read_text())
+    assert record["train_args"]["train_data"].endswith("drpose_gt/train.npz")
+    with pytest.raises(UserError, match="fewer than"):  # 2 subjects cannot fill a batch of 4
+        train_base(tiny_args(run_dir, init=base, train_data=tmp_path / "drpose_gt/train.npz",
+                             out=tmp_path / "c2", batch_size=4))

@@ -62,7 +62,7 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def oracle_run(world):
     """The CLI's own main() on the toy bench with the GT views and ideal skeleton maps."""
-    args = rc.Args(run_dir=world["root"], oracle=True, skeleton="ideal")
+    args = rc.Args(run_dir=world["root"], oracle=True, skeleton="ideal", fit_every=1)
     folder = rc.main(args)
     return folder
 
@@ -187,11 +187,20 @@ def test_rerun_skips_complete_samples_and_redoes_a_killed_one(world, oracle_run)
     shutil.rmtree(oracle_run / "00001")
     (oracle_run / "00001.tmp").mkdir()  # what a kill mid-write leaves
     (oracle_run / "00001.tmp" / "views.npz").write_bytes(b"partial")
-    rc.main(rc.Args(run_dir=world["root"], oracle=True, skeleton="ideal"))
+    rc.main(rc.Args(run_dir=world["root"], oracle=True, skeleton="ideal", fit_every=1))
     assert done.stat().st_mtime_ns == stamp  # untouched
     assert (oracle_run / "00001" / "mesh.ply").exists() and not (oracle_run / "00001.tmp").exists()
     with pytest.raises(pd.UserError, match="made differently"):
-        rc.main(rc.Args(run_dir=world["root"], oracle=True, skeleton="ideal", seed=1))
+        rc.main(rc.Args(run_dir=world["root"], oracle=True, skeleton="ideal", seed=1, fit_every=1))
+
+
+def test_fit_every_writes_views_for_all_and_meshes_for_every_nth(world):
+    """The demo fits 3D for every third subject only: the pose metrics need the views alone."""
+    out = rc.main(rc.Args(run_dir=world["root"], oracle=True, skeleton="ideal", fit_every=2, tag="every2"))
+    assert (out / "00000" / "mesh.ply").exists() and (out / "00000" / "joints.npz").exists()
+    assert (out / "00001" / "views.npz").exists() and (out / "00001" / "views.png").exists()
+    assert not (out / "00001" / "mesh.ply").exists() and not (out / "00001" / "joints.npz").exists()
+    assert json.loads((out / "manifest.json").read_text())["fit_every"] == 2
 
 
 # --- generation: a tiny model, one image file, per-sample noise -------------------------------------
