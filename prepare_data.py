@@ -2,11 +2,32 @@
 
     python prepare_data.py --preset demo            # embedded world, CPU, under a minute
     python prepare_data.py --preset full            # paper-sized sets (15K pairs, 60 bench subjects)
-    python prepare_data.py --body-model ~/smplx     # a real SMPL-X folder through the same code
-    python prepare_data.py --pose-source motionx --pose-files ~/motionx/   # real motion for drpose/
+    python prepare_data.py --body-model ~/models/smplx --gender female   # a real SMPL-X folder, same code
+    python prepare_data.py --pose-source files --pose-files ~/amass/CMU   # real motion for drpose/
+
+The paper's DrPose15K recipe on a folder of real motion files (any mix of the layouts below):
+1500 anchors by farthest-point sampling, each with 9 temporal neighbours = 15K pairs. The paper
+does not state the neighbours' spacing; ours is --neighbour-spacing 1/15 s (every 2nd frame at a
+video rate of 30 fps, as the generated pool has always used), whatever each file's own rate:
+
+    python prepare_data.py --preset full --run-dir runs/drpose15k --pose-source files \
+        --pose-files ~/motion --num-anchors 1500 --neighbours 9
+
+Motion files (--pose-layout auto tells them apart; POSE_LAYOUTS writes each down once):
+    layout       file  pose array           frame rate                   up  hands
+    amass-smplh  .npz  poses (F, 156)       mocap_framerate              z   absolute
+    amass-smplx  .npz  poses (F, 165)       mocap_frame_rate             z   absolute
+    motionx      .npy  the array (F, 322)   none: pass --fps             y   relative to the mean
+    smpl72       .npz  poses (F, 72), or    fps / mocap_framerate        y   none (relaxed)
+                 .npy  global_orient + body_pose
+    aistpp       .pkl  smpl_poses (F, 72)   60 fps (AIST++'s)            y   none (relaxed)
+Every file is read and checked before anything is written: values, frame rate, and the body posed
+upright (head above pelvis along +y in most frames; --up auto tries the layout's axis, then y, z,
+-y, and prints its choice). A bad file stops the run with one line naming it, exit status 2.
 
 Writes, under the run folder (default runs/demo/):
-    body/SMPLX_NEUTRAL.npz      the embedded mannequin as an SMPL-X model file (stock `smplx` loads it)
+    body/SMPLX_NEUTRAL.npz      the embedded mannequin as an SMPL-X model file (stock `smplx` loads it);
+                                with --body-model, only a manifest.json naming the user's file
     data/scans/                 scan-like poses rendered in six views (the base model's training set)
     data/drpose/                DrPose15K-style (pose, single front image) pairs; no multi-view images
     data/bench/                 MixamoRP-style hard poses with GT meshes and six-view GT renders
@@ -22,6 +43,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -45,11 +67,23 @@ class Args:
     run_dir: Path = Path("runs/demo")
     """the run folder every stage reads and writes"""
     body_model: Path | None = None
-    """a real SMPL-X folder (holding SMPLX_NEUTRAL.npz or .pkl); default: export the mannequin"""
-    pose_source: Literal["generated", "motionx", "amass"] = "generated"
-    """where drpose/ poses come from: our motion generator, or Motion-X / AMASS files"""
+    """a real SMPL-X folder (models/smplx of the official download: SMPLX_<GENDER>.npz, or .pkl where
+    it loads without chumpy); default: export the mannequin"""
+    gender: Literal["neutral", "male", "female"] = "neutral"
+    """which model of the --body-model folder"""
+    pose_source: Literal["generated", "files"] = "generated"
+    """where drpose/ poses come from: our motion generator, or motion files (--pose-files)"""
     pose_files: Path | None = None
-    """a Motion-X .npy / AMASS .npz file or a folder of them (with --pose-source motionx|amass)"""
+    """a motion file or a folder tree of them (.npz, .npy, .pkl), with --pose-source files"""
+    pose_layout: Literal["auto", "amass-smplh", "amass-smplx", "motionx", "smpl72", "aistpp"] = "auto"
+    """the files' layout (POSE_LAYOUTS); auto tells them apart by file type, keys and width"""
+    up: Literal["auto", "y", "z", "-y"] = "auto"
+    """the files' world up axis; auto: the layout's own, else the first of y, z, -y under which the
+    body stands upright in most checked frames (printed); -y is camera coordinates (y down)"""
+    fps: float | None = None
+    """the files' frame rate, overriding theirs (needed where a file carries none, e.g. Motion-X)"""
+    neighbour_spacing: float = 1 / 15
+    """seconds between an anchor's temporal neighbours (1/15 s: every 2nd frame at 30 fps)"""
     resolution: int | None = None
     """view resolution in pixels (demo 32, full 64)"""
     num_scans: int | None = None
@@ -257,6 +291,8 @@ def latents_to_views(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 MASK_THRESHOLD = 0.8  # a pixel is foreground when its encoded normal's smallest channel is below this
+# (a unit normal has a component <= 1/sqrt(3), so encoded <= 0.79; white background is 1; 0.8 best
+# matches the renders' coverage >= 0.5 masks on the demo bench: 99% of pixels agree)
 
 
 def views_mask(latents: torch.Tensor) -> torch.Tensor:
@@ -384,19 +420,100 @@ def export_mannequin_smplx(path: Path) -> dict:
                 shape_joint_error_m=float(np.abs(true_joints - linear_joints).max()))
 
 
-def load_body_model(folder: Path, device="cpu"):
-    """Stock smplx SMPL-X from a folder holding SMPLX_NEUTRAL.npz (ours) or .npz/.pkl (a real one)."""
-    import smplx
+GENDERS = ("neutral", "male", "female")
 
+
+class RefusedPickle(pickle.UnpicklingError):
+    """A pickle naming a global that _PlainUnpickler does not allow."""
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, numpy scalars and plain containers (dict, list, str, numbers) and
+    nothing else: a pickle that names any other global (os.system, ...) is refused when that name is
+    looked up, before anything can call it. `extra` allows more (module, name) pairs."""
+
+    ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
+                ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}
+
+    def __init__(self, file, extra=frozenset()):
+        super().__init__(file, encoding="latin1")  # latin1: numpy arrays pickled by Python 2
+        self.allowed = self.ALLOWED | set(extra)
+
+    def find_class(self, module, name):
+        if (module, name) not in self.allowed:
+            raise RefusedPickle(f"it names {module}.{name}, which is not a numpy array or plain container")
+        return super().find_class(module, name)
+
+
+# What an official SMPL-X .pkl holds besides arrays: scipy sparse matrices, pickled by Python 2.
+_SPARSE_PICKLE = {(m, n) for m in ("scipy.sparse.csc", "scipy.sparse._csc", "scipy.sparse.csr", "scipy.sparse._csr")
+                  for n in ("csc_matrix", "csr_matrix")} | {("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor"),
+                                                            ("__builtin__", "object"), ("builtins", "object")}
+
+
+def _check_model_pickles(path: Path) -> None:
+    """Refuse a model file whose pickled parts (a .pkl, or an .npz's object arrays, which smplx loads
+    with allow_pickle=True) hold anything but arrays, sparse matrices and plain containers."""
+    import zipfile
+
+    try:
+        if path.suffix == ".pkl":
+            with open(path, "rb") as fh:
+                _PlainUnpickler(fh, _SPARSE_PICKLE).load()
+            return
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.namelist():
+                with archive.open(member) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    _, _, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0(fh))
+                    if dtype.hasobject:
+                        _PlainUnpickler(fh).load()
+    except RefusedPickle as err:
+        fix = ("use the .npz of the same SMPL-X download (this .pkl needs chumpy)" if "chumpy" in str(err)
+               else "use an official SMPL-X file")
+        raise UserError(f"{path} was refused: {err}; {fix}") from None
+    except Exception as err:
+        raise UserError(f"{path} is not a valid SMPL-X model file ({type(err).__name__}: {err}); "
+                        "re-export it with `python prepare_data.py` or use an official SMPL-X file") from None
+
+
+def body_model_file(folder: Path, gender: str | None = None) -> tuple[Path, str]:
+    """The SMPL-X model file of a body folder and its gender: what the folder's manifest.json names
+    (a run's body/), else SMPLX_<GENDER>.npz or .pkl in the folder or its smplx/ subfolder (the
+    layout of the official download; npz first)."""
     folder = Path(folder)
-    candidates = [folder / "SMPLX_NEUTRAL.npz", folder / "SMPLX_NEUTRAL.pkl",
-                  folder / "smplx" / "SMPLX_NEUTRAL.npz", folder / "smplx" / "SMPLX_NEUTRAL.pkl"]
+    if gender is not None and gender not in GENDERS:
+        raise UserError(f"gender {gender!r} is not one of {', '.join(GENDERS)}; pass --gender neutral|male|female")
+    manifest = folder / "manifest.json"
+    if manifest.exists():
+        named = read_manifest(folder, "python prepare_data.py")
+        if "file" in named:
+            found = folder / named["file"]  # an absolute path (a user's SMPL-X file) stays as it is
+            if not found.exists():
+                raise UserError(f"{manifest} names {found}, which is missing; re-run `python prepare_data.py`")
+            return found, gender or named.get("gender", "neutral")
+    gender = gender or "neutral"
+    stem = f"SMPLX_{gender.upper()}"
+    candidates = [place / f"{stem}.{ext}" for place in (folder, folder / "smplx") for ext in ("npz", "pkl")]
     found = next((c for c in candidates if c.exists()), None)
     if found is None:
-        raise UserError(f"{folder} holds no SMPLX_NEUTRAL.npz or .pkl; run `python prepare_data.py` "
-                        "to export the mannequin, or pass --body-model pointing at a real SMPL-X folder")
+        raise UserError(f"{folder} holds no {stem}.npz or .pkl; run `python prepare_data.py` to export the mannequin, "
+                        "or pass --body-model pointing at a real SMPL-X folder (models/smplx of the official download)")
+    return found, gender
+
+
+def load_body_model(folder: Path, device="cpu", gender: str | None = None):
+    """Stock smplx SMPL-X from a body folder: a run's body/ (the exported mannequin, or the file its
+    manifest names) or a real SMPL-X folder (npz; pkl where it unpickles without chumpy). Hands
+    are relative to the model's relaxed mean (flat_hand_mean=False): zero hand pose = relaxed hand."""
+    import smplx
+
+    found, gender = body_model_file(folder, gender)
+    _check_model_pickles(found)
     try:
-        body = smplx.create(str(found), model_type="smplx", gender="neutral", ext=found.suffix[1:],
+        body = smplx.create(str(found), model_type="smplx", gender=gender, ext=found.suffix[1:],
                             use_pca=False, flat_hand_mean=False, num_betas=10, num_expression_coeffs=10)
     except Exception as err:
         raise UserError(f"{found} is not a valid SMPL-X model file ({type(err).__name__}: {err}); "
@@ -666,72 +783,344 @@ def generate_poses(kind: str, count: int, rng: np.random.Generator) -> dict:
                 transl=np.zeros((count, 3), np.float32), category=category)
 
 
-def _checked(path: Path, array: np.ndarray, width: int, what: str) -> np.ndarray:
-    if array.ndim != 2 or array.shape[1] != width:
-        raise UserError(f"{path}: {what} has shape {array.shape}, expected (frames, {width}); "
-                        "is this the right format for --pose-source?")
+# Motion files. Each layout in circulation is written down once, in POSE_LAYOUTS: its file types,
+# the pose array's key and width, the columns each SMPL-X part occupies, the other keys it needs,
+# where its frame rate comes from, the world up axis its dataset records in, and how it stores
+# hands. Loading is two steps: `load_motion` reads one file as it is (no body model needed), then
+# `check_motion` poses it with the body model, rotates it y-up and converts its hands (README,
+# "Bring your own data").
+
+@dataclass(frozen=True)
+class PoseLayout:
+    family: str  # what its users call it
+    suffixes: tuple[str, ...]  # file types
+    pose_key: str | None  # the (frames, width) pose array's key; None: the file is that array (.npy)
+    width: int
+    columns: dict  # SMPL-X part -> (start, stop) columns of the pose array
+    required: tuple[str, ...]  # keys a file must hold
+    trans_key: str | None  # key of the (frames, 3) translation, if the layout has one
+    fps_keys: tuple[str, ...]  # keys that hold the frame rate
+    fps: float | None  # the dataset's documented rate, when its files carry none
+    up: str  # the world up axis of the dataset (y, z or -y)
+    hands: str  # "absolute" (AMASS: flat hand = 0), "relative" (to the relaxed mean, smplx's default), "none"
+
+
+_ROOT_BODY = dict(global_orient=(0, 3), body_pose=(3, 66))  # the root, then SMPL-X's 21 body joints
+_AMASS_FPS = ("mocap_framerate", "mocap_frame_rate")
+POSE_LAYOUTS = {
+    "amass-smplh": PoseLayout("AMASS", (".npz",), "poses", 156,  # root 3, body 63, hands 90
+                              dict(_ROOT_BODY, left_hand_pose=(66, 111), right_hand_pose=(111, 156)),
+                              ("poses", "trans", "betas"), "trans", _AMASS_FPS, None, "z", "absolute"),
+    "amass-smplx": PoseLayout("AMASS", (".npz",), "poses", 165,  # root 3, body 63, jaw 3, eyes 6, hands 90
+                              dict(_ROOT_BODY, left_hand_pose=(75, 120), right_hand_pose=(120, 165)),
+                              ("poses", "trans", "betas"), "trans", _AMASS_FPS, None, "z", "absolute"),
+    "motionx": PoseLayout("Motion-X", (".npy",), None, 322,  # + jaw 3, face 150, trans 3, betas 10
+                          dict(_ROOT_BODY, left_hand_pose=(66, 111), right_hand_pose=(111, 156), transl=(309, 312),
+                               betas=(312, 322)), (), None, (), None, "y", "relative"),
+    # SMPL: root + 23 joints, the first 21 SMPL-X's body; SMPL's two hand joints (66:72) are dropped.
+    # `poses`, or `global_orient` + `body_pose` (23 or 21 joints), as video-based estimators write it.
+    "smpl72": PoseLayout("SMPL", (".npz", ".npy"), "poses", 72, dict(_ROOT_BODY), (), "trans",
+                         ("fps", "mocap_framerate", "mocap_frame_rate"), None, "y", "none"),
+    "aistpp": PoseLayout("AIST++", (".pkl",), "smpl_poses", 72, dict(_ROOT_BODY),  # smpl_trans / smpl_scaling = metres
+                         ("smpl_poses", "smpl_trans", "smpl_scaling"), "smpl_trans", (), 60.0, "y", "none"),
+}
+MOTION_SUFFIXES = (".npz", ".npy", ".pkl")
+SKIPPED_MOTION_FILES = ("shape.npz", "*_stagei.npz", ".*")  # AMASS per-subject shape files; hidden files
+UP_AXES = ("y", "z", "-y")  # -y: camera coordinates (y down), as video-based estimators write them
+UP_TO_Y = {"y": (0.0, "x"), "z": (-90.0, "x"), "-y": (180.0, "x")}  # degrees about x that make it +y
+UPRIGHT_COS = 0.5  # a frame is upright when pelvis -> head points within 60 degrees of +y
+UPRIGHT_SHARE = 0.5  # a clip is upright when more than this share of its checked frames are
+UP_CHECK_FRAMES = 16  # frames per clip posed for the check, evenly spaced
+GENERATED_CLIP_FRAMES = 48  # frames per generated pool clip
+GENERATED_FPS = 30.0  # their nominal rate (1.6 s of motion): the default spacing picks every 2nd frame
+
+
+def _width_hint(width: int) -> str:
+    """Which layouts have a pose array `width` wide, or the widths there are."""
+    names = [n for n, layout in POSE_LAYOUTS.items() if layout.width == width]
+    if names:
+        return f"a {width}-wide pose array is " + " or ".join(
+            f"{n} (a {'/'.join(POSE_LAYOUTS[n].suffixes)} file" +
+            (f" with keys {', '.join(POSE_LAYOUTS[n].required)})" if POSE_LAYOUTS[n].required else ")") for n in names)
+    known = sorted({layout.width for layout in POSE_LAYOUTS.values()})
+    return "known widths: " + ", ".join(f"{w} ({'/'.join(n for n, l in POSE_LAYOUTS.items() if l.width == w)})"
+                                        for w in known)
+
+
+def _checked(path: Path, array, width: int, what: str) -> np.ndarray:
+    if array is None:
+        raise UserError(f"{path}: {what} holds a pickled object, not an array; save it as a numeric array")
+    array = np.asarray(array)
+    if array.ndim != 2 or array.shape[1] != width or array.dtype.kind not in "fiu":
+        hint = _width_hint(array.shape[1]) if array.ndim == 2 else "expected one row per frame"
+        raise UserError(f"{path}: {what} has shape {array.shape}, expected (frames, {width}); {hint}")
+    if len(array) == 0:
+        raise UserError(f"{path}: {what} has no frames; drop this file")
     if not np.isfinite(array).all():
         raise UserError(f"{path}: {what} contains NaN or Inf; fix or drop this file")
     return array.astype(np.float64)
 
 
+def _read_motion_file(path: Path) -> dict:
+    """A motion file's arrays by key ('' for a bare .npy). Object arrays in an npz are read as None
+    (never unpickled); a .pkl goes through the restricted unpickler."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npz":
+            arrays = {}
+            with np.load(path, allow_pickle=False) as npz:
+                for key in npz.files:
+                    try:
+                        arrays[key] = npz[key]
+                    except ValueError as err:
+                        if "allow_pickle" not in str(err):
+                            raise
+                        arrays[key] = None  # a pickled object (some AMASS files carry dicts): not ours to run
+            return arrays
+        if suffix == ".npy":
+            return {"": np.load(path, allow_pickle=False)}
+        if suffix == ".pkl":
+            with open(path, "rb") as fh:
+                data = _PlainUnpickler(fh).load()
+            if not isinstance(data, dict):
+                raise UserError(f"{path} holds a {type(data).__name__}, not a dict of arrays; expected an AIST++ pickle")
+            return data
+    except UserError:
+        raise
+    except RefusedPickle as err:
+        raise UserError(f"{path} was refused: {err}; only pickles of numpy arrays and plain containers are read") from None
+    except Exception as err:  # truncated zip or pickle, bad header, object .npy ...
+        raise UserError(f"{path} is not a readable {suffix} file ({type(err).__name__}); "
+                        "re-download or re-export it") from None
+    raise UserError(f"{path}: motion files are {', '.join(MOTION_SUFFIXES)}")
+
+
+def _detect_layout(path: Path, arrays: dict) -> str:
+    """The layout of a file read by _read_motion_file, from its file type, keys and width."""
+    suffix = path.suffix.lower()
+    candidates = [n for n, layout in POSE_LAYOUTS.items() if suffix in layout.suffixes]
+    if "" not in arrays:
+        candidates = [n for n in candidates if POSE_LAYOUTS[n].pose_key in arrays or
+                      (n == "smpl72" and {"global_orient", "body_pose"} <= set(arrays))]
+        if not candidates:
+            raise UserError(f"{path} holds keys {sorted(arrays)}, none of them a known pose array "
+                            "(poses, smpl_poses, global_orient + body_pose); see --pose-layout")
+    if len(candidates) == 1:
+        return candidates[0]
+    pose = arrays.get("", arrays.get("poses"))
+    width = np.shape(pose)[-1] if pose is not None and np.ndim(pose) == 2 else None
+    matching = [n for n in candidates if POSE_LAYOUTS[n].width == width]
+    if len(matching) != 1:
+        raise UserError(f"{path}: cannot tell its layout (pose array shape {np.shape(pose)}); {_width_hint(width or 0)}")
+    return matching[0]
+
+
+def _scalar(path: Path, arrays: dict, key: str):
+    value = arrays[key]
+    if value is None or np.size(value) != 1:
+        held = "a pickled object" if value is None else f"shape {np.shape(value)}"
+        raise UserError(f"{path}: key '{key}' should hold one value, not {held}")
+    value = np.asarray(value).reshape(-1)[0]
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _positive(path: Path, arrays: dict, key: str, what: str) -> float:
+    value = _scalar(path, arrays, key)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (np.isfinite(value) and value > 0):
+        raise UserError(f"{path}: '{key}' is {arrays[key]!r}; expected a positive number ({what})")
+    return value
+
+
+def load_motion(path: Path, layout: str = "auto") -> dict:
+    """One motion file as it is: POSE_KEYS arrays (frames, ...) in the file's own world and hand
+    convention, plus path, layout, fps (None when unknown), up (the layout's) and hands."""
+    path = Path(path)
+    arrays = _read_motion_file(path)
+    name = _detect_layout(path, arrays) if layout == "auto" else layout
+    spec = POSE_LAYOUTS[name]
+    missing = [k for k in spec.required if k not in arrays]
+    if missing:
+        raise UserError(f"{path} lacks {spec.family} keys {missing}; expected a {name} file with keys "
+                        f"{list(spec.required)} (or pass the right --pose-layout)")
+    if spec.pose_key is None:
+        poses = arrays[""]
+    elif spec.pose_key in arrays:
+        poses = arrays[spec.pose_key]
+    elif name == "smpl72" and {"global_orient", "body_pose"} <= set(arrays):
+        orient = _checked(path, np.reshape(arrays["global_orient"], (-1, 3)), 3, "'global_orient'")
+        body = np.asarray(arrays["body_pose"])
+        body = body.reshape(len(body), -1) if body.ndim > 1 else body[None]
+        if body.shape[1] == 63:  # already SMPL-X's 21 body joints
+            body = np.concatenate([body, np.zeros((len(body), 6))], 1)
+        if len(orient) != len(body):
+            raise UserError(f"{path}: 'global_orient' has {len(orient)} frames, 'body_pose' {len(body)}")
+        poses = np.concatenate([orient, body], 1)
+    else:
+        raise UserError(f"{path} lacks {spec.family} keys ['{spec.pose_key}'] (or global_orient + body_pose)")
+    poses = _checked(path, poses, spec.width, f"'{spec.pose_key or 'the array'}'")
+    frames = len(poses)
+    part = lambda key, shape: (poses[:, slice(*spec.columns[key])].reshape((frames,) + shape)  # noqa: E731
+                               if key in spec.columns else np.zeros((frames,) + shape))
+    clip = {key: part(key, shape) for key, shape in POSE_KEYS.items()}
+    if spec.trans_key in arrays:
+        clip["transl"] = _checked(path, arrays[spec.trans_key], 3, f"'{spec.trans_key}'")
+        if len(clip["transl"]) != frames:
+            raise UserError(f"{path}: '{spec.trans_key}' has {len(clip['transl'])} frames, the poses {frames}")
+        if name == "aistpp":  # AIST++ translations are in the units of its scaled SMPL fit
+            clip["transl"] = clip["transl"] / _positive(path, arrays, "smpl_scaling", "AIST++'s scale of smpl_trans")
+    if "betas" in arrays and "betas" not in spec.columns:
+        betas = arrays["betas"]  # (10,), (16,), or per frame: the first frame's
+        betas = _checked(path, betas if betas is None else np.reshape(betas, (1, -1)), np.size(betas), "'betas'")[0, :10]
+        clip["betas"] = np.repeat(np.pad(betas, (0, 10 - len(betas)))[None], frames, 0)
+    if "gender" in arrays:
+        gender = str(_scalar(path, arrays, "gender")).strip().lower()
+        if gender not in GENDERS:
+            raise UserError(f"{path}: gender is {gender!r}, expected one of {', '.join(GENDERS)}; fix the key or drop it")
+    fps = spec.fps
+    for key in spec.fps_keys:
+        if key in arrays:
+            fps = _positive(path, arrays, key, "frames per second; or pass --fps")
+            break
+    return dict(clip, path=path, layout=name, fps=fps, up=spec.up, hands=spec.hands)
+
+
+def load_pose_files(layout: str, path: Path) -> list[dict]:
+    """Every motion file of a file or folder tree (sorted by path), read by `load_motion`. In a
+    folder, AMASS's per-subject shape files and hidden files are skipped."""
+    from fnmatch import fnmatch
+
+    from tqdm import tqdm
+
+    if path is None or not Path(path).exists():
+        raise UserError(f"--pose-files {path} does not exist; pass a motion file or a folder of them")
+    path = Path(path)
+    suffixes = MOTION_SUFFIXES if layout == "auto" else POSE_LAYOUTS[layout].suffixes
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
+                       and not any(fnmatch(f.name, pattern) for pattern in SKIPPED_MOTION_FILES))
+    if not files:
+        raise UserError(f"{path} holds no {'/'.join(suffixes)} files for --pose-layout {layout}")
+    with tqdm(files, desc="read motion files", unit="file", leave=False) as bar:  # closed before an error prints
+        return [load_motion(f, layout) for f in bar]
+
+
 def _up_to_y(global_orient: np.ndarray, up: str) -> np.ndarray:
-    """Re-express root orientations recorded in a z-up world in our y-up world."""
-    if up == "y":
-        return global_orient
+    """Re-express root orientations recorded in a world whose up axis is `up` in our y-up world."""
     from scipy.spatial.transform import Rotation
 
-    return (Rotation.from_euler("x", -90, degrees=True) * Rotation.from_rotvec(global_orient)).as_rotvec()
+    angle, axis = UP_TO_Y[up]
+    return (Rotation.from_euler(axis, angle, degrees=True) * Rotation.from_rotvec(global_orient)).as_rotvec()
 
 
 def load_motionx(path: Path, up: str = "y") -> dict:
-    """One Motion-X .npy clip: (frames, 322) = root_orient 3, pose_body 63, pose_hand 90, pose_jaw 3,
-    face_expr 50, face_shape 100, trans 3, betas 10. Returns POSE_KEYS arrays (frames, ...)."""
-    try:
-        data = np.load(path, allow_pickle=False)
-    except Exception as err:
-        raise UserError(f"{path} is not a readable .npy ({type(err).__name__}); expected a Motion-X clip") from None
-    data = _checked(path, data, 322, "the Motion-X array")
-    frames = len(data)
-    return dict(global_orient=_up_to_y(data[:, :3], up), body_pose=data[:, 3:66].reshape(frames, 21, 3),
-                left_hand_pose=data[:, 66:111].reshape(frames, 15, 3),
-                right_hand_pose=data[:, 111:156].reshape(frames, 15, 3),
-                betas=data[:, 312:322], transl=data[:, 309:312])
+    """One Motion-X .npy clip, y-up, hands as stored (relative to the relaxed mean)."""
+    clip = load_motion(path, "motionx")
+    return dict(clip, global_orient=_up_to_y(clip["global_orient"], up))
 
 
 def load_amass(path: Path, up: str = "z") -> dict:
-    """One AMASS .npz clip: SMPL-H `poses` (frames, 156) = root 3, body 63, hands 90; `trans`
-    (frames, 3); `betas` (16,) or (10,). SMPL-H's 21 body joints are SMPL-X's first 21."""
-    try:
-        npz = np.load(path, allow_pickle=False)
-        missing = [k for k in ("poses", "trans", "betas") if k not in npz.files]
-        if missing:
-            raise UserError(f"{path} lacks AMASS keys {missing}; expected an AMASS SMPL-H .npz")
-        poses, trans, betas = npz["poses"], npz["trans"], npz["betas"]
-    except UserError:
-        raise
-    except Exception as err:
-        raise UserError(f"{path} is not a readable AMASS .npz ({type(err).__name__})") from None
-    poses = _checked(path, poses, 156, "poses")
-    trans = _checked(path, trans, 3, "trans")
-    betas = _checked(path, np.atleast_2d(betas), np.atleast_2d(betas).shape[1], "betas")[0]
-    frames = len(poses)
-    return dict(global_orient=_up_to_y(poses[:, :3], up), body_pose=poses[:, 3:66].reshape(frames, 21, 3),
-                left_hand_pose=poses[:, 66:111].reshape(frames, 15, 3),
-                right_hand_pose=poses[:, 111:156].reshape(frames, 15, 3),
-                betas=np.repeat(betas[None, :10], frames, 0), transl=trans)
+    """One AMASS SMPL-H .npz clip, rotated y-up; hands as stored (absolute, AMASS's convention)."""
+    clip = load_motion(path, "amass-smplh")
+    return dict(clip, global_orient=_up_to_y(clip["global_orient"], up))
 
 
-def load_pose_files(source: str, path: Path) -> list[dict]:
-    """All clips of a Motion-X (.npy) or AMASS (.npz) file or folder, sorted by file name."""
-    if path is None or not Path(path).exists():
-        raise UserError(f"--pose-files {path} does not exist; pass a {source} file or folder")
-    suffix = ".npy" if source == "motionx" else ".npz"
-    files = [Path(path)] if Path(path).is_file() else sorted(Path(path).rglob(f"*{suffix}"))
-    if not files:
-        raise UserError(f"{path} holds no {suffix} files for --pose-source {source}")
-    loader = load_motionx if source == "motionx" else load_amass
-    return [loader(f) for f in files]
+def upright_share(body, global_orient: np.ndarray, body_pose: np.ndarray) -> float:
+    """Share of frames whose pelvis -> head direction is within acos(UPRIGHT_COS) of +y."""
+    with torch.no_grad():
+        joints = body_joints(body, {"global_orient": torch.as_tensor(global_orient, dtype=torch.float32),
+                                    "body_pose": torch.as_tensor(body_pose, dtype=torch.float32)})
+    up = joints[:, 15] - joints[:, 0]
+    return float(((up[:, 1] / up.norm(dim=1).clamp(min=1e-9)) > UPRIGHT_COS).float().mean())
+
+
+def check_motion(body, clip: dict, up: str = "auto") -> dict:
+    """A clip from `load_motion` in our conventions: y-up (the layout's axis, or with up='auto' the
+    first of the layout's, y, z, -y under which the body stands upright in most checked frames;
+    a clip upright under none is refused), hands relative to the relaxed mean."""
+    from scipy.spatial.transform import Rotation
+
+    frames = len(clip["body_pose"])
+    pick = np.unique(np.linspace(0, frames - 1, min(frames, UP_CHECK_FRAMES)).round().astype(int))
+    tried = {}
+    for axis in [up] if up != "auto" else [clip["up"]] + [a for a in UP_AXES if a != clip["up"]]:
+        tried[axis] = upright_share(body, _up_to_y(clip["global_orient"][pick], axis), clip["body_pose"][pick])
+        if tried[axis] > UPRIGHT_SHARE:
+            break
+    else:
+        shares = ", ".join(f"{share:.0%} with --up {axis}" for axis, share in tried.items())
+        fix = "fix the file's root orientation or drop the file" + ("" if up == "auto" else ", or pass --up auto")
+        raise UserError(f"{clip['path']}: the body lies down or stands on its head in most frames (head above "
+                        f"the pelvis, of {len(pick)} checked frames: {shares}); {fix}")
+    out = dict(clip, up=axis, global_orient=_up_to_y(clip["global_orient"], axis))
+    if axis != "y":  # rotate the whole body about the origin: the root joint (J0) moves, so transl does
+        rotation = Rotation.from_euler(UP_TO_Y[axis][1], UP_TO_Y[axis][0], degrees=True)
+        with torch.no_grad():
+            rest_root = (body.J_regressor[0] @ body.v_template).double().numpy()  # (3,)
+            root_dirs = torch.einsum("n,nkl->kl", body.J_regressor[0], body.shapedirs).double().numpy()  # (3, 10)
+        root = rest_root + clip["betas"] @ root_dirs.T  # (frames, 3)
+        out["transl"] = rotation.apply(root + clip["transl"]) - root
+    if clip["hands"] == "absolute":  # to smplx's flat_hand_mean=False: subtract this body's relaxed mean
+        out["left_hand_pose"] = clip["left_hand_pose"] - body.left_hand_mean.reshape(15, 3).double().numpy()
+        out["right_hand_pose"] = clip["right_hand_pose"] - body.right_hand_mean.reshape(15, 3).double().numpy()
+    out["hands"] = "relative"
+    return out
+
+
+def neighbour_offset(k: int, frames_per_step: float) -> int:
+    """Frames between an anchor and its k-th neighbour on one side (k steps of frames_per_step)."""
+    return math.floor(k * frames_per_step + 0.5)
+
+
+def temporal_neighbours(length: int, frame: int, count: int, frames_per_step: float) -> list[int]:
+    """`frame` and its count - 1 nearest frames in time at whole multiples of one step (fps x
+    spacing, need not be a whole number of frames), the earlier first at equal distance; one-sided
+    near the clip's ends."""
+    picked, k = [frame], 1
+    while len(picked) < count and neighbour_offset(k, frames_per_step) < length:
+        offset = neighbour_offset(k, frames_per_step)
+        picked += [f for f in (frame - offset, frame + offset) if 0 <= f < length][:count - len(picked)]
+        k += 1
+    return picked
+
+
+def read_pose_inputs(args: Args, body) -> list[dict]:
+    """The motion files of --pose-files, every one read and checked (layout, values, frame rate,
+    up axis) before anything is written; clips too short for the neighbours are left out."""
+    from collections import Counter
+
+    clips = [check_motion(body, clip, args.up) for clip in load_pose_files(args.pose_layout, args.pose_files)]
+    kept, short = [], []
+    for clip in clips:
+        clip["fps"] = args.fps or clip["fps"]
+        if clip["fps"] is None:
+            raise UserError(f"{clip['path']}: the {clip['layout']} file carries no frame rate; pass --fps with the rate "
+                            "it was recorded at")
+        step = clip["fps"] * args.neighbour_spacing
+        if neighbour_offset(1, step) < 1:
+            raise UserError(f"{clip['path']}: at {clip['fps']:g} fps frames are {1 / clip['fps']:.3f} s apart, more than "
+                            f"--neighbour-spacing {args.neighbour_spacing:.3f} s; pass a larger --neighbour-spacing")
+        (kept if len(clip["body_pose"]) > neighbour_offset(args.neighbours, step) else short).append(clip)
+    if short:
+        print(f"poses: left out {len(short)} of {len(clips)} files shorter than "
+              f"{args.neighbours * args.neighbour_spacing:.2f} s "
+              f"(--neighbours {args.neighbours} x --neighbour-spacing {args.neighbour_spacing:.3f} s): "
+              f"{', '.join(str(c['path']) for c in short[:3])}{' ...' if len(short) > 3 else ''}")
+    if not kept:
+        raise UserError(f"{args.pose_files}: every clip is too short for --neighbours {args.neighbours} at "
+                        f"--neighbour-spacing {args.neighbour_spacing:.3f} s; pass smaller values")
+    layouts = Counter(c["layout"] for c in kept)
+    ups = Counter(c["up"] for c in kept)
+    rotated = [str(c["path"]) for c in kept if c["up"] != POSE_LAYOUTS[c["layout"]].up]
+    print(f"poses: {len(kept)} files ({dict(layouts)}), {sum(len(c['body_pose']) for c in kept)} frames, "
+          f"up axis {dict(ups)}" + (f"; not the layout's own up axis: {', '.join(rotated[:3])}"
+                                   f"{' ...' if len(rotated) > 3 else ''}" if rotated else ""))
+    return kept
 
 
 def body_joints(body, params: dict) -> torch.Tensor:
@@ -946,14 +1335,16 @@ def build_scans(body, args: Args, folder: Path, rng: np.random.Generator) -> dic
     return counts
 
 
-def build_drpose(body, args: Args, folder: Path, rng: np.random.Generator, scan_features: torch.Tensor) -> dict:
+def build_drpose(body, args: Args, folder: Path, rng: np.random.Generator, scan_features: torch.Tensor,
+                 clips: list[dict] | None = None) -> dict:
     """DrPose15K-style pairs: FPS anchors from a broad motion pool, each with its 9 temporal
-    neighbours, imaged from the front only. No multi-view image is written, by design."""
+    neighbours (--neighbour-spacing seconds apart), imaged from the front only. No multi-view
+    image is written, by design. `clips`: the checked motion files (read_pose_inputs)."""
     if args.pose_source == "generated":
-        pool = generate_clips("broad", args.pose_pool_clips, 48, rng)
-        clips = [{k: v[c] for k, v in pool.items()} for c in range(args.pose_pool_clips)]
-    else:
-        clips = load_pose_files(args.pose_source, args.pose_files)
+        pool = generate_clips("broad", args.pose_pool_clips, GENERATED_CLIP_FRAMES, rng)
+        clips = [dict({k: v[c] for k, v in pool.items()}, fps=GENERATED_FPS) for c in range(args.pose_pool_clips)]
+    elif clips is None:
+        clips = read_pose_inputs(args, body)
     frames = np.concatenate([np.stack([np.full(len(c["body_pose"]), i), np.arange(len(c["body_pose"]))], 1)
                              for i, c in enumerate(clips)])  # (P, 2): clip, frame
     features = pose_features(body, {k: np.concatenate([c[k] for c in clips]) for k in POSE_KEYS})
@@ -963,9 +1354,12 @@ def build_drpose(body, args: Args, folder: Path, rng: np.random.Generator, scan_
     picked, anchor_of = [], []
     for a, (clip, frame) in enumerate(frames[anchors]):
         length = len(clips[clip]["body_pose"])
-        # The anchor and its `neighbours` nearest frames in time (stride 2) from the same clip.
-        order = sorted(range(length), key=lambda f: (abs(f - frame) + (abs(f - frame) % 2) * length, f))
-        picked += [(clip, f) for f in order[:args.neighbours + 1]]
+        # The anchor and its `neighbours` nearest frames in time, --neighbour-spacing apart, same clip.
+        order = temporal_neighbours(length, frame, args.neighbours + 1, clips[clip]["fps"] * args.neighbour_spacing)
+        if len(order) <= args.neighbours:
+            raise UserError(f"clip {clip} has {length} frames, too few for --neighbours {args.neighbours} at "
+                            f"--neighbour-spacing {args.neighbour_spacing:.3f} s")
+        picked += [(clip, f) for f in order]
         anchor_of += [a] * (args.neighbours + 1)
     poses = {k: np.stack([clips[c][k][f] for c, f in picked]).astype(np.float32) for k in POSE_KEYS}
     # Files bring their own heading and shape: re-draw both so the front view sees the person's front
@@ -989,6 +1383,10 @@ def build_drpose(body, args: Args, folder: Path, rng: np.random.Generator, scan_
         write_json(tmp / "manifest.json", manifest(
             args, f"{args.pose_source} poses, FPS anchors + {args.neighbours} temporal neighbours",
             {"pairs.npz": len(picked)}, anchors=args.num_anchors, pool_frames=len(frames),
+            neighbour_spacing_s=args.neighbour_spacing, pool_fps=sorted({float(c["fps"]) for c in clips}),
+            pose_files=None if args.pose_source == "generated" else dict(
+                path=args.pose_files, files=len(clips), layouts=sorted({c["layout"] for c in clips}),
+                up_axes=sorted({c["up"] for c in clips})),
             joint_spread_vs_scans=spread, multi_view_images=False))
     return dict(pairs=len(picked), joint_spread_vs_scans=spread)
 
@@ -1022,30 +1420,85 @@ def build_bench(body, args: Args, folder: Path, rng: np.random.Generator) -> dic
 
 # --- main -----------------------------------------------------------------------------------------
 
-def prepare_body(args: Args) -> Path:
-    """The body folder every stage loads: the exported mannequin, or the user's SMPL-X folder."""
+def check_args(args: Args) -> None:
+    """Flags that contradict each other, refused before anything is read or written."""
+    if args.pose_source == "files" and args.pose_files is None:
+        raise UserError("--pose-source files needs --pose-files PATH (a motion file or a folder of them)")
+    file_flags = [flag for flag, unset in (("--pose-files", args.pose_files is None), ("--fps", args.fps is None),
+                                           ("--pose-layout", args.pose_layout == "auto"), ("--up", args.up == "auto"))
+                  if not unset]
+    if args.pose_source == "generated" and file_flags:
+        raise UserError(f"{', '.join(file_flags)} apply to motion files only; add --pose-source files --pose-files PATH, "
+                        "or drop them")
+    if args.fps is not None and not args.fps > 0:
+        raise UserError(f"--fps {args.fps} is not a frame rate; pass a positive number")
+    if not args.neighbour_spacing > 0:
+        raise UserError(f"--neighbour-spacing {args.neighbour_spacing} is not a time step; pass seconds > 0")
+    if args.gender != "neutral" and args.body_model is None:
+        raise UserError("--gender picks a model of a real SMPL-X folder; pass --body-model DIR with it")
+    if args.pose_source == "generated" and args.pose_pool_clips * GENERATED_CLIP_FRAMES < args.num_anchors:
+        raise UserError(f"--pose-pool-clips {args.pose_pool_clips} x {GENERATED_CLIP_FRAMES} frames is fewer than "
+                        f"--num-anchors {args.num_anchors}")
+
+
+def _is_mannequin_export(folder: Path) -> bool:
+    try:
+        source = json.loads((folder / "manifest.json").read_text()).get("source", "")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return str(source).startswith("mannequin-x") and (folder / "SMPLX_NEUTRAL.npz").exists()
+
+
+def stage_body(args: Args, scratch: Path) -> Path:
+    """The body folder to check the inputs with, before the run is written to: the user's SMPL-X
+    folder, this run's exported mannequin, or a fresh export into `scratch` (prepare_body moves it)."""
     if args.body_model is not None:
-        load_body_model(args.body_model)  # refuse a bad folder before any work
         return args.body_model
+    if _is_mannequin_export(args.run_dir / "body"):  # the export is deterministic; do it once
+        return args.run_dir / "body"
+    facts = export_mannequin_smplx(scratch / "SMPLX_NEUTRAL.npz")
+    write_json(scratch / "manifest.json", dict(facts, file="SMPLX_NEUTRAL.npz", loader="smplx.create"))
+    return scratch
+
+
+def prepare_body(args: Args, staged: Path) -> Path:
+    """The run's body/ that every stage loads: the exported mannequin, or a manifest.json naming the
+    user's SMPL-X file and gender (the file itself stays where the user keeps it: its licence)."""
     folder = args.run_dir / "body"
-    if not (folder / "manifest.json").exists():  # the export is deterministic; do it once
-        facts = export_mannequin_smplx(folder / "SMPLX_NEUTRAL.npz")
-        write_json(folder / "manifest.json", dict(facts, file="SMPLX_NEUTRAL.npz", loader="smplx.create"))
+    if args.body_model is not None:
+        found, gender = body_model_file(args.body_model, args.gender)
+        with atomic_dir(folder) as tmp:
+            write_json(tmp / "manifest.json", dict(file=str(found.resolve()), gender=gender, source="SMPL-X folder",
+                                                   loader="smplx.create"))
+    elif staged != folder:
+        with atomic_dir(folder) as tmp:
+            for item in staged.iterdir():
+                shutil.copy2(item, tmp / item.name)
     return folder
 
 
 def main(args: Args) -> None:
+    import tempfile
+
     args = args.resolved()
     start = time.time()
-    body_folder = prepare_body(args)
-    body = load_body_model(body_folder, args.device)
+    # --- inputs first: the body model and every pose file are read and checked; nothing is written ---
+    check_args(args)
+    with tempfile.TemporaryDirectory() as scratch:
+        staged = stage_body(args, Path(scratch))
+        body = load_body_model(staged, args.device, args.gender if args.body_model is not None else None)
+        clips = read_pose_inputs(args, body) if args.pose_source == "files" else None
+        if clips is not None and sum(len(c["body_pose"]) for c in clips) < args.num_anchors:
+            raise UserError(f"{args.pose_files}: the pose pool has {sum(len(c['body_pose']) for c in clips)} frames, "
+                            f"fewer than --num-anchors {args.num_anchors}")
+        body_folder = prepare_body(args, staged)
     data = args.run_dir / "data"
     # One generator per dataset, derived from the seed, so each set is reproducible on its own.
     rngs = [np.random.default_rng([args.seed, i]) for i in range(3)]
     print(f"body: {body_folder} ({body.v_template.shape[0]} vertices)")
     print(f"scans: {build_scans(body, args, data / 'scans', rngs[0])}")
     scan_features = pose_features(body, load_split(data / "scans" / "train.npz"))
-    drpose = build_drpose(body, args, data / "drpose", rngs[1], scan_features)
+    drpose = build_drpose(body, args, data / "drpose", rngs[1], scan_features, clips)
     print(f"drpose: {drpose['pairs']} pairs; joint spread {drpose['joint_spread_vs_scans']:.2f}x the scans' "
           "(paper: 1.73x THuman2.1)")
     print(f"bench: {build_bench(body, args, data / 'bench', rngs[2])}")

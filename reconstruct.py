@@ -33,10 +33,12 @@ Writes runs/<name>/recon/<tag>/ (tag: the model folder's name, `oracle` or --tag
 Each sample folder is written atomically; a re-run skips complete ones (resume after a kill).
 
 Input images in the dataset are already in the model's frame and are used as they are. A single
-image file is framed like the training renders: the foreground (alpha > 0.5, or pixels that
-differ from the border colour) is cropped to its bounding box, its longer side scaled to
-FOREGROUND_FRACTION of the output side (the renders' 2.2 m extent holds a standing ~1.75 m
-person at about 0.8), centred, composited on white and area-resampled to the model resolution.
+image file is framed like the training renders: the foreground (a --mask file's white pixels,
+alpha > 0.5, or without alpha the one blob that differs from a plain background; anything else is
+refused in one line asking for an RGBA cut-out) is cropped to its bounding box, its longer side
+scaled to FOREGROUND_FRACTION of the output side (the renders' 2.2 m extent holds a standing
+~1.75 m person at about 0.8), centred, composited on white and area-resampled to the model
+resolution.
 """
 
 from __future__ import annotations
@@ -74,8 +76,10 @@ class Args:
     model: str = "base"
     """a model folder, or a name under --run-dir (base, drpose); loaded by pretrain.load_model"""
     input: Path | None = None
-    """an image file (png with alpha, or a plain background) or a dataset folder such as
+    """an image file (an RGBA cut-out, or a person on a plain background) or a dataset folder such as
     data/bench/ (default: <run-dir>/data/bench)"""
+    mask: Path | None = None
+    """a mask image for --input (same size; white = person), instead of its alpha or background"""
     views_from: Path | None = None
     """skip generation: take views from a folder of {i:05d}/views.npz (another recon/<tag>/)"""
     oracle: bool = False
@@ -127,8 +131,15 @@ PRESETS = {
 
 FOREGROUND_FRACTION = 0.8  # the longer side of the person's box, as a fraction of the image side
 MIN_IMAGE_SIDE = 16  # pixels: anything smaller holds no pose
-# (a unit normal has a component <= 1/sqrt(3), so encoded <= 0.79; white background is 1; 0.8 best
-# matches the renders' coverage >= 0.5 masks on the demo bench: 99% of pixels agree)
+MAX_IMAGE_PIXELS = 4096 * 4096  # larger images are refused before they are decoded
+# An image without alpha is accepted only on a plain background: PLAIN_BORDER_SHARE of its border
+# pixels within PLAIN_TOLERANCE (per RGB channel, in [0, 1]) of the border's median colour; the
+# person is every pixel further than that, and must be one blob (the largest connected region
+# holding SINGLE_BLOB_SHARE of them; the rest are specks, dropped) covering FOREGROUND_AREA of the frame.
+PLAIN_TOLERANCE = 0.1
+PLAIN_BORDER_SHARE = 0.95
+SINGLE_BLOB_SHARE = 0.95
+FOREGROUND_AREA = (0.01, 0.8)
 SKELETON_WIDTH = 1.0  # line width (px) of the ideal maps when no g_skel config says otherwise
 PROXY_VOXEL = 0.04  # metres: rest-pose cluster size of the carving proxy (a few thousand faces)
 SIL_W = 0.05  # silhouette weight in the body fit (the skeleton decides the pose, the silhouette the girth)
@@ -139,38 +150,91 @@ TORSO = (0, 1, 2, 3, 6, 9, 12, 13, 14, 16, 17)  # joints that fix the root orien
 
 # --- inputs: one image, or a dataset folder -----------------------------------------------------------
 
-def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """An image file -> (3, H, W) in [0, 1] framed like the training renders (see module docstring)."""
+def _open_image(path: Path, mode: str, what: str) -> tuple[np.ndarray, bool]:
+    """An image file as (H, W, C) float32 in [0, 1] and whether it has alpha; refused in one line
+    when unreadable or larger than MAX_IMAGE_PIXELS (checked on the header, before decoding)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path} does not exist; pass an image file (png/jpg) or a dataset folder")
+        raise UserError(f"{path} does not exist; pass {what}")
+    too_big = f"more than {MAX_IMAGE_PIXELS} pixels (4096 x 4096); scale it down first"
     try:
         with Image.open(path) as handle:
+            width, height = handle.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise UserError(f"{path} is {width}x{height} px, {too_big}")
             handle.load()
-            image = handle.convert("RGBA")
             has_alpha = "A" in handle.getbands() or "transparency" in handle.info
+            image = handle.convert(mode)
+    except UserError:
+        raise
+    except Image.DecompressionBombError:  # PIL's own, larger limit, hit while reading the header
+        raise UserError(f"{path} has {too_big}") from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise UserError(f"{path} is not a readable image ({type(err).__name__}); pass a png or jpg") from None
-    pixels = np.asarray(image).astype(np.float32) / 255  # (H, W, 4)
+        raise UserError(f"{path} is not a readable image ({type(err).__name__}); pass {what}") from None
+    return np.asarray(image).astype(np.float32) / 255, has_alpha
+
+
+def _plain_background_foreground(path: Path, rgb: np.ndarray) -> np.ndarray:
+    """The person's pixels of an image without alpha, or a one-line refusal (see PLAIN_TOLERANCE)."""
+    from scipy import ndimage
+
+    fix = "pass an RGBA cut-out (png with the background transparent) or --mask"
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    colour = np.median(border, axis=0)
+    plain = (np.abs(border - colour).max(-1) <= PLAIN_TOLERANCE).mean()
+    if plain < PLAIN_BORDER_SHARE:
+        raise UserError(f"{path}: the background is not plain ({plain:.0%} of the border within {PLAIN_TOLERANCE} of "
+                        f"one colour, {PLAIN_BORDER_SHARE:.0%} needed); {fix}")
+    foreground = np.abs(rgb - colour).max(-1) > PLAIN_TOLERANCE
+    if foreground.sum() < max(4, 0.002 * foreground.size):
+        raise UserError(f"{path}: no foreground found (the image is one plain colour); pass an image of a "
+                        "person on a plain background or an RGBA cut-out")
+    labels, count = ndimage.label(foreground, structure=np.ones((3, 3)))
+    sizes = np.bincount(labels.ravel())[1:]
+    if sizes.max() < SINGLE_BLOB_SHARE * sizes.sum():
+        raise UserError(f"{path}: the foreground is {count} separate regions (the largest holds "
+                        f"{sizes.max() / sizes.sum():.0%}), not one person; {fix}")
+    foreground = labels == 1 + sizes.argmax()
+    area = foreground.mean()
+    if not FOREGROUND_AREA[0] <= area <= FOREGROUND_AREA[1]:
+        raise UserError(f"{path}: the foreground covers {area:.0%} of the frame, outside the plausible "
+                        f"{FOREGROUND_AREA[0]:.0%}-{FOREGROUND_AREA[1]:.0%} for one person; {fix}")
+    return foreground
+
+
+def load_image(path: Path, resolution: int, mask: Path | None = None) -> torch.Tensor:
+    """An image file -> (3, H, W) in [0, 1] framed like the training renders (see module docstring).
+    The person is the mask file's white pixels, else the alpha channel's opaque ones, else the one
+    blob that differs from a plain background (_plain_background_foreground)."""
+    from PIL import Image
+
+    pixels, has_alpha = _open_image(path, "RGBA", "an image file (png/jpg) or a dataset folder")
     if min(pixels.shape[:2]) < MIN_IMAGE_SIDE:
         raise UserError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]} px, too small; pass an image at least "
                         f"{MIN_IMAGE_SIDE} px on each side")
     rgb, alpha = pixels[..., :3], pixels[..., 3]
-    if has_alpha and alpha.max() < 0.5:
+    if mask is not None:
+        alpha = _open_image(mask, "L", "a mask image (white = person) the size of the input")[0]
+        if alpha.shape != rgb.shape[:2]:
+            raise UserError(f"{mask} is {alpha.shape[1]}x{alpha.shape[0]} px, the image {path} "
+                            f"{rgb.shape[1]}x{rgb.shape[0]}; pass a mask of the same size")
+        if alpha.max() < 0.5:
+            raise UserError(f"{mask} has no white pixels; paint the person white on black")
+        foreground = alpha >= 0.5
+    elif has_alpha and alpha.max() < 0.5:
         raise UserError(f"{path} has an empty alpha channel (nothing opaque); save it with the person opaque "
                         "or without alpha on a plain background")
-    if has_alpha and alpha.min() < 0.5:
+    elif has_alpha and alpha.min() < 0.5:
         foreground = alpha >= 0.5
-    else:  # no usable alpha: the background is the colour of the border
-        border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-        foreground = np.abs(rgb - np.median(border, axis=0)).max(-1) > 0.1
+    else:  # no usable alpha: a plain background, checked
+        foreground = _plain_background_foreground(Path(path), rgb)
         alpha = foreground.astype(np.float32)
     rows, cols = np.nonzero(foreground)
     if len(rows) < 0.002 * foreground.size or len(rows) < 4:
         raise UserError(f"{path}: no foreground found (the image is one plain colour); pass an image of a "
-                        "person on a plain background or a png with alpha")
+                        "person on a plain background or an RGBA cut-out")
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     crop = rgb[top:bottom, left:right] * alpha[top:bottom, left:right, None] + \
         BACKGROUND * (1 - alpha[top:bottom, left:right, None])  # composite on white
@@ -194,7 +258,9 @@ def load_inputs(args: Args, resolution: int | None) -> dict:
                             f"not the image {source}")
         if resolution is None:
             raise UserError(f"{source}: an image input needs a model to generate views (drop --views-from)")
-        return dict(image=load_image(source, resolution)[None], source=str(source), dataset=None)
+        return dict(image=load_image(source, resolution, args.mask)[None], source=str(source), dataset=None)
+    if args.mask is not None:
+        raise UserError(f"--mask goes with an image --input, not the dataset {source}")
     path = source if source.suffix == ".npz" else _dataset_file(source, made_by)
     keys = ("image",) + (("color", "normal") if args.oracle else ()) + (("joints",) if args.skeleton == "ideal" else ())
     arrays = load_split(path, expect_keys=keys, made_by=made_by)
@@ -696,7 +762,7 @@ def reconstruct_all(args: Args) -> Path:
     if args.oracle and args.views_from is not None:
         raise UserError("--oracle and --views-from both choose the views; pass one of them")
     if args.input is not None and args.input.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
-        load_image(args.input, MIN_IMAGE_SIDE)  # refuse a bad image before loading any model
+        load_image(args.input, MIN_IMAGE_SIDE, args.mask)  # refuse a bad image before loading any model
     if len(args.view_weights) != NUM_VIEWS:
         raise UserError(f"--view-weights needs {NUM_VIEWS} numbers (azimuths {list(VIEW_AZIMUTHS)})")
     generate = not args.oracle and args.views_from is None

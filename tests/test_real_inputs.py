@@ -1,0 +1,464 @@
+"""Real inputs as researchers have them (issue 15): motion files of every layout in POSE_LAYOUTS,
+checked for values, axes and frame rate before anything is written; real SMPL-X folders; photos
+without alpha accepted only on a plain background.
+
+Every layout gets a small valid file whose joints are checked against an independent forward pass
+(stock smplx on the same body file, with the file's own parameters and hand convention, the joints
+rotated y-up afterwards), and malformed copies whose one-line errors must come before any work.
+"""
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+import prepare_data as pd
+import reconstruct as rc
+
+ROOT = Path(__file__).resolve().parents[1]
+FRAMES = 40
+TINY = dict(resolution=16, num_scans=4, num_val_scans=2, num_anchors=3, num_bench=6, pose_pool_clips=4, neighbours=2)
+LAYOUTS = list(pd.POSE_LAYOUTS)
+SUFFIX = {"amass-smplh": ".npz", "amass-smplx": ".npz", "motionx": ".npy", "smpl72": ".npz", "aistpp": ".pkl"}
+AIST_SCALING = 93.5
+
+
+@pytest.fixture(scope="module")
+def body_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("body")
+    facts = pd.export_mannequin_smplx(folder / "SMPLX_NEUTRAL.npz")
+    pd.write_json(folder / "manifest.json", dict(facts, file="SMPLX_NEUTRAL.npz", loader="smplx.create"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def body(body_dir):
+    return pd.load_body_model(body_dir)
+
+
+@pytest.fixture
+def fast_main(body, body_dir, tmp_path, monkeypatch):
+    """pd.main on a run folder that already holds the exported body, with the loaded model reused
+    (the check under test is what main does before rendering, not the loading)."""
+    run = tmp_path / "run"
+    shutil.copytree(body_dir, run / "body")
+    monkeypatch.setattr(pd, "load_body_model", lambda *a, **k: body)
+
+    def call(**flags):
+        return pd.main(pd.Args(run_dir=run, **dict(TINY, **flags)))
+    return run, call
+
+
+def _listing(folder: Path) -> list:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+# --- writing files of each layout -------------------------------------------------------------------
+
+def _file_params(up: str, seed: int = 0, frames: int = FRAMES, lying: bool = False) -> dict:
+    """Parameters as a file of that up axis stores them: a body upright in that world (or lying on
+    its side), mild random articulation, hands, shape and translation."""
+    rng = np.random.default_rng(seed)
+    world = Rotation.from_euler("y", rng.uniform(-np.pi, np.pi, (frames, 1)))
+    if lying:
+        world = Rotation.from_euler("z", 90, degrees=True) * world
+    to_y = Rotation.from_euler(pd.UP_TO_Y[up][1], pd.UP_TO_Y[up][0], degrees=True)
+    return dict(root=(to_y.inv() * world).as_rotvec(), body=rng.normal(0, 0.2, (frames, 63)),
+                hands=rng.normal(0, 0.3, (frames, 90)), face=rng.normal(0, 0.1, (frames, 9)),
+                smpl_hands=rng.normal(0, 0.5, (frames, 6)), betas=rng.uniform(-1, 1, 16),
+                trans=rng.normal(0, 0.5, (frames, 3)))
+
+
+def write_motion(layout: str, path: Path, p: dict, fps: float = 30.0, gender: str = "female", drop: str = None,
+                 width_extra: int = 0, nan: bool = False) -> Path:
+    """A file of `layout` from _file_params output; drop / width_extra / nan make it malformed."""
+    n = len(p["root"])
+    if layout == "amass-smplh":
+        poses = np.concatenate([p["root"], p["body"], p["hands"]], 1)
+        keys = dict(poses=poses, trans=p["trans"], betas=p["betas"], mocap_framerate=np.array(fps),
+                    gender=np.array(gender))
+    elif layout == "amass-smplx":
+        poses = np.concatenate([p["root"], p["body"], p["face"], p["hands"]], 1)  # jaw 3 + eyes 6 in `face`
+        keys = dict(poses=poses, trans=p["trans"], betas=p["betas"], mocap_frame_rate=np.array(fps),
+                    gender=np.array(gender), surface_model_type=np.array("smplx"),
+                    markers_latent_vids=np.array({"C7": 3832}, dtype=object))  # AMASS's pickled extras: skipped
+    elif layout == "motionx":
+        poses = np.concatenate([p["root"], p["body"], p["hands"], p["face"][:, :3], np.zeros((n, 150)),
+                                p["trans"], np.repeat(p["betas"][None, :10], n, 0)], 1)
+        keys = {"": poses}
+    elif layout == "smpl72":
+        poses = np.concatenate([p["root"], p["body"], p["smpl_hands"]], 1)
+        keys = dict(poses=poses, trans=p["trans"], betas=p["betas"][:10], fps=np.array(fps), gender=np.array(gender))
+    else:
+        poses = np.concatenate([p["root"], p["body"], p["smpl_hands"]], 1)
+        keys = dict(smpl_poses=poses, smpl_trans=p["trans"] * AIST_SCALING, smpl_scaling=np.array([AIST_SCALING]),
+                    smpl_loss=0.5)
+    pose_key = {"": ""} if "" in keys else {"poses": "poses", "smpl_poses": "smpl_poses"}
+    key = next(k for k in pose_key if k in keys)
+    if width_extra:
+        keys[key] = np.concatenate([keys[key], np.zeros((n, width_extra))], 1)
+    if nan:
+        keys[key] = keys[key].copy()
+        keys[key][n // 2, 5] = np.nan
+    if drop:
+        keys.pop(drop)
+    if layout == "motionx":
+        np.save(path, keys[""])
+    elif layout == "aistpp":
+        with open(path, "wb") as fh:
+            pickle.dump(keys, fh, protocol=2)
+    else:
+        np.savez(path, **keys)
+    return path
+
+
+def independent_joints(body_dir: Path, layout: str, p: dict, up: str) -> np.ndarray:
+    """(frames, 55, 3) joints by stock smplx from the file's own parameters, rotated y-up after."""
+    import smplx
+
+    spec = pd.POSE_LAYOUTS[layout]
+    model = smplx.create(str(body_dir / "SMPLX_NEUTRAL.npz"), model_type="smplx", use_pca=False, num_betas=10,
+                         num_expression_coeffs=10, flat_hand_mean=spec.hands == "absolute")
+    n = len(p["root"])
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+    hands = p["hands"] if spec.hands != "none" else np.zeros((n, 90))
+    face = p["face"] if layout == "amass-smplx" else np.zeros((n, 9))
+    betas = np.zeros(10) if layout == "aistpp" else p["betas"][:10]  # AIST++ files carry no shape
+    with torch.no_grad():
+        out = model(global_orient=t(p["root"]), body_pose=t(p["body"]), left_hand_pose=t(hands[:, :45]),
+                    right_hand_pose=t(hands[:, 45:]), jaw_pose=t(face[:, :3]), leye_pose=t(face[:, 3:6]),
+                    reye_pose=t(face[:, 6:]), betas=t(np.repeat(betas[None], n, 0)), transl=t(p["trans"]),
+                    expression=torch.zeros(n, 10))
+    joints = out.joints[:, :pd.NUM_JOINTS].double().numpy()
+    return Rotation.from_euler("x", pd.UP_TO_Y[up][0], degrees=True).apply(joints.reshape(-1, 3)).reshape(joints.shape)
+
+
+def our_joints(body, clip: dict) -> np.ndarray:
+    params = {k: torch.as_tensor(clip[k], dtype=torch.float32) for k in pd.POSE_KEYS}
+    with torch.no_grad():
+        return pd.body_forward(body, params)[1].double().numpy()
+
+
+# --- valid files: loaded joints equal an independent forward pass ---------------------------------
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_each_layout_loads_to_the_joints_of_an_independent_forward_pass(layout, body, body_dir, tmp_path):
+    up = pd.POSE_LAYOUTS[layout].up
+    p = _file_params(up, seed=LAYOUTS.index(layout))
+    path = write_motion(layout, tmp_path / f"clip{SUFFIX[layout]}", p)
+    raw = pd.load_motion(path)  # layout told apart by file type, keys and width
+    assert raw["layout"] == layout and raw["path"] == path
+    assert raw["fps"] == (60.0 if layout == "aistpp" else None if layout == "motionx" else 30.0)
+    clip = pd.check_motion(body, raw, "auto")
+    assert clip["up"] == up
+    expected = independent_joints(body_dir, layout, p, up)
+    assert np.abs(our_joints(body, clip) - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_file_in_the_other_up_axis_is_rotated_by_auto_and_refused_when_forced(layout, body, body_dir, tmp_path):
+    own = pd.POSE_LAYOUTS[layout].up
+    other = "y" if own == "z" else "z"  # a y-up file in a z-up layout, or the reverse
+    p = _file_params(other, seed=7)
+    path = write_motion(layout, tmp_path / f"clip{SUFFIX[layout]}", p)
+    clip = pd.check_motion(body, pd.load_motion(path), "auto")
+    assert clip["up"] == other
+    assert np.abs(our_joints(body, clip) - independent_joints(body_dir, layout, p, other)).max() < 1e-4
+    with pytest.raises(pd.UserError, match="lies down") as err:
+        pd.check_motion(body, pd.load_motion(path), own)
+    assert str(path) in str(err.value) and "--up auto" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_camera_frame_files_are_turned_upright_with_minus_y(body, tmp_path):
+    p = _file_params("-y", seed=3)
+    path = write_motion("smpl72", tmp_path / "vibe.npz", p)
+    clip = pd.check_motion(body, pd.load_motion(path), "auto")
+    assert clip["up"] == "-y"
+
+
+# --- malformed files: one line naming the file, before anything is written ------------------------
+
+def _malformed(layout: str, case: str, folder: Path) -> Path | None:
+    up = pd.POSE_LAYOUTS[layout].up
+    path = folder / f"{case}{SUFFIX[layout]}"
+    p = _file_params(up, seed=11, lying=case == "lying")
+    if case == "width":
+        return write_motion(layout, path, p, width_extra=1)
+    if case == "nan":
+        return write_motion(layout, path, p, nan=True)
+    if case == "missing_key":
+        drop = dict(motionx=None, smpl72="poses", aistpp="smpl_scaling").get(layout, "trans")
+        return write_motion(layout, path, p, drop=drop) if drop else None
+    if case == "gender":
+        return write_motion(layout, path, p, gender="robot") if layout not in ("motionx", "aistpp") else None
+    if case == "truncated":
+        write_motion(layout, path, p)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        return path
+    if case == "forced_up":  # a file of the other axis with the layout's own axis forced
+        return write_motion(layout, path, _file_params("y" if up == "z" else "z", seed=11))
+    return write_motion(layout, path, p)  # lying: on its side under every up axis
+
+
+CASES = {"width": "expected \\(frames, |cannot tell its layout", "nan": "NaN", "missing_key": "lacks|none of them",
+         "gender": "gender is 'robot'", "truncated": "not a readable", "lying": "lies down",
+         "forced_up": "lies down"}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_malformed_files_are_refused_in_one_line_before_any_work(layout, case, tmp_path, fast_main):
+    run, call = fast_main
+    path = _malformed(layout, case, tmp_path)
+    if path is None:
+        pytest.skip(f"{layout} files have no such key")
+    before = _listing(run)
+    with pytest.raises(pd.UserError, match=CASES[case]) as err:
+        call(pose_source="files", pose_files=path, up=pd.POSE_LAYOUTS[layout].up if case == "forced_up" else "auto")
+    message = str(err.value)
+    assert str(path) in message and "\n" not in message
+    assert _listing(run) == before  # nothing rendered, exported or written
+
+
+def test_unknown_width_names_the_layouts_of_that_width_or_lists_them(tmp_path):
+    np.save(tmp_path / "amass_as_npy.npy", np.zeros((5, 156)))
+    with pytest.raises(pd.UserError, match=r"156-wide pose array is amass-smplh \(a \.npz file with keys poses"):
+        pd.load_motion(tmp_path / "amass_as_npy.npy")
+    np.savez(tmp_path / "odd.npz", poses=np.zeros((5, 99)))
+    with pytest.raises(pd.UserError, match=r"known widths: 72 \(smpl72/aistpp\), 156 \(amass-smplh\), 165 \(amass-smplx\)"):
+        pd.load_motion(tmp_path / "odd.npz")
+    with pytest.raises(pd.UserError, match=r"expected \(frames, 165\); a 156-wide pose array is amass-smplh"):
+        pd.load_motion(write_motion("amass-smplh", tmp_path / "h.npz", _file_params("z")), "amass-smplx")
+
+
+def test_no_frame_rate_and_no_fps_flag_is_a_clear_error(body, tmp_path, fast_main):
+    run, call = fast_main
+    path = write_motion("motionx", tmp_path / "clip.npy", _file_params("y"))
+    with pytest.raises(pd.UserError, match="carries no frame rate; pass --fps") as err:
+        call(pose_source="files", pose_files=path)
+    assert str(path) in str(err.value)
+    args = pd.Args(pose_source="files", pose_files=path, fps=20.0, **TINY)
+    assert pd.read_pose_inputs(args, body)[0]["fps"] == 20.0  # --fps gives it
+
+
+def test_a_pickle_naming_os_system_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    path = tmp_path / "motion.pkl"
+    path.write_bytes(pickle.dumps({"smpl_poses": Exploit()}))
+    with pytest.raises(pd.UserError, match=r"was refused: it names (posix|os|nt)\.system") as err:
+        pd.load_motion(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+def test_folder_trees_are_walked_and_amass_shape_files_skipped(body, tmp_path):
+    tree = tmp_path / "motions"
+    (tree / "CMU" / "01").mkdir(parents=True)
+    (tree / "aist").mkdir()
+    write_motion("amass-smplh", tree / "CMU" / "01" / "01_01_poses.npz", _file_params("z", 1))
+    np.savez(tree / "CMU" / "01" / "shape.npz", betas=np.zeros(16), gender=np.array("male"))
+    write_motion("aistpp", tree / "aist" / "gBR_sBM_cAll_d04_mBR0_ch01.pkl", _file_params("y", 2))
+    (tree / "notes.txt").write_text("not a motion")
+    clips = pd.load_pose_files("auto", tree)
+    assert [c["layout"] for c in clips] == ["amass-smplh", "aistpp"]
+    with pytest.raises(pd.UserError, match="holds no .npy files"):
+        pd.load_pose_files("motionx", tree)
+
+
+# --- frame rate: neighbours a fixed time apart ----------------------------------------------------
+
+def _smooth_motion(fps: float, seconds: float = 4.0) -> dict:
+    """One motion as a function of time, sampled at `fps`: the same poses at the same times."""
+    t = np.arange(int(seconds * fps)) / fps
+    p = _file_params("z", seed=5, frames=len(t))
+    p["body"] = 0.3 * np.sin(2 * np.pi * 0.7 * t[:, None] + np.arange(63)[None])
+    p["root"] = (Rotation.from_euler("x", 90, degrees=True) * Rotation.from_euler("y", 0.5 * t[:, None])).as_rotvec()
+    return p
+
+
+def test_neighbour_spacing_in_seconds_is_the_same_at_30_and_120_fps(body, tmp_path):
+    for fps in (30, 120):
+        write_motion("amass-smplh", tmp_path / f"walk_{fps}.npz", _smooth_motion(fps), fps=fps)
+    args = pd.Args(pose_source="files", pose_files=tmp_path, neighbours=9)
+    clips = {int(c["fps"]): c for c in pd.read_pose_inputs(args, body)}
+    for anchor_s in (0.0, 1.0, 2.5, 3.9):
+        times, poses = {}, {}
+        for fps, clip in clips.items():
+            frames = pd.temporal_neighbours(len(clip["body_pose"]), round(anchor_s * fps), 10, fps * args.neighbour_spacing)
+            times[fps] = np.array(frames) / fps
+            poses[fps] = clip["body_pose"][frames]
+        assert len(times[30]) == 10 and np.allclose(times[30], times[120])
+        assert np.allclose(poses[30], poses[120])  # the very same poses of the motion
+    assert np.allclose(np.diff(np.sort(times[30])), args.neighbour_spacing)
+
+
+def test_generated_pool_keeps_the_stride_2_neighbours_of_before():
+    length, count = pd.GENERATED_CLIP_FRAMES, 10
+    for frame in range(length):
+        old = sorted(range(length), key=lambda f: (abs(f - frame) + (abs(f - frame) % 2) * length, f))[:count]
+        assert pd.temporal_neighbours(length, frame, count, pd.GENERATED_FPS * pd.Args.neighbour_spacing) == old
+
+
+def test_files_run_end_to_end_and_the_manifest_records_the_spacing(tmp_path, fast_main):
+    run, call = fast_main
+    motions = tmp_path / "motions"
+    motions.mkdir()
+    write_motion("amass-smplh", motions / "a.npz", _smooth_motion(60), fps=60)
+    write_motion("aistpp", motions / "b.pkl", _file_params("y", seed=4))
+    write_motion("aistpp", motions / "short.pkl", _file_params("y", frames=3))  # too short: left out
+    call(pose_source="files", pose_files=motions, fps=None, neighbours=2)
+    manifest = pd.read_manifest(run / "data" / "drpose", "")
+    assert manifest["neighbour_spacing_s"] == pytest.approx(1 / 15) and manifest["pool_fps"] == [60.0]
+    assert manifest["pose_files"]["layouts"] == ["aistpp", "amass-smplh"]
+    pairs = pd.load_split(run / "data" / "drpose" / "pairs.npz")
+    assert len(pairs["image"]) == 9
+
+
+def test_cli_bad_file_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    bad = write_motion("amass-smplx", tmp_path / "dance.npz", _file_params("z"), nan=True)
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, "prepare_data.py", "--run-dir", str(run), "--pose-source", "files",
+                             "--pose-files", str(bad)], cwd=ROOT, capture_output=True, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and str(bad) in lines[0] and "fix or drop this file" in lines[0], result.stderr
+    assert _listing(run) == []
+
+
+def test_contradicting_flags_are_refused_before_any_work(tmp_path):
+    with pytest.raises(pd.UserError, match="--pose-files, --fps apply to motion files only"):
+        pd.main(pd.Args(run_dir=tmp_path / "run", pose_files=tmp_path, fps=30.0))
+    with pytest.raises(pd.UserError, match="needs --pose-files"):
+        pd.main(pd.Args(run_dir=tmp_path / "run", pose_source="files"))
+    assert _listing(tmp_path / "run") == []
+
+
+def test_pose_layout_flag_names_every_layout():
+    import typing
+
+    hints = typing.get_type_hints(pd.Args)
+    assert set(typing.get_args(hints["pose_layout"])) == {"auto", *pd.POSE_LAYOUTS}
+    assert set(typing.get_args(hints["up"])) == {"auto", *pd.UP_AXES} and set(pd.UP_AXES) == set(pd.UP_TO_Y)
+
+
+# --- real SMPL-X folders --------------------------------------------------------------------------
+
+def test_smplx_folder_by_gender_npz_and_pkl(body, body_dir, tmp_path):
+    folder = tmp_path / "models" / "smplx"  # the official download's layout
+    folder.mkdir(parents=True)
+    shutil.copy(body_dir / "SMPLX_NEUTRAL.npz", folder / "SMPLX_MALE.npz")
+    with np.load(body_dir / "SMPLX_NEUTRAL.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    with open(folder / "SMPLX_FEMALE.pkl", "wb") as fh:
+        pickle.dump(arrays, fh, protocol=2)
+    params = {k: torch.as_tensor(np.random.default_rng(0).normal(0, 0.3, (2,) + s), dtype=torch.float32)
+              for k, s in pd.POSE_KEYS.items()}
+    with torch.no_grad():
+        expected = pd.body_forward(body, params)[1]
+        for gender in ("male", "female"):
+            model = pd.load_body_model(tmp_path / "models", gender=gender)
+            assert torch.allclose(pd.body_forward(model, params)[1], expected, atol=1e-5)
+    with pytest.raises(pd.UserError, match="holds no SMPLX_NEUTRAL.npz"):
+        pd.load_body_model(tmp_path / "models", gender="neutral")
+    with pytest.raises(pd.UserError, match="gender 'robot' is not one of neutral, male, female"):
+        pd.load_body_model(tmp_path / "models", gender="robot")
+    # prepare_body points the run's body/ at the user's file; later stages load it from there
+    args = pd.Args(run_dir=tmp_path / "run", body_model=tmp_path / "models", gender="female")
+    pd.prepare_body(args, args.body_model)
+    assert pd.body_model_file(tmp_path / "run" / "body") == ((folder / "SMPLX_FEMALE.pkl").resolve(), "female")
+    assert pd.load_body_model(tmp_path / "run" / "body").v_template.shape == body.v_template.shape
+
+
+def test_model_pickles_needing_chumpy_or_code_are_refused(tmp_path):
+    chumpy = b"\x80\x02cchumpy.ch\nCh\nq\x00)\x81q\x01."  # what an old SMPL-X .pkl starts like
+    (tmp_path / "SMPLX_NEUTRAL.pkl").write_bytes(chumpy)
+    with pytest.raises(pd.UserError, match="needs chumpy"):
+        pd.load_body_model(tmp_path)
+
+
+# --- photos -----------------------------------------------------------------------------------------
+
+def _person(background, size=(96, 64)) -> np.ndarray:
+    """An RGB photo: `background` (H, W, 3) uint8 with one person-like blob (head, body, legs)."""
+    image = background.copy()
+    image[20:30, 28:36] = (200, 160, 130)  # head
+    image[30:60, 22:42] = (40, 60, 160)  # torso
+    image[60:85, 24:40] = (30, 30, 30)  # legs
+    return image
+
+
+def _save(tmp_path, name, array):
+    from PIL import Image
+
+    Image.fromarray(array).save(tmp_path / name)
+    return tmp_path / name
+
+
+def test_plain_background_photo_is_accepted_and_framed(tmp_path):
+    path = _save(tmp_path, "studio.jpg", _person(np.full((96, 64, 3), 235, np.uint8)))
+    image = rc.load_image(path, 32)
+    assert image.shape == (3, 32, 32) and image[:, 0, 0].tolist() == [1.0, 1.0, 1.0]
+    dark = image.min(0).values < 0.9
+    rows, cols = np.nonzero(dark.numpy())
+    height = (rows.max() - rows.min() + 1) / 32
+    assert abs(height - rc.FOREGROUND_FRACTION) < 0.1  # the person's 65 rows scaled to 0.8 of the side
+
+
+def test_textured_background_photo_is_refused(tmp_path):
+    texture = np.random.default_rng(0).integers(0, 255, (96, 64, 3)).astype(np.uint8)
+    path = _save(tmp_path, "street.png", _person(texture))
+    with pytest.raises(pd.UserError, match="background is not plain.*pass an RGBA cut-out") as err:
+        rc.load_image(path, 32)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_two_people_and_implausible_sizes_are_refused(tmp_path):
+    two = np.full((96, 128, 3), 240, np.uint8)
+    two[:, :64] = _person(two[:, :64])
+    two[:, 64:] = _person(two[:, 64:])
+    with pytest.raises(pd.UserError, match="2 separate regions.*RGBA cut-out"):
+        rc.load_image(_save(tmp_path, "two.png", two), 32)
+    speck = np.full((200, 200, 3), 240, np.uint8)
+    speck[100:103, 100:103] = 0
+    with pytest.raises(pd.UserError, match="no foreground found|covers"):
+        rc.load_image(_save(tmp_path, "speck.png", speck), 32)
+    filled = np.full((64, 64, 3), 240, np.uint8)
+    filled[2:62, 2:62] = 20
+    with pytest.raises(pd.UserError, match="covers 88% of the frame"):
+        rc.load_image(_save(tmp_path, "filled.png", filled), 32)
+
+
+def test_a_mask_file_makes_a_textured_photo_usable(tmp_path):
+    texture = np.random.default_rng(1).integers(0, 255, (96, 64, 3)).astype(np.uint8)
+    photo = _person(texture)
+    mask = np.zeros((96, 64), np.uint8)
+    mask[20:85, 22:42] = 255
+    path = _save(tmp_path, "street.png", photo)
+    mask_path = _save(tmp_path, "street_mask.png", mask)
+    rgba = _save(tmp_path, "cutout.png", np.concatenate([photo, mask[..., None]], -1))
+    assert torch.equal(rc.load_image(path, 32, mask=mask_path), rc.load_image(rgba, 32))
+    with pytest.raises(pd.UserError, match="pass a mask of the same size"):
+        rc.load_image(path, 32, mask=_save(tmp_path, "small_mask.png", mask[:50]))
+
+
+def test_huge_images_are_refused_before_decoding(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "huge.png"
+    Image.new("1", (5000, 4000)).save(path)
+    with pytest.raises(pd.UserError, match=r"is 5000x4000 px, more than 16777216 pixels") as err:
+        rc.load_image(path, 32)
+    assert str(path) in str(err.value)
