@@ -10,6 +10,8 @@ Writes, under the run folder (default runs/demo/):
     data/scans/                 scan-like poses rendered in six views (the base model's training set);
                                 their spread is calibrated so DrPose's is 1.73x theirs, as in the paper
     data/drpose/                DrPose15K-style (pose, single front image) pairs; no multi-view images
+    data/drpose_gt/             six-view GT renders of exactly the DrPose pairs: the supervised
+                                ceiling's data only (DrPose never reads it; --no-ceiling skips it)
     data/bench/                 the benchmark, with GT meshes and six-view GT renders, in two splits
                                 (key `split`): `dynamic`, held-out frames of the motion family DrPose
                                 trains on, far from the scans (MixamoRP's role), then `extreme`, hard-pose
@@ -71,6 +73,9 @@ class Args:
     """bench split `extreme`: hard-pose templates no training set covers (demo 12, full 30)"""
     pose_pool_clips: int | None = None
     """broad-motion clips in the pool FPS selects from (demo 64, full 1200)"""
+    ceiling: bool = True
+    """render six-view GT of the DrPose poses for the supervised ceiling (data/drpose_gt/);
+    --no-ceiling skips it"""
     seed: int = 0
     """one seed for every random choice in this stage"""
     device: str = "cpu"
@@ -1010,6 +1015,27 @@ def pose_features_heading(global_orient: np.ndarray) -> np.ndarray:
     return np.arctan2(forward[:, 0], forward[:, 2])
 
 
+def build_ceiling(body, args: Args, folder: Path, pairs_folder: Path) -> dict:
+    """Six-view GT renders of exactly the DrPose pairs (their poses, outfits and shapes, read back from
+    pairs.npz): the 3D data DrPose does without, for the supervised ceiling only. Same keys as
+    scans/train.npz (plus `anchor`); its front view is pixel for pixel pairs.npz's `image`."""
+    pairs = load_split(pairs_folder / "pairs.npz", [*POSE_KEYS, "outfit_colors", "outfit_style", "anchor"])
+    poses = {k: pairs[k] for k in POSE_KEYS}
+    outfits = dict(colors=pairs["outfit_colors"], style=pairs["outfit_style"])
+    count = len(pairs["body_pose"])
+    rendered = _render_in_batches(body, poses, outfits, args, "drpose_gt")
+    with atomic_dir(folder) as tmp:
+        save_npz(tmp / "train.npz", color=rendered["color"], normal=rendered["normal"], mask=rendered["mask"],
+                 depth=rendered["depth"], anchor=pairs["anchor"], **_pose_arrays(poses, rendered, outfits))
+        contact_sheet(tmp / "contact_sheet.png",
+                      [np.concatenate([rendered["color"][i], rendered["normal"][i]]) for i in range(min(4, count))])
+        write_json(tmp / "manifest.json", manifest(
+            args, f"six-view GT renders of {pairs_folder.name}/pairs.npz (same poses, outfits, shapes, order)",
+            {"train.npz": count}, reader="supervised ceiling only; DrPose never reads this folder",
+            multi_view_images=True))
+    return {"train.npz": count}
+
+
 def dynamic_bench_poses(body, count: int, scan_features: torch.Tensor, rng: np.random.Generator) -> dict:
     """`count` frames of held-out clips of the broad motion family (the one DrPose trains on), far from
     the scans: the bench's `dynamic` split (MixamoRP's role). POSE_KEYS arrays (count, ...), float32.
@@ -1127,6 +1153,11 @@ def main(args: Args) -> None:
     drpose = build_drpose(body, args, data / "drpose", rngs[1], scan_features)
     print(f"drpose: {drpose['pairs']} pairs; joint spread {drpose['joint_spread_vs_scans']:.2f}x the scans' "
           "(paper: 1.73x THuman2.1)")
+    if args.ceiling:
+        print(f"drpose_gt: {build_ceiling(body, args, data / 'drpose_gt', data / 'drpose')} (ceiling only)")
+    elif (data / "drpose_gt").exists():  # renders of an older drpose/ would no longer match its pairs
+        shutil.rmtree(data / "drpose_gt")
+        print("drpose_gt: skipped (--no-ceiling); removed the old folder, which no longer matches drpose/")
     print(f"bench: {build_bench(body, args, data / 'bench', rngs[2], rngs[3], scan_features)}")
     write_json(args.run_dir / "prepare_data.json", dict(args=dataclasses.asdict(args), seconds=time.time() - start))
     print(f"done in {time.time() - start:.0f} s -> {data}")

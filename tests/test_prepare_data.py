@@ -311,7 +311,7 @@ def test_datasets_have_manifests_keys_and_no_multiview_in_drpose(tiny_run):
     bench = pd.load_split(data / "bench" / "bench.npz", ["image", "color", "category"])
     assert np.array_equal(bench["image"], bench["color"][:, 0])
     assert len(list((data / "bench" / "meshes").glob("*.ply"))) == 7
-    for folder in ("scans", "drpose", "bench"):
+    for folder in ("scans", "drpose", "drpose_gt", "bench"):
         manifest = json.loads((data / folder / "manifest.json").read_text())
         assert manifest["resolution"] == 16 and manifest["views"] == list(pd.VIEW_AZIMUTHS)
         assert (data / folder / "contact_sheet.png").exists()
@@ -343,8 +343,10 @@ def test_bench_outfits_and_shapes_are_held_out(tiny_run):
 
 
 def test_rerun_reproduces_identical_files(tiny_run, tmp_path):
-    subprocess.run([sys.executable, "prepare_data.py", "--run-dir", str(tmp_path), *TINY], cwd=ROOT, check=True,
-                   capture_output=True)
+    # --no-ceiling: skipping the ceiling's renders changes nothing else (it draws no random numbers).
+    subprocess.run([sys.executable, "prepare_data.py", "--run-dir", str(tmp_path), *TINY, "--no-ceiling"], cwd=ROOT,
+                   check=True, capture_output=True)
+    assert not (tmp_path / "data" / "drpose_gt").exists()
     for name in ("scans/train.npz", "drpose/pairs.npz", "bench/bench.npz"):
         first = np.load(tiny_run / "data" / name)
         second = np.load(tmp_path / "data" / name)
@@ -386,6 +388,22 @@ def test_dynamic_bench_is_held_out_motion_far_from_the_scans(tiny_run, body):
     nearest = lambda poses: torch.cdist(pd.pose_features(body, poses), scan_features).amin(1)  # noqa: E731
     assert float(nearest(dynamic).mean()) > float(nearest(pairs).mean())
     assert np.allclose(nearest(dynamic).numpy(), bench["scan_distance"][:4], atol=1e-5)
+
+
+def test_ceiling_data_are_six_view_renders_of_exactly_the_drpose_pairs(tiny_run):
+    data = tiny_run / "data"
+    pairs = pd.load_split(data / "drpose" / "pairs.npz")
+    scans = pd.load_split(data / "scans" / "train.npz")
+    gt = pd.load_split(data / "drpose_gt" / "train.npz", ["color", "normal", "mask", "depth", "joints"])
+    assert set(gt) == set(scans) | {"anchor"}  # the scans' format: the ceiling trains like the base
+    assert gt["color"].shape == (9, pd.NUM_VIEWS, 3, 16, 16) and gt["normal"].shape == gt["color"].shape
+    # Same poses, outfits, shapes => the front view is pairs.npz's image, pixel for pixel.
+    assert np.array_equal(gt["color"][:, 0], pairs["image"]) and np.array_equal(gt["mask"][:, 0], pairs["mask"])
+    for key in (*pd.POSE_KEYS, "joints", "outfit_colors", "outfit_style", "anchor"):
+        assert np.array_equal(gt[key], pairs[key]), key
+    assert (gt["mask"][:, 1:].sum((2, 3)) > 0).all()  # every other view sees the person too
+    manifest = json.loads((data / "drpose_gt" / "manifest.json").read_text())
+    assert manifest["reader"].startswith("supervised ceiling only") and manifest["files"] == {"train.npz": 9}
 
 
 def test_bad_bench_counts_exit_2_with_one_line(tmp_path):
