@@ -1082,7 +1082,8 @@ def build_bench(body, args: Args, folder: Path, rng_extreme: np.random.Generator
                 scan_features: torch.Tensor) -> dict:
     """The benchmark in two splits (BENCH_SPLITS) in one file, `dynamic` subjects first, then `extreme`;
     per-subject keys `split` and `category` (the template name, or "dynamic"), GT meshes and views.
-    `scan_distance` is each pose's distance to its nearest scan in pose-feature space (metres)."""
+    `scan_distance` is each pose's distance to its nearest scans/train pose in pose_features space
+    (metres, Euclidean over the 22 body joints' pelvis-relative, heading-free coordinates)."""
     num_dynamic, num_extreme = args.num_bench_dynamic, args.num_bench_extreme
     extreme = generate_poses("hard", num_extreme, rng_extreme)
     extreme_outfits = sample_outfits(num_extreme, rng_extreme, held_out=True)
@@ -1112,7 +1113,8 @@ def build_bench(body, args: Args, folder: Path, rng_extreme: np.random.Generator
             splits={"dynamic": num_dynamic, "extreme": num_extreme}, split_notes=BENCH_SPLITS,
             order="all dynamic subjects first, then all extreme ones (key `split`)",
             categories=["dynamic", *sorted(HARD_TEMPLATES)], scan_distance_mean=distances))
-    return dict(dynamic=num_dynamic, extreme=num_extreme, scan_distance_mean=distances)
+    return dict(dynamic=num_dynamic, extreme=num_extreme,
+                scan_distance_mean={name: round(d, 2) for name, d in distances.items()})
 
 
 # --- main -----------------------------------------------------------------------------------------
