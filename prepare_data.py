@@ -1,7 +1,7 @@
-"""Stage 1 of DrPose: the body model, poses, the renderer and the three datasets.
+"""Stage 1 of DrPose: the body model, poses, the renderer and the datasets.
 
-    python prepare_data.py --preset demo            # embedded world, CPU, under a minute
-    python prepare_data.py --preset full            # paper-sized sets (15K pairs, 60 bench subjects)
+    python prepare_data.py --preset demo            # embedded world, CPU, about two minutes
+    python prepare_data.py --preset full            # paper-sized sets (15K pairs, 60 + 30 bench subjects)
     python prepare_data.py --body-model ~/models/smplx --gender female   # a real SMPL-X folder, same code
     python prepare_data.py --pose-source files --pose-files ~/amass/CMU   # real motion for drpose/
 
@@ -28,9 +28,15 @@ upright (head above pelvis along +y in most frames; --up auto tries the layout's
 Writes, under the run folder (default runs/demo/):
     body/SMPLX_NEUTRAL.npz      the embedded mannequin as an SMPL-X model file (stock `smplx` loads it);
                                 with --body-model, only a manifest.json naming the user's file
-    data/scans/                 scan-like poses rendered in six views (the base model's training set)
+    data/scans/                 scan-like poses rendered in six views (the base model's training set);
+                                their spread is calibrated so DrPose's is 1.73x theirs, as in the paper
     data/drpose/                DrPose15K-style (pose, single front image) pairs; no multi-view images
-    data/bench/                 MixamoRP-style hard poses with GT meshes and six-view GT renders
+    data/drpose_gt/             six-view GT renders of exactly the DrPose pairs: the supervised
+                                ceiling's data only (DrPose never reads it; --no-ceiling skips it)
+    data/bench/                 the benchmark, with GT meshes and six-view GT renders, in two splits
+                                (key `split`): `dynamic`, held-out frames of the motion family DrPose
+                                trains on, far from the scans (MixamoRP's role), then `extreme`, hard-pose
+                                templates no training set covers; held-out outfits and shapes in both
 
 This file owns the conventions every later stage uses: joint order and bones, cameras, image
 encoding, the renderer, file checks and atomic writes. Later stages import them from here.
@@ -47,7 +53,7 @@ import pickle
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -94,10 +100,16 @@ class Args:
     """DrPose anchor poses chosen by farthest-point sampling (demo 48, full 1500)"""
     neighbours: int = 9
     """temporal neighbours each anchor brings (paper: 9, so 1.5K x 10 = 15K pairs)"""
-    num_bench: int | None = None
-    """hard-pose benchmark subjects (demo 12, full 60)"""
+    num_bench_dynamic: int | None = None
+    """bench split `dynamic`: held-out frames of the broad motion family, far from the scans (demo 24,
+    full 60)"""
+    num_bench_extreme: int | None = None
+    """bench split `extreme`: hard-pose templates no training set covers (demo 12, full 30)"""
     pose_pool_clips: int | None = None
     """broad-motion clips in the pool FPS selects from (demo 64, full 1200)"""
+    ceiling: bool = True
+    """render six-view GT of the DrPose poses for the supervised ceiling (data/drpose_gt/);
+    --no-ceiling skips it"""
     seed: int = 0
     """one seed for every random choice in this stage"""
     device: str = "cpu"
@@ -116,10 +128,10 @@ def with_preset(args, table: dict):
 
 
 PRESETS = {
-    "demo": dict(resolution=32, num_scans=240, num_val_scans=24, num_anchors=48, num_bench=12,
-                 pose_pool_clips=64),
-    "full": dict(resolution=64, num_scans=3000, num_val_scans=200, num_anchors=1500, num_bench=60,
-                 pose_pool_clips=1200),
+    "demo": dict(resolution=32, num_scans=240, num_val_scans=24, num_anchors=48, num_bench_dynamic=24,
+                 num_bench_extreme=12, pose_pool_clips=64),
+    "full": dict(resolution=64, num_scans=3000, num_val_scans=200, num_anchors=1500, num_bench_dynamic=60,
+                 num_bench_extreme=30, pose_pool_clips=1200),
 }
 
 
@@ -667,15 +679,21 @@ def render_views(vertices: torch.Tensor, faces: torch.Tensor, vertex_colors: tor
 # lowers the arm, left elbow -y folds the forearm forward.
 _LEFT_RIGHT = {0: 1, 3: 4, 6: 7, 9: 10, 12: 13, 15: 16, 17: 18, 19: 20}  # body_pose index pairs
 POSE_RANGES = {
-    "scan": {  # standing, walking, mild arm and leg motion: what a few thousand scans cover
-        0: [(-0.6, 0.25), (-0.15, 0.15), (-0.05, 0.3)], 3: [(0.0, 0.7), (0, 0), (0, 0)],
-        6: [(-0.25, 0.25), (-0.1, 0.1), (-0.1, 0.1)], 9: [(-0.1, 0.1)] * 3,
-        2: [(-0.1, 0.2), (-0.15, 0.15), (-0.1, 0.1)], 5: [(-0.1, 0.2), (-0.15, 0.15), (-0.1, 0.1)],
-        8: [(-0.1, 0.2), (-0.15, 0.15), (-0.1, 0.1)], 11: [(-0.2, 0.3), (-0.3, 0.3), (-0.15, 0.15)],
-        14: [(-0.2, 0.3), (-0.3, 0.3), (-0.15, 0.15)], 12: [(-0.1, 0.1)] * 3,
-        15: [(-0.3, 0.3), (-0.6, 0.4), (-1.35, -0.5)], 17: [(-0.1, 0.1), (-1.2, 0.0), (-0.1, 0.1)],
-        19: [(-0.3, 0.3)] * 3,
-        "global": [(-0.1, 0.1), (-0.5, 0.5), (-0.05, 0.05)],  # pitch, yaw, roll
+    # Scan-like: standing, stepping, leaning, arms anywhere from the sides to overhead: what a few
+    # thousand scans cover. Calibrated to the paper, where DrPose15K has 1.73x the joint spread of
+    # THuman2.1: target 1.73 +- 0.15 for `joint_spread_vs_scans` (data/drpose/manifest.json, the
+    # FPS anchors against scans/train). The ranges sit about 0.8 of the way from the old standing set
+    # to "broad" for the arms, 0.5 for the spine and head, 0.4 for the legs, 0.2 for the body's tilt;
+    # measured at seed 0: demo 1.73x, full 1.70x (was 3.42x); tests/test_prepare_data.py checks it.
+    "scan": {
+        0: [(-1.2, 0.4), (-0.3, 0.3), (-0.15, 0.6)], 3: [(0.0, 1.3), (0, 0), (0, 0)],
+        6: [(-0.35, 0.35), (-0.25, 0.25), (-0.25, 0.25)], 9: [(-0.15, 0.15)] * 3,
+        2: [(-0.2, 0.35), (-0.3, 0.3), (-0.2, 0.2)], 5: [(-0.2, 0.35), (-0.3, 0.3), (-0.2, 0.2)],
+        8: [(-0.2, 0.35), (-0.3, 0.3), (-0.2, 0.2)], 11: [(-0.35, 0.4), (-0.45, 0.45), (-0.2, 0.2)],
+        14: [(-0.35, 0.4), (-0.45, 0.45), (-0.2, 0.2)], 12: [(-0.25, 0.25)] * 3,
+        15: [(-0.85, 0.85), (-1.25, 0.9), (-1.4, 0.95)], 17: [(-0.2, 0.2), (-2.1, 0.0), (-0.2, 0.2)],
+        19: [(-0.55, 0.55)] * 3,
+        "global": [(-0.2, 0.25), (-0.5, 0.5), (-0.1, 0.1)],  # pitch, yaw, roll
         "hands": 0.2, "betas": 1.2,
     },
     "broad": {  # dance, sport, acrobatics: what motion capture covers
@@ -755,6 +773,15 @@ def generate_clips(kind: str, num_clips: int, frames: int, rng: np.random.Genera
     )
 
 
+def held_out_betas(count: int, rng: np.random.Generator) -> np.ndarray:
+    """(count, 10) bench shapes: every subject has at least one coefficient beyond the training
+    range (|beta| <= 1.2), so the bench's shapes are held out."""
+    betas = np.zeros((count, 10))
+    betas[:, :4] = rng.uniform(-1.2, 1.2, (count, 4))
+    betas[np.arange(count), rng.integers(0, 4, count)] = rng.choice([-1, 1], count) * rng.uniform(1.3, 1.8, count)
+    return betas
+
+
 def generate_poses(kind: str, count: int, rng: np.random.Generator) -> dict:
     """`count` independent poses: 'scan' / 'broad' (a random frame of a fresh clip each) or 'hard'
     (benchmark templates, jittered, on held-out extreme body shapes). Arrays (count, ...), float32."""
@@ -772,10 +799,7 @@ def generate_poses(kind: str, count: int, rng: np.random.Generator) -> dict:
         for joint, value in joints.items():
             body_pose[i, joint] += value
         euler[i] += (pitch, yaw, roll)
-    betas = np.zeros((count, 10))
-    # Held-out shapes: every bench subject has at least one coefficient beyond the training range.
-    betas[:, :4] = rng.uniform(-1.2, 1.2, (count, 4))
-    betas[np.arange(count), rng.integers(0, 4, count)] = rng.choice([-1, 1], count) * rng.uniform(1.3, 1.8, count)
+    betas = held_out_betas(count, rng)
     hands = rng.normal(0, 0.3, (count, 30, 3)).clip(-1, 1)
     return dict(global_orient=_axis_angle_from_euler(euler[:, 0], euler[:, 1], euler[:, 2]).astype(np.float32),
                 body_pose=body_pose.astype(np.float32), left_hand_pose=hands[:, :15].astype(np.float32),
@@ -1399,23 +1423,106 @@ def pose_features_heading(global_orient: np.ndarray) -> np.ndarray:
     return np.arctan2(forward[:, 0], forward[:, 2])
 
 
-def build_bench(body, args: Args, folder: Path, rng: np.random.Generator) -> dict:
-    """MixamoRP-style hard-pose benchmark on held-out outfits and shapes, with GT meshes and views."""
-    poses = generate_poses("hard", args.num_bench, rng)
-    outfits = sample_outfits(args.num_bench, rng, held_out=True)
+def build_ceiling(body, args: Args, folder: Path, pairs_folder: Path) -> dict:
+    """Six-view GT renders of exactly the DrPose pairs (their poses, outfits and shapes, read back from
+    pairs.npz): the 3D data DrPose does without, for the supervised ceiling only. Same keys as
+    scans/train.npz (plus `anchor`); its front view is pixel for pixel pairs.npz's `image`."""
+    pairs = load_split(pairs_folder / "pairs.npz", [*POSE_KEYS, "outfit_colors", "outfit_style", "anchor"])
+    poses = {k: pairs[k] for k in POSE_KEYS}
+    outfits = dict(colors=pairs["outfit_colors"], style=pairs["outfit_style"])
+    count = len(pairs["body_pose"])
+    rendered = _render_in_batches(body, poses, outfits, args, "drpose_gt")
+    with atomic_dir(folder) as tmp:
+        save_npz(tmp / "train.npz", color=rendered["color"], normal=rendered["normal"], mask=rendered["mask"],
+                 depth=rendered["depth"], anchor=pairs["anchor"], **_pose_arrays(poses, rendered, outfits))
+        contact_sheet(tmp / "contact_sheet.png",
+                      [np.concatenate([rendered["color"][i], rendered["normal"][i]]) for i in range(min(4, count))])
+        write_json(tmp / "manifest.json", manifest(
+            args, f"six-view GT renders of {pairs_folder.name}/pairs.npz (same poses, outfits, shapes, order)",
+            {"train.npz": count}, reader="supervised ceiling only; DrPose never reads this folder",
+            multi_view_images=True))
+    return {"train.npz": count}
+
+
+def dynamic_bench_poses(body, count: int, scan_features: torch.Tensor, rng: np.random.Generator) -> dict:
+    """`count` frames of held-out clips of the broad motion family (the one DrPose trains on), far from
+    the scans: the bench's `dynamic` split (MixamoRP's role). POSE_KEYS arrays (count, ...), float32.
+
+    The pool is 4 x count fresh clips of 48 frames (DrPose's clip length) drawn from `rng`, a stream
+    no other set draws from, so no clip is shared with DrPose's pool. The quarter of its frames
+    farthest from their nearest scan pose are the candidates; farthest-point sampling picks `count`
+    of them, so the split covers the hard part of the family instead of piling up in one clip."""
+    clips = generate_clips("broad", 4 * count, 48, rng)
+    flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in clips.items() if k in POSE_KEYS}
+    features = _features_in_chunks(body, flat)  # (P, 66)
+    distance = torch.cdist(features, scan_features).amin(1).numpy()  # (P,) to the nearest scan
+    candidates = np.argsort(-distance, kind="stable")[:max(count, len(distance) // 4)]
+    chosen = candidates[farthest_point_sampling(features[candidates], count, rng)]
+    poses = {k: v[chosen].astype(np.float32) for k, v in flat.items()}
+    # As build_drpose: re-draw the heading so the front view sees the person's front.
+    from scipy.spatial.transform import Rotation
+
+    heading = rng.uniform(-0.8, 0.8, count)
+    heading_free = pose_features_heading(poses["global_orient"])
+    poses["global_orient"] = (Rotation.from_euler("y", (heading - heading_free)[:, None]) *
+                              Rotation.from_rotvec(poses["global_orient"])).as_rotvec().astype(np.float32)
+    poses["betas"] = held_out_betas(count, rng).astype(np.float32)  # held-out shapes, as the extreme split
+    return poses
+
+
+def _features_in_chunks(body, poses: dict, chunk: int = 1024) -> torch.Tensor:
+    """pose_features of a large pool, a chunk at a time (each pose's mesh is built on the way)."""
+    count = len(poses["body_pose"])
+    return torch.cat([pose_features(body, {k: v[i:i + chunk] for k, v in poses.items()})
+                      for i in range(0, count, chunk)])
+
+
+BENCH_SPLITS = {
+    "dynamic": "held-out frames of the broad motion family DrPose trains on (own clips, none in DrPose's "
+               "pool), the quarter farthest from the scans, spread by FPS; held-out outfits and shapes "
+               "(MixamoRP's role)",
+    "extreme": "hard-pose templates (inverted, cartwheel, ...) that no training set covers, jittered; "
+               "held-out outfits and shapes",
+}
+
+
+def build_bench(body, args: Args, folder: Path, rng_extreme: np.random.Generator, rng_dynamic: np.random.Generator,
+                scan_features: torch.Tensor) -> dict:
+    """The benchmark in two splits (BENCH_SPLITS) in one file, `dynamic` subjects first, then `extreme`;
+    per-subject keys `split` and `category` (the template name, or "dynamic"), GT meshes and views.
+    `scan_distance` is each pose's distance to its nearest scans/train pose in pose_features space
+    (metres, Euclidean over the 22 body joints' pelvis-relative, heading-free coordinates)."""
+    num_dynamic, num_extreme = args.num_bench_dynamic, args.num_bench_extreme
+    extreme = generate_poses("hard", num_extreme, rng_extreme)
+    extreme_outfits = sample_outfits(num_extreme, rng_extreme, held_out=True)
+    dynamic = dict(dynamic_bench_poses(body, num_dynamic, scan_features, rng_dynamic),
+                   category=np.array(["dynamic"] * num_dynamic))
+    dynamic_outfits = sample_outfits(num_dynamic, rng_dynamic, held_out=True)
+    poses = {k: np.concatenate([dynamic[k], extreme[k]]) for k in (*POSE_KEYS, "category")}
+    outfits = {k: np.concatenate([dynamic_outfits[k], extreme_outfits[k]]) for k in ("colors", "style")}
+    split = np.array(["dynamic"] * num_dynamic + ["extreme"] * num_extreme)
+    scan_distance = torch.cdist(pose_features(body, poses), scan_features).amin(1).numpy()
     rendered = _render_in_batches(body, poses, outfits, args, "bench")
     albedo = paint_vertices(vertex_regions(body), outfits["colors"], outfits["style"]).numpy()
+    count = num_dynamic + num_extreme
     with atomic_dir(folder) as tmp:
         save_npz(tmp / "bench.npz", image=rendered["color"][:, 0], color=rendered["color"],
                  normal=rendered["normal"], mask=rendered["mask"], depth=rendered["depth"],
-                 category=poses["category"], **_pose_arrays(poses, rendered, outfits))
+                 split=split, category=poses["category"], scan_distance=scan_distance.astype(np.float32),
+                 **_pose_arrays(poses, rendered, outfits))
         _write_meshes(tmp / "meshes", rendered["vertices"], body.faces_tensor.cpu().numpy(), albedo)
+        shown = list(range(min(3, num_dynamic))) + list(range(num_dynamic, num_dynamic + min(3, num_extreme)))
         contact_sheet(tmp / "contact_sheet.png",
-                      [np.concatenate([rendered["color"][i], rendered["normal"][i]]) for i in range(min(6, args.num_bench))])
-        write_json(tmp / "manifest.json", manifest(args, "hard-pose templates (held-out poses, outfits, shapes)",
-                                                   {"bench.npz": args.num_bench},
-                                                   categories=sorted(HARD_TEMPLATES)))
-    return {"bench": args.num_bench}
+                      [np.concatenate([rendered["color"][i], rendered["normal"][i]]) for i in shown])
+        distances = {name: float(scan_distance[split == name].mean()) for name in BENCH_SPLITS}
+        write_json(tmp / "manifest.json", manifest(
+            args, "bench: split dynamic (held-out broad motion) then split extreme (hard-pose templates); "
+            "held-out outfits and shapes", {"bench.npz": count},
+            splits={"dynamic": num_dynamic, "extreme": num_extreme}, split_notes=BENCH_SPLITS,
+            order="all dynamic subjects first, then all extreme ones (key `split`)",
+            categories=["dynamic", *sorted(HARD_TEMPLATES)], scan_distance_mean=distances))
+    return dict(dynamic=num_dynamic, extreme=num_extreme,
+                scan_distance_mean={name: round(d, 2) for name, d in distances.items()})
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -1477,10 +1584,19 @@ def prepare_body(args: Args, staged: Path) -> Path:
     return folder
 
 
+def check_counts(args: Args) -> None:
+    """Refuse counts no dataset can be made from, in one line, before any work."""
+    for name in ("num_bench_dynamic", "num_bench_extreme"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} is {getattr(args, name)}; each bench split needs "
+                            "at least 1 subject")
+
+
 def main(args: Args) -> None:
     import tempfile
 
     args = args.resolved()
+    check_counts(args)
     start = time.time()
     # --- inputs first: the body model and every pose file are read and checked; nothing is written ---
     check_args(args)
@@ -1493,15 +1609,21 @@ def main(args: Args) -> None:
                             f"fewer than --num-anchors {args.num_anchors}")
         body_folder = prepare_body(args, staged)
     data = args.run_dir / "data"
-    # One generator per dataset, derived from the seed, so each set is reproducible on its own.
-    rngs = [np.random.default_rng([args.seed, i]) for i in range(3)]
+    # One generator per dataset, derived from the seed, so each set is reproducible on its own:
+    # scans, drpose, bench extreme, bench dynamic (its own stream: none of its clips is in DrPose's pool).
+    rngs = [np.random.default_rng([args.seed, i]) for i in range(4)]
     print(f"body: {body_folder} ({body.v_template.shape[0]} vertices)")
     print(f"scans: {build_scans(body, args, data / 'scans', rngs[0])}")
     scan_features = pose_features(body, load_split(data / "scans" / "train.npz"))
     drpose = build_drpose(body, args, data / "drpose", rngs[1], scan_features, clips)
     print(f"drpose: {drpose['pairs']} pairs; joint spread {drpose['joint_spread_vs_scans']:.2f}x the scans' "
           "(paper: 1.73x THuman2.1)")
-    print(f"bench: {build_bench(body, args, data / 'bench', rngs[2])}")
+    if args.ceiling:
+        print(f"drpose_gt: {build_ceiling(body, args, data / 'drpose_gt', data / 'drpose')} (ceiling only)")
+    elif (data / "drpose_gt").exists():  # renders of an older drpose/ would no longer match its pairs
+        shutil.rmtree(data / "drpose_gt")
+        print("drpose_gt: skipped (--no-ceiling); removed the old folder, which no longer matches drpose/")
+    print(f"bench: {build_bench(body, args, data / 'bench', rngs[2], rngs[3], scan_features)}")
     write_json(args.run_dir / "prepare_data.json", dict(args=dataclasses.asdict(args), seconds=time.time() - start))
     print(f"done in {time.time() - start:.0f} s -> {data}")
 

@@ -24,7 +24,7 @@ import reconstruct as rc
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES = 40
-TINY = dict(resolution=16, num_scans=4, num_val_scans=2, num_anchors=3, num_bench=6, pose_pool_clips=4, neighbours=2)
+TINY = dict(resolution=16, num_scans=4, num_val_scans=2, num_anchors=3, num_bench_dynamic=3, num_bench_extreme=3, pose_pool_clips=4, neighbours=2)
 LAYOUTS = list(pd.POSE_LAYOUTS)
 SUFFIX = {"amass-smplh": ".npz", "amass-smplx": ".npz", "motionx": ".npy", "smpl72": ".npz", "aistpp": ".pkl"}
 AIST_SCALING = 93.5
