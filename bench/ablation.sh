@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The teaching ablation grid at the demo preset: one DrPose run per row and seed, each reconstructed
 # and evaluated against base on the bench, then one table (mean ± std over seeds of the bench means).
-# Needs a finished `make demo` (RUN=runs/demo). About 4 CPU minutes a run; JOBS=2 runs two at once
+# Needs a finished `make demo` (RUN=runs/demo: base, ceiling and their reconstructions). About 4 CPU minutes a run; JOBS=2 runs two at once
 # with one thread each (two 2-thread jobs on 2 cores thrash: measured 4x slower per step).
 # Usage: [JOBS=2] [SEEDS="0"] [ONLY="drtune draft"] bash bench/ablation.sh; writes $RUN/ablation.md.
 # Each row is name:seeds:flags; SEEDS, when set, replaces every row's seeds.
@@ -18,6 +18,8 @@ ROWS=(
   "drtune_lr5e-4:0:--method drtune --lr 5e-4"
   "keypoints:0 1 2:--reward keypoints"
   "posescore_dice:0:--reward posescore_dice"
+  "realism0.1:0 1 2:--realism-weight 0.1"
+  "realism0.3:0 1 2:--realism-weight 0.3"
 )
 [ "$JOBS" -gt 1 ] && export OMP_NUM_THREADS=1
 one() {  # name seed flags...: fine-tune, then reconstruct with the pose reader (both resume if done)
@@ -41,6 +43,6 @@ for row in "${ROWS[@]}"; do
   done
 done
 wait
-$PY evaluate.py --preset demo --run-dir $RUN --models base "${models[@]}" --max-grids 0
+$PY evaluate.py --preset demo --run-dir $RUN --models base ceiling "${models[@]}" --max-grids 0
 $PY bench/ablation_table.py $RUN/eval/results.json > $RUN/ablation.md
 cat $RUN/ablation.md
