@@ -5,7 +5,7 @@
 # parallel (the demo network leaves the GPU idle; each run is bound by its own Python and launches).
 # 3D fits are skipped (--fit-every 1000: subject 0 only): the judge is the view joint error.
 # Usage (GPU machine, repo root): OUT=dir [SEEDS="0 1 2"] [ROWS="paper realism0.3"] [STEPS=100 BATCH=4]
-#   [CEILING_LR=5e-4] bash bench/effect_gpu.sh
+#   [CEILING_LR=5e-4] [DRPOSE_FLAGS="--lr 5e-4"] bash bench/effect_gpu.sh
 # STEPS x BATCH is the sample budget of every DrPose run and of the ceiling (demo preset: 100 x 4).
 set -euo pipefail
 RUN=${RUN:-runs/effect}; SEEDS=${SEEDS:-0 1 2}; ROWS=${ROWS:-paper realism0.3}; OUT=${OUT:-$RUN/out}
@@ -29,7 +29,7 @@ wait; tick "reward g_skel, base, reader, ceiling"
 models=()
 for row in $ROWS; do for seed in $SEEDS; do
   python3 finetune.py --preset demo --run-dir $RUN --seed $seed --out $RUN/ablation/${row}_s$seed --device cuda \
-    $BUDGET --checkpoint-every 100000 --eval-every 100000 $(flags $row) > $RUN/${row}_s$seed.log 2>&1 &
+    $BUDGET --checkpoint-every 100000 --eval-every 100000 ${DRPOSE_FLAGS:-} $(flags $row) > $RUN/${row}_s$seed.log 2>&1 &
   models+=(${row}_s$seed)
 done; done
 wait; tick "DrPose runs: ${models[*]}"
