@@ -55,7 +55,8 @@ import torch
 
 from prepare_data import (NUM_BODY_JOINTS, ORTHO_HALF_EXTENT, UserError, VIEW_AZIMUTHS, atomic_write,
                           from_uint8, latents_to_views, load_split, read_manifest, run_cli,
-                          view_rotations, views_mask, views_to_latents, write_json, with_preset)
+                          view_rotations, views_mask, views_to_latents, write_json, with_preset,
+                          check_device, check_number, check_output, read_npz_key)
 import posescore
 from finetune import plot_reward_curve
 from pretrain import psnr
@@ -88,9 +89,23 @@ class Args:
     """torch device for those networks"""
 
     def resolved(self) -> "Args":
-        """The preset's values for every field left unset (an explicit flag always wins)."""
+        """The preset's values for every field left unset (an explicit flag always wins), checked."""
         table = PRESETS[self.preset]
-        return with_preset(self, table)
+        return with_preset(self, table).check()
+
+    def check(self) -> "Args":
+        """Every flag, before any work (one line and exit status 2 for the first bad one)."""
+        if not self.models:
+            raise UserError("--models is empty; name at least one folder under recon/, e.g. --models base drpose")
+        if len(set(self.models)) != len(self.models):
+            raise UserError(f"--models {' '.join(self.models)} names a model twice; name each once")
+        check_number(self, "num_samples", 1)
+        check_number(self, "fscore_cm", 0, above=True)
+        check_number(self, "max_grids", 0)
+        check_number(self, "seed", 0)
+        check_device(self.device)
+        check_output(self.run_dir / "eval", "--run-dir")
+        return self
 
 
 PRESETS = {
@@ -252,6 +267,7 @@ def load_bench(run_dir: Path) -> dict:
     for path in bench["mesh_paths"]:
         if not path.exists():
             raise UserError(f"{path} is missing; make it with `{made_by}`")
+        load_mesh(path, made_by)  # read once now: a bad mesh stops the stage before any scoring
     return bench
 
 
@@ -276,9 +292,13 @@ def load_recon(run_dir: Path, tag: str, bench: dict) -> dict:
         for name in ("views.npz",) + (("joints.npz", "mesh.ply") if fitted else ()):
             if not (sample / name).exists():
                 raise UserError(f"{sample / name} is missing; make it with `{made_by}`")
-        latents.append(_npz_key(sample / "views.npz", "latents", made_by))
-        joints.append(_npz_key(sample / "joints.npz", "joints", made_by) if fitted
-                      else np.full(bench["joints"].shape[1:], np.nan, np.float32))
+        latents.append(read_npz_key(sample / "views.npz", "latents", made_by,
+                                    shape=(len(VIEW_AZIMUTHS), 6) + bench["color"].shape[-2:]))
+        if fitted:
+            joints.append(read_npz_key(sample / "joints.npz", "joints", made_by, shape=(55, 3)))
+            load_mesh(sample / "mesh.ply", made_by)  # read once now: a bad mesh stops the stage before any scoring
+        else:
+            joints.append(np.full(bench["joints"].shape[1:], np.nan, np.float32))
         meshes.append(sample / "mesh.ply" if fitted else None)
     latents = np.stack(latents)
     if latents.shape[1:] != (len(VIEW_AZIMUTHS), 6) + bench["color"].shape[-2:]:
@@ -287,21 +307,14 @@ def load_recon(run_dir: Path, tag: str, bench: dict) -> dict:
     return dict(latents=latents, joints=np.stack(joints), mesh_paths=meshes)
 
 
-def _npz_key(path: Path, key: str, made_by: str) -> np.ndarray:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return npz[key].astype(np.float32)
-    except KeyError:
-        raise UserError(f"{path} lacks key '{key}'; re-run `{made_by}`") from None
-    except Exception as err:  # a truncated or foreign file means the same to a user
-        raise UserError(f"{path} is not a readable npz ({type(err).__name__}); re-run `{made_by}`") from None
-
-
 def load_mesh(path: Path, made_by: str):
     import trimesh
 
-    mesh = trimesh.load(path, force="mesh", process=False)
-    if len(mesh.faces) == 0 or mesh.area <= 0:
+    try:
+        mesh = trimesh.load(path, force="mesh", process=False)
+    except Exception as err:  # a truncated or foreign file means the same to a user
+        raise UserError(f"{path} is not a readable mesh ({type(err).__name__}); re-run `{made_by}`") from None
+    if len(mesh.faces) == 0 or mesh.area <= 0 or not np.isfinite(mesh.vertices).all():
         raise UserError(f"{path} has no surface; re-run `{made_by}`")
     return mesh
 
@@ -695,10 +708,11 @@ def write_report(path: Path, results: dict, figures: dict[str, str], grids: list
 
 def main(args: Args) -> dict:
     args = args.resolved()
-    if not args.models:
-        raise UserError("--models is empty; name at least one folder under recon/, e.g. --models base drpose")
     bench = load_bench(args.run_dir)
     recons = {tag: load_recon(args.run_dir, tag, bench) for tag in args.models}
+    for folder, _, _ in NETWORK_METRICS.values():  # refuse a damaged network before any scoring
+        if args.network_metrics and (args.run_dir / folder).exists():
+            posescore.load_reward_context(args.run_dir / folder, args.device)
     count = min(len(r["joints"]) for r in recons.values())  # compare on the subjects every model has
     if count < len(bench["joints"]):
         print(f"note: evaluating the first {count} of {len(bench['joints'])} bench subjects")

@@ -51,10 +51,11 @@ from tqdm import tqdm
 
 import posescore
 from prepare_data import NUM_VIEWS, UserError, atomic_dir, atomic_write, from_uint8, load_split, read_manifest, \
-    run_cli, with_preset
+    run_cli, with_preset, check_arrays, check_device, check_number, check_output, run_relative
 from pretrain import (LATENT_CHANNELS, alphas_cumprod, append_log, autocast, clip_prediction, ddim_step, ddim_timesteps,
-                      decode, denoising_error, encode, guided_output, jsonable, latest_checkpoint, load_checkpoint, load_model, rng_from_str,
-                      rng_to_str, sample_views, save_checkpoint, save_model, split_v, step_rows, truncate_log)
+                      decode, denoising_error, encode, guided_output, jsonable, latest_checkpoint, load_checkpoint,
+                      load_model, rng_from_str, rng_to_str, sample_views, save_checkpoint, save_model, split_v,
+                      step_rows, truncate_log, check_finite, weights_sha256)
 
 @dataclass
 class Args:
@@ -96,7 +97,7 @@ class Args:
     guidance: float | None = None
     """classifier-free guidance while sampling for the reward (default: the base model's inference value)"""
     lora_rank: int | None = None
-    """LoRA rank through peft; 0 fine-tunes the whole U-Net (demo 8, full 16)"""
+    """LoRA rank through peft; 0 fine-tunes the whole U-Net with a frozen copy for the KL term (demo 8, full 16)"""
     steps: int | None = None
     """optimizer steps (demo 100, full 1500)"""
     batch_size: int | None = None
@@ -129,7 +130,26 @@ class Args:
     def resolved(self) -> "Args":
         table = PRESETS[self.preset]
         args = with_preset(self, table)
-        return dataclasses.replace(args, base=args.base or args.run_dir / "base", out=args.out or args.run_dir / "drpose")
+        return dataclasses.replace(args, base=args.base or args.run_dir / "base",
+                                   out=args.out or args.run_dir / "drpose").check()
+
+    def check(self) -> "Args":
+        """Every flag, before any work (one line and exit status 2 for the first bad one)."""
+        check_number(self, "steps", 1, fix="DrPose with no steps would only copy the base model; pass --steps N >= 1")
+        check_number(self, "lora_rank", 0, fix="pass a LoRA rank >= 1, or 0 to fine-tune every weight of the U-Net")
+        for name in ("batch_size", "num_steps", "grad_steps", "warmup_steps", "eval_every", "checkpoint_every",
+                     "keep_checkpoints", "log_every"):
+            check_number(self, name, 1)
+        for name in ("early_stop_max", "num_eval", "kl_weight", "perceptual_weight", "guidance", "seed"):
+            check_number(self, name, 0)
+        check_number(self, "lr", 0, above=True)
+        check_number(self, "grad_clip", 0, above=True)
+        if self.reward not in posescore.REWARDS:
+            raise UserError(f"--reward {self.reward} is not in posescore.REWARDS {sorted(posescore.REWARDS)}; "
+                            "pass one of them")
+        check_device(self.device, allow_auto=True)
+        check_output(self.out, "--out")
+        return self
 
 
 PRESETS = {
@@ -262,9 +282,16 @@ def load_eval_inputs(run_dir: Path, count: int) -> dict | None:
     path = run_dir / "data/bench/bench.npz"
     if count <= 0 or not path.exists():
         return None
-    read_manifest(path.parent, f"python prepare_data.py --run-dir {run_dir}")
-    with np.load(path, allow_pickle=False) as npz:  # npz members load lazily, key by key
-        return dict(image=torch.from_numpy(npz["image"][:count]), joints=torch.from_numpy(npz["joints"][:count]).float())
+    made_by = f"python prepare_data.py --run-dir {run_dir}"
+    manifest = read_manifest(path.parent, made_by)
+    try:
+        with np.load(path, allow_pickle=False) as npz:  # npz members load lazily, key by key
+            arrays = dict(image=npz["image"][:count], joints=npz["joints"][:count])
+    except Exception as err:  # a truncated file or a missing key mean the same to a user
+        raise UserError(f"{path} is not a readable bench with 'image' and 'joints' ({type(err).__name__}); "
+                        f"re-run `{made_by}`") from None
+    check_arrays(path, arrays, manifest, made_by)
+    return dict(image=torch.from_numpy(arrays["image"]), joints=torch.from_numpy(arrays["joints"]).float())
 
 
 @torch.no_grad()
@@ -285,8 +312,9 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     """Fine-tune (or resume), then write <out>/ (merged diffusers U-Net + LoRA adapter + log + curve)."""
     args = args.resolved()
     run_dir = Path(args.run_dir)
-    if args.reward not in posescore.REWARDS:
-        raise UserError(f"--reward {args.reward} is not in posescore.REWARDS {sorted(posescore.REWARDS)}")
+    if args.resume and latest_checkpoint(Path(str(args.out) + "_ckpt")) is None:  # nothing to continue: refuse
+        raise UserError(f"--resume: no complete checkpoint under {args.out}_ckpt; drop --resume to train from step 0 "
+                        f"(which replaces {args.out} when done)")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     accelerator = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if use_cuda else "no")
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -334,8 +362,11 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
 
     ckpt_root = Path(str(args.out) + "_ckpt")
     metrics_path = ckpt_root / "metrics.jsonl"
-    expect = dict(world=world, base=str(args.base), method=args.method, reward=args.reward, lora_rank=args.lora_rank,
-                  data=dict(seed=args.seed, batch_size=args.batch_size, pairs=len(pairs["image"])))
+    # What must match to resume: the starting model (where, relative to the run folder, and its weights), the
+    # reward's network, the method and the data order; never how the run folder is spelled.
+    expect = dict(world=world, base=run_relative(args.base, run_dir), base_sha256=weights_sha256(args.base),
+                  reward_gskel=run_relative(posescore_dir, run_dir), method=args.method, reward=args.reward,
+                  lora_rank=args.lora_rank, data=dict(seed=args.seed, batch_size=args.batch_size, pairs=len(pairs["image"])))
     record = dict(base_config, format="drpose-i2mv", drpose=jsonable(dataclasses.asdict(args)),
                   sampling=dict(base_config["sampling"], guidance=guidance, num_steps=args.num_steps))
     step, generator = 0, torch.Generator().manual_seed(args.seed * 1000 + 17 + rank)  # noise + plans
@@ -374,6 +405,7 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(trainable, args.grad_clip)
+        check_finite("drpose", step + 1, loss, grad_norm, ckpt_root)
         optimizer.step()
         step += 1
         bar.update(1)
@@ -424,6 +456,8 @@ def save_drpose(folder: Path, unet, record: dict, has_lora: bool) -> None:
     the weights); `folder/lora/` holds the adapter alone: on top of base/,
     `unet.load_lora_adapter("drpose/lora", prefix=None, weight_name="pytorch_lora_weights.safetensors")`."""
     if has_lora:
+        for config in unet.peft_config.values():  # peft keeps a set: sorted, the file does not vary with the hash seed
+            config.target_modules = sorted(config.target_modules)
         unet.save_lora_adapter(folder / "lora")
         unet = copy.deepcopy(unet)
         unet.fuse_lora()

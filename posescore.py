@@ -41,7 +41,8 @@ import tyro
 from prepare_data import (BONE_GROUPS, BONES, NUM_BODY_JOINTS, NUM_VIEWS, POSE_KEYS, VIEW_AZIMUTHS,
                           UserError, atomic_dir, body_forward, from_uint8, load_body_model, load_split,
                           run_cli, views_to_latents, views_to_pixels, world_to_views, write_json, with_preset,
-                          generate_poses, render_subjects, sample_outfits)
+                          generate_poses, render_subjects, sample_outfits, check_device, check_number, check_output,
+                          read_json, read_npz_key)
 
 
 @dataclass
@@ -96,9 +97,34 @@ class TrainArgs:
     thrash, measured 4x slower per step; full 0)"""
 
     def resolved(self) -> "TrainArgs":
-        """The preset's values for every field left unset (an explicit flag always wins)."""
+        """The preset's values for every field left unset (an explicit flag always wins), checked."""
         table = PRESETS[self.preset]
-        return with_preset(self, table)
+        return with_preset(self, table).check()
+
+    def check(self) -> "TrainArgs":
+        """Every flag, before any work (one line and exit status 2 for the first bad one)."""
+        check_number(self, "steps", 0)
+        if self.steps == 0 and self.init is None:
+            raise UserError("--steps 0 trains nothing and would write an untrained g_skel; pass --steps N >= 1, "
+                            "or --init FOLDER to only validate given weights")
+        for name in ("batch_size", "log_every") + (("num_broad",) if self.train_on != "scans" else ()):
+            check_number(self, name, 1)
+        for name in ("lr", "width", "pos_weight"):
+            check_number(self, name, 0, above=True)
+        for name in ("blur", "noise", "seed", "threads"):
+            check_number(self, name, 0)
+        if self.init is None and (not self.channels or any(c < 8 or c % 8 for c in self.channels)):
+            raise UserError(f"--channels {' '.join(map(str, self.channels))}: each width must be a positive multiple "
+                            "of 8 (GroupNorm groups); pass e.g. --channels 16 32 64")
+        if not self.perturb_levels or not all(math.isfinite(x) and x > 0 for x in self.perturb_levels):
+            raise UserError(f"--perturb-levels {' '.join(map(str, self.perturb_levels))}: pass one or more "
+                            "positive noise levels (radians), e.g. 0.1 0.3 0.5")
+        if self.init is not None and not self.init.is_dir():
+            raise UserError(f"--init {self.init} is not a folder; pass a g_skel folder (posescore/, pose_reader/, "
+                            "pretrained/demo_reader) or leave --init out")
+        check_device(self.device)
+        check_output(self.out or self.run_dir / "posescore", "--out")
+        return self
 
 
 @dataclass
@@ -126,6 +152,16 @@ class ScoreArgs:
     """subjects per reward call"""
     device: str = "cpu"
     """torch device"""
+
+    def check(self) -> "ScoreArgs":
+        """Every flag, before any work (one line and exit status 2 for the first bad one)."""
+        check_number(self, "batch_size", 1)
+        if self.reward not in REWARDS:
+            raise UserError(f"--reward {self.reward} is not one of {sorted(REWARDS)}; pass one of them")
+        check_device(self.device)
+        if self.out is not None:
+            check_output(self.out.parent, "--out")
+        return self
 
 
 PRESETS = {
@@ -244,12 +280,22 @@ def load_gskel(folder: Path, device="cpu"):
 
     folder = Path(folder)
     config_path = folder / "posescore_config.json"
+    made_by = f"python posescore.py train --run-dir {folder.parent} --out {folder}"
     if not config_path.exists():
         raise UserError(f"{folder} holds no trained g_skel ({config_path.name} missing); "
-                        f"make it with `python posescore.py train --run-dir {folder.parent}`")
-    config = json.loads(config_path.read_text())
-    gskel = UNet2DModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
-    return gskel, config
+                        f"make it with `{made_by}`")
+    config = read_json(config_path, made_by)
+    resolution, width = config.get("resolution"), config.get("width")
+    if not isinstance(resolution, int) or resolution < 1 or not isinstance(width, (int, float)) or not width > 0:
+        raise UserError(f"{config_path} lacks a valid resolution / width ({resolution} / {width}); re-run `{made_by}`")
+    try:
+        gskel = UNet2DModel.from_pretrained(folder)
+    except Exception as err:  # truncated weights, a foreign config.json, missing files: all one thing to a user
+        raise UserError(f"{folder}: cannot load the g_skel weights ({type(err).__name__}); re-run `{made_by}`") from None
+    if gskel.config.in_channels != 6 or gskel.config.out_channels != NUM_BONES:
+        raise UserError(f"{folder} is not a g_skel ({gskel.config.in_channels} -> {gskel.config.out_channels} "
+                        f"channels, expected 6 -> {NUM_BONES}); re-run `{made_by}`")
+    return gskel.to(device).eval().requires_grad_(False), config
 
 
 # --- rewards: one signature, a registry --------------------------------------------------------
@@ -488,6 +534,9 @@ def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, lo
         target = draw_bones(pix, resolution, args.width)  # (N, K, H, W): only the views in the batch
         logits = gskel_apply(gskel, images, view.to(device))
         loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
+        if not torch.isfinite(loss):  # NaN guard: stop before the weights take a bad step; nothing is written
+            raise UserError(f"g_skel training stopped at step {step + 1}: the loss is {loss.item()}; "
+                            "lower --lr or check data/scans/")
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -611,10 +660,10 @@ def read_scored_views(args: ScoreArgs) -> tuple[torch.Tensor, torch.Tensor, list
     joints = torch.from_numpy(load_split(poses_path, expect_keys=("joints",))["joints"]).float()
     latents = []
     for folder in folders:
-        with np.load(folder / "views.npz") as npz:
-            if "latents" not in npz.files:
-                raise UserError(f"{folder / 'views.npz'} lacks key 'latents'; re-run reconstruct.py")
-            latents.append(torch.from_numpy(npz["latents"]).float())
+        made_by = f"python reconstruct.py --run-dir {args.run_dir}"
+        res = latents[0].shape[-1] if latents else None
+        array = read_npz_key(folder / "views.npz", "latents", made_by, shape=(NUM_VIEWS, 6, res, res))
+        latents.append(torch.from_numpy(array))
     index = [int(f.name) for f in folders]
     if max(index) >= len(joints):
         raise UserError(f"{args.views_dir} has sample {max(index):05d} but {poses_path} holds {len(joints)} "
@@ -623,8 +672,7 @@ def read_scored_views(args: ScoreArgs) -> tuple[torch.Tensor, torch.Tensor, list
 
 
 def score(args: ScoreArgs) -> None:
-    if args.reward not in REWARDS:
-        raise UserError(f"--reward {args.reward} is not one of {sorted(REWARDS)}")
+    args.check()
     ctx = load_reward_context(args.posescore_dir or args.run_dir / "posescore", args.device, args.lpips_weights)
     latents, joints, names = read_scored_views(args)
     rewards, parts = reward_in_chunks(REWARDS[args.reward], latents, joints, ctx, args.batch_size)
@@ -658,12 +706,23 @@ def _train(args: TrainArgs) -> None:
     resolution = scans["latents"].shape[-1]
     latents, joints = scans["latents"], scans["joints_t"]
     if args.init is not None:  # the starting weights fix the architecture and the line width
-        init_config = load_gskel(args.init)[1]
+        init_gskel, init_config = load_gskel(args.init)
         if init_config["resolution"] != resolution:
             raise UserError(f"{args.init} is a {init_config['resolution']} px g_skel but {data_dir / 'scans'} is "
                             f"{resolution} px; pass an --init made for this preset or leave --init out")
         args = dataclasses.replace(args, width=init_config["width"],
-                                   channels=tuple(init_config["args"]["channels"]))
+                                   channels=tuple(init_gskel.config.block_out_channels))
+    if resolution % 2 ** (len(args.channels) - 1):
+        raise UserError(f"--channels has {len(args.channels)} levels, too many for {resolution} px views (each level "
+                        "halves the size); pass fewer --channels")
+    # Everything validation reads is read now, so a missing bench or body stops the stage before training.
+    splits = {"val": load_view_latents(data_dir / "scans" / "val.npz", keys=("joints", *POSE_KEYS)),
+              "bench": load_view_latents(data_dir / "bench" / "bench.npz", keys=("joints", *POSE_KEYS))}
+    for name, split in splits.items():
+        if split["latents"].shape[-1] != resolution:
+            raise UserError(f"data/{'scans' if name == 'val' else 'bench'} is {split['latents'].shape[-1]} px, "
+                            f"data/scans/train.npz {resolution} px; re-run `python prepare_data.py --run-dir {args.run_dir}`")
+    body = load_body_model(args.run_dir / "body", args.device)
     if args.train_on in ("broad", "any") and args.steps > 0:
         broad = render_broad(args.run_dir, args.num_broad, resolution, args.seed, args.device, args.train_on == "any")
         latents, joints = torch.cat([latents, broad["latents"]]), torch.cat([joints, broad["joints_t"]])
@@ -680,9 +739,6 @@ def _train(args: TrainArgs) -> None:
         write_json(tmp / "posescore_config.json", config)
         # --- validation on held-out scans and on the hard-pose bench ---
         ctx = RewardContext(gskel=gskel, resolution=resolution, width=args.width, device=torch.device(args.device))
-        splits = {"val": load_view_latents(data_dir / "scans" / "val.npz", keys=("joints", *POSE_KEYS)),
-                  "bench": load_view_latents(data_dir / "bench" / "bench.npz", keys=("joints", *POSE_KEYS))}
-        body = load_body_model(args.run_dir / "body", args.device)
         results = validate(ctx, splits, body, args, tmp)
         write_json(tmp / "validation.json", dict(results, paper=dict(map_psnr=PAPER_MAP_PSNR, map_ssim=PAPER_MAP_SSIM),
                                                  train_on=args.train_on, perturb_levels_rad=args.perturb_levels,

@@ -116,9 +116,25 @@ class Args:
     """torch device for rendering"""
 
     def resolved(self) -> "Args":
-        """The preset's values for every field left unset (an explicit flag always wins)."""
+        """The preset's values for every field left unset (an explicit flag always wins), checked."""
         table = PRESETS[self.preset]
-        return with_preset(self, table)
+        return with_preset(self, table).check()
+
+    def check(self) -> "Args":
+        """Every flag, before any work (one line and exit status 2 for the first bad one)."""
+        for name in ("num_scans", "num_val_scans", "num_anchors", "num_bench_dynamic", "num_bench_extreme",
+                     "pose_pool_clips"):
+            check_number(self, name, 1)
+        check_number(self, "neighbours", 0)
+        check_number(self, "seed", 0)
+        check_resolution(self.resolution)
+        check_args(self)  # the pose-file flags and how they fit together
+        if self.body_model is not None and not self.body_model.is_dir():
+            raise UserError(f"--body-model {self.body_model} is not a folder; pass a folder holding "
+                            "SMPLX_NEUTRAL.npz or .pkl, or leave it out to export the mannequin")
+        check_device(self.device)
+        check_output(self.run_dir, "--run-dir")
+        return self
 
 
 def with_preset(args, table: dict):
@@ -139,6 +155,65 @@ PRESETS = {
 
 class UserError(Exception):
     """A problem the user can fix (bad file, bad flag). Printed as one line, exit status 2."""
+
+
+# --- flag checks: each stage's `Args.check` (called by `resolved`, before any work) uses these ----
+
+def check_number(args, name: str, low: float, *, above: bool = False, high: float | None = None,
+                 fix: str | None = None) -> None:
+    """Refuse `--name` unless it is a finite number >= low (> low with above; <= high when given).
+    None (a field left unset that no preset fills) is allowed."""
+    value = getattr(args, name)
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > low if above else value >= low)
+    ok = ok and (high is None or value <= high)
+    if not ok:
+        bound = (f"> {low}" if above else f">= {low}") + (f" and <= {high}" if high is not None else "")
+        flag = "--" + name.replace("_", "-")
+        raise UserError(f"{flag} {value} is out of range: it must be {bound}; {fix or f'pass {flag} {bound}'}")
+
+
+TOKEN_GRID_PX = 8  # views are cut into 8 x 8 patch tokens by the base model (pretrain.TOKEN_GRID)
+
+
+def check_resolution(resolution: int | None, flag: str = "--resolution") -> None:
+    if resolution is not None and (resolution < TOKEN_GRID_PX or resolution % TOKEN_GRID_PX):
+        raise UserError(f"{flag} {resolution} must be a positive multiple of {TOKEN_GRID_PX} (the base model's "
+                        f"token grid); pass e.g. {flag} 32")
+
+
+def check_device(device: str, allow_auto: bool = False) -> None:
+    """Refuse a --device torch cannot parse, or CUDA where there is none."""
+    if allow_auto and device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device} is not a torch device; pass cpu or cuda"
+                        + (" (or auto)" if allow_auto else "")) from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here; pass --device cpu")
+
+
+def check_output(path: Path, flag: str) -> None:
+    """Refuse an output folder that cannot be made: a file in its place or above it, or no write access."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"{flag} {path}: {folder} is a file, not a folder; pass another {flag}")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise UserError(f"{flag} {path}: {folder} is not writable; pass another {flag}")
+            return
+
+
+def run_relative(path, run_dir: Path) -> str | None:
+    """`path` relative to the run folder, however either is spelled (relative, absolute, through a
+    symlink): what checkpoints and manifests store, so a moved or respelled run folder still matches."""
+    if path is None:
+        return None
+    return os.path.relpath(Path(path).resolve(), Path(run_dir).resolve())
 
 
 def run_cli(main_fn, args_type) -> None:
@@ -206,13 +281,45 @@ def save_npz(path: Path, **arrays) -> None:
 
 def read_manifest(folder: Path, made_by: str) -> dict:
     """The manifest of a data folder, or a one-line error saying which command makes it."""
-    path = Path(folder) / "manifest.json"
+    return read_json(Path(folder) / "manifest.json", made_by)
+
+
+def read_json(path: Path, made_by: str) -> dict:
+    """A json object file (manifest, model config), or a one-line error naming it and the command that makes it."""
+    path = Path(path)
     if not path.exists():
         raise UserError(f"{path} is missing; make it with `{made_by}`")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid json ({err}); re-run `{made_by}`") from None
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        raise UserError(f"{path} is not valid json ({type(err).__name__}); re-run `{made_by}`") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a json {type(obj).__name__}, not an object; re-run `{made_by}`")
+    return obj
+
+
+def read_npz_key(path: Path, key: str, made_by: str, shape: tuple | None = None) -> np.ndarray:
+    """One finite float32 array of a small npz hand-off (a sample's views.npz, joints.npz), checked
+    against `shape` (None entries match any size); any failure is one line naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} is missing; make it with `{made_by}`")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if key not in npz.files:
+                raise UserError(f"{path} lacks key '{key}'; re-run `{made_by}`")
+            array = npz[key]
+    except UserError:
+        raise
+    except Exception as err:  # a truncated or foreign file means the same to a user
+        raise UserError(f"{path} is not a readable npz ({type(err).__name__}); re-run `{made_by}`") from None
+    if array.dtype.kind not in "fiu" or (shape is not None and (
+            array.ndim != len(shape) or any(want is not None and got != want for got, want in zip(array.shape, shape)))):
+        want = "x".join("?" if n is None else str(n) for n in shape) if shape else "numeric"
+        raise UserError(f"{path}: '{key}' is {array.dtype} {tuple(array.shape)}, expected {want}; re-run `{made_by}`")
+    if not np.isfinite(array).all():
+        raise UserError(f"{path}: '{key}' has NaN or Inf; re-run `{made_by}`")
+    return array.astype(np.float32)
 
 
 def load_split(path: Path, expect_keys=(), made_by: str = "python prepare_data.py") -> dict:
@@ -229,13 +336,39 @@ def load_split(path: Path, expect_keys=(), made_by: str = "python prepare_data.p
     missing = [k for k in expect_keys if k not in arrays]
     if missing:
         raise UserError(f"{path} lacks keys {missing}; re-run `{made_by}`")
+    if not arrays or len({len(v) if v.ndim else -1 for v in arrays.values()}) != 1:
+        raise UserError(f"{path} has no arrays, or arrays of different lengths; re-run `{made_by}`")
     count = manifest.get("files", {}).get(path.name)
     if count is not None and len(next(iter(arrays.values()))) != count:
         raise UserError(f"{path} holds a different count than its manifest.json; re-run `{made_by}`")
+    check_arrays(path, arrays, manifest, made_by)
+    return arrays
+
+
+def check_arrays(path: Path, arrays: dict, manifest: dict, made_by: str) -> None:
+    """Arrays read from `path`: finite floats, and shapes and dtypes that follow the conventions and
+    the manifest's views and resolution (e.g. joints (N, 55, 3), colour (N, V, 3, H, W) uint8)."""
     for key, value in arrays.items():
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             raise UserError(f"{path}: key '{key}' has NaN or Inf; re-run `{made_by}`")
-    return arrays
+    views, res = manifest.get("views"), manifest.get("resolution")
+    if views is not None and list(views) != list(VIEW_AZIMUTHS):
+        raise UserError(f"{path.parent / 'manifest.json'} lists views {views}, this code uses "
+                        f"{list(VIEW_AZIMUTHS)}; re-run `{made_by}`")
+    expect = {k: ("f",) + shape for k, shape in POSE_KEYS.items()} | {"joints": ("f", NUM_JOINTS, 3),
+              "image": ("u", 3, res, res), "color": ("u", NUM_VIEWS, 3, res, res),
+              "normal": ("u", NUM_VIEWS, 3, res, res)}
+    for key, (kind, *shape) in expect.items():
+        value = arrays.get(key)
+        if value is None:
+            continue
+        if value.dtype.kind != kind or value.ndim != 1 + len(shape) or \
+                any(want is not None and got != want for got, want in zip(value.shape[1:], shape)):
+            want = ", ".join("?" if n is None else str(n) for n in shape)
+            raise UserError(f"{path}: '{key}' is {value.dtype} {tuple(value.shape)}, expected (N, {want}) "
+                            f"{'uint8' if kind == 'u' else 'float'}"
+                            f"{' at the manifest resolution' if res and key in ('image', 'color', 'normal') else ''}; "
+                            f"re-run `{made_by}`")
 
 
 # --- conventions: joints, bones, cameras, image encoding ------------------------------------------
@@ -1584,22 +1717,12 @@ def prepare_body(args: Args, staged: Path) -> Path:
     return folder
 
 
-def check_counts(args: Args) -> None:
-    """Refuse counts no dataset can be made from, in one line, before any work."""
-    for name in ("num_bench_dynamic", "num_bench_extreme"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} is {getattr(args, name)}; each bench split needs "
-                            "at least 1 subject")
-
-
 def main(args: Args) -> None:
     import tempfile
 
-    args = args.resolved()
-    check_counts(args)
+    args = args.resolved()  # every flag checked
     start = time.time()
     # --- inputs first: the body model and every pose file are read and checked; nothing is written ---
-    check_args(args)
     with tempfile.TemporaryDirectory() as scratch:
         staged = stage_body(args, Path(scratch))
         body = load_body_model(staged, args.device, args.gender if args.body_model is not None else None)

@@ -56,7 +56,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from prepare_data import (NUM_VIEWS, VIEW_AZIMUTHS, UserError, atomic_dir, atomic_write, from_uint8, latents_to_views,
-                          load_split, read_manifest, run_cli, views_to_latents, write_json, with_preset)
+                          load_split, read_manifest, run_cli, views_to_latents, write_json, with_preset,
+                          check_device, check_number, check_output, read_json)
 from posescore import warmup_cosine
 
 
@@ -122,9 +123,36 @@ class Args:
     """auto (cuda if available), cpu or cuda; bf16 autocast on cuda"""
 
     def resolved(self) -> "Args":
-        """The preset's values for every field left unset (an explicit flag always wins)."""
+        """The preset's values for every field left unset (an explicit flag always wins), checked."""
         table = PRESETS[self.preset]
-        return with_preset(self, table)
+        return with_preset(self, table).check()
+
+    def check(self) -> "Args":
+        """Every flag, before any work (one line and exit status 2 for the first bad one)."""
+        check_number(self, "steps", 0)
+        if self.steps == 0 and self.init is None:
+            raise UserError("--steps 0 trains nothing and would replace base/ with an untrained model; pass "
+                            "--steps N >= 1, or --init FOLDER to only evaluate a given model")
+        for name in ("batch_size", "warmup_steps", "checkpoint_every", "keep_checkpoints", "log_every", "val_every",
+                     "eval_steps", "sheet_subjects", "layers_per_block", "heads", "token_dim"):
+            check_number(self, name, 1)
+        for name in ("num_eval", "seed", "guidance"):
+            check_number(self, name, 0)
+        check_number(self, "lr", 0, above=True)
+        check_number(self, "grad_clip", 0, above=True)
+        check_number(self, "cond_drop", 0, high=1)
+        if self.init is None:  # the architecture flags (with --init the model brings its own)
+            check_number(self, "attn_levels", 0, high=len(self.channels),
+                         fix=f"pass --attn-levels between 0 and the {len(self.channels)} levels of --channels")
+            attended = self.channels[len(self.channels) - self.attn_levels:] + self.channels[-1:]
+            if not self.channels or any(c < 1 or c % self.heads for c in attended):
+                raise UserError(f"--channels {' '.join(map(str, self.channels))} with --heads {self.heads}: every "
+                                "level with attention needs a width divisible by the heads; change either")
+        elif not self.init.is_dir():
+            raise UserError(f"--init {self.init} is not a folder; pass a model folder (base/, pretrained/demo_base)")
+        check_device(self.device, allow_auto=True)
+        check_output(self.run_dir, "--run-dir")
+        return self
 
 
 PRESETS = {
@@ -356,20 +384,34 @@ def load_model(folder: Path, device="cpu"):
     them); the multi-view attention processor is code, not weights, so it is installed here."""
     folder = Path(folder)
     config_path = folder / CONFIG_NAME
+    stage = "finetune.py" if folder.name.startswith("drpose") else "pretrain.py"
+    made_by = f"python {stage} --run-dir {folder.parent}"
     if not config_path.exists() or not (folder / "config.json").exists():
         raise UserError(f"{folder} is not a model folder (no {CONFIG_NAME} or config.json); "
-                        f"make one with `python pretrain.py --run-dir {folder.parent}`")
+                        f"make one with `{made_by}`")
+    config = read_json(config_path, made_by)
+    if not isinstance(config.get("resolution"), int) or config["resolution"] % TOKEN_GRID:
+        raise UserError(f"{config_path} lacks a valid resolution ({config.get('resolution')}); re-run `{made_by}`")
     try:
-        config = json.loads(config_path.read_text())
         unet = UNet2DConditionModel.from_pretrained(folder)
-    except Exception as err:
-        raise UserError(f"{folder}: cannot load the model ({type(err).__name__}: {err}); re-run "
-                        f"`python pretrain.py --run-dir {folder.parent}`") from None
+    except Exception as err:  # truncated weights, a foreign config.json, missing files: all one thing to a user
+        raise UserError(f"{folder}: cannot load the model weights ({type(err).__name__}); re-run `{made_by}`") from None
     if config.get("num_views") != NUM_VIEWS or unet.config.in_channels != LATENT_CHANNELS + IMAGE_CHANNELS:
         raise UserError(f"{folder} was made for {config.get('num_views')} views / {unet.config.in_channels} "
                         f"input channels, this code uses {NUM_VIEWS} / {LATENT_CHANNELS + IMAGE_CHANNELS}")
     set_view_attention(unet, config["num_views"])
     return unet.to(device).eval(), config
+
+
+def weights_sha256(folder: Path) -> str:
+    """sha256 of a model folder's weights file: what a resume compares, wherever the folder is."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(Path(folder) / "diffusion_pytorch_model.safetensors", "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_model(folder: Path, unet, config: dict) -> None:
@@ -395,6 +437,12 @@ def model_record(resolution: int, args: Args, step: int) -> dict:
 
 def jsonable(obj):
     return json.loads(json.dumps(obj, default=str))
+
+
+def architecture(config) -> dict:
+    """The fields of a diffusers config that make the network, sorted, without diffusers' private
+    bookkeeping ('_' keys: `_name_or_path` is a path, `_use_default_values` is in hash-seed order)."""
+    return {k: v for k, v in sorted(jsonable(dict(config or {})).items()) if not k.startswith("_")}
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -459,7 +507,7 @@ def save_checkpoint(root: Path, step: int, unet, optimizer, rng_states: list[str
     with atomic_dir(folder) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}, tmp / "model.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        write_json(tmp / "state.json", dict(record, step=step, rng=rng_states, unet_config=dict(unet.config)))
+        write_json(tmp / "state.json", dict(record, step=step, rng=rng_states, unet_config=architecture(unet.config)))
     for old in sorted(p for p in Path(root).iterdir() if STEP_DIR.match(p.name))[:-keep]:
         shutil.rmtree(old)
     return folder
@@ -481,7 +529,7 @@ def load_checkpoint(folder: Path, unet, optimizer, expect: dict) -> tuple[int, l
         opt_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
     except Exception as err:
         raise UserError(f"{folder} is unreadable ({type(err).__name__}); {fix}") from None
-    if jsonable(state.get("unet_config")) != jsonable(dict(unet.config)):
+    if architecture(state.get("unet_config")) != architecture(unet.config):
         raise UserError(f"{folder} is incompatible: it holds a different network (unet_config); {fix}")
     for key, want in jsonable(expect).items():
         if jsonable(state.get("resume_key", {})).get(key) != want:
@@ -492,6 +540,18 @@ def load_checkpoint(folder: Path, unet, optimizer, expect: dict) -> tuple[int, l
     except Exception as err:
         raise UserError(f"{folder} does not fit this model ({type(err).__name__}); {fix}") from None
     return int(state["step"]), state["rng"]
+
+
+def check_finite(stage: str, step: int, loss: torch.Tensor, grad_norm, ckpt_root: Path) -> None:
+    """The NaN guard of both trainers, called between backward and the optimizer step: a non-finite
+    loss or gradient norm stops the run with the step named, before the weights take the bad step,
+    so the newest checkpoint stays the last good one. (One device sync per step.)"""
+    if bool(torch.isfinite(loss.detach()).all() & torch.isfinite(torch.as_tensor(grad_norm)).all()):
+        return
+    last = latest_checkpoint(ckpt_root) if Path(ckpt_root).exists() else None
+    raise UserError(f"{stage} stopped at step {step}: loss {float(loss.detach()):.4g}, gradient norm {float(grad_norm):.4g} "
+                    f"(not finite); nothing was written past the last good checkpoint ({last or 'none yet'}); "
+                    "lower --lr (and --resume) or check the inputs")
 
 
 # --- training -------------------------------------------------------------------------------------
@@ -552,6 +612,8 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     train_path = args.train_data or run_dir / "data/scans/train.npz"
     train = load_multiview(train_path, run_dir)
     val = load_multiview(run_dir / "data/scans/val.npz", run_dir)
+    if args.num_eval > 0 and (run_dir / "data/bench/bench.npz").exists():  # refuse a bad bench before training
+        load_multiview(run_dir / "data/bench/bench.npz", run_dir, image_key="image")
     resolution = train["resolution"]
     if resolution % TOKEN_GRID or resolution // TOKEN_GRID < 1:
         raise UserError(f"resolution {resolution} must be a multiple of {TOKEN_GRID}")
@@ -588,8 +650,9 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
             raise UserError(f"{found} is past --steps {args.steps}; raise --steps or use another --run-dir")
         generator.set_state(rng_from_str(rng_states[rank]))
         accelerator.print(f"resumed from {found} (step {step})")
-    elif args.resume:
-        accelerator.print(f"no checkpoint under {ckpt_root}; starting from step 0")
+    elif args.resume:  # nothing to continue: refuse rather than retrain over a finished base/
+        raise UserError(f"--resume: no complete checkpoint under {ckpt_root}; drop --resume to train from step 0 "
+                        f"(which replaces {run_dir / 'base'} when done)")
     if accelerator.is_main_process and found is None and ckpt_root.exists():
         # A fresh run replaces an old run's checkpoints, so a later --resume cannot mix the two.
         for old in (p for p in ckpt_root.glob("step_*") if p.is_dir()):
@@ -612,6 +675,7 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.grad_clip)
+        check_finite("pretrain", step + 1, loss, grad_norm, ckpt_root)
         optimizer.step()
         step += 1
         bar.update(1)

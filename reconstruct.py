@@ -43,7 +43,6 @@ resolution.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -58,7 +57,8 @@ from prepare_data import (BACKGROUND, NUM_BODY_JOINTS, NUM_VIEWS, ORTHO_HALF_EXT
                           VIEW_AZIMUTHS, UserError, atomic_dir, body_forward, body_joints, contact_sheet,
                           from_uint8, latents_to_views, load_body_model, load_split, read_manifest,
                           render_views, run_cli, to_uint8, vertex_normals, view_rotations, views_to_latents,
-                          views_mask, views_to_pixels, world_to_views, write_json, with_preset)
+                          views_mask, views_to_pixels, world_to_views, write_json, with_preset,
+                          check_device, check_number, check_output, read_npz_key, run_relative)
 import posescore
 from posescore import draw_bones, gskel_logits, joints_from_maps, project_joints, skeleton_maps
 from pretrain import load_model, sample_views
@@ -119,9 +119,30 @@ class Args:
     spin-wait (measured: 1 thread is 10-50x faster than 2 under load)"""
 
     def resolved(self) -> "Args":
-        """The preset's values for every field left unset (an explicit flag always wins)."""
+        """The preset's values for every field left unset (an explicit flag always wins), checked."""
         table = PRESETS[self.preset]
-        return with_preset(self, table)
+        return with_preset(self, table).check()
+
+    def check(self) -> "Args":
+        """Every flag, before any work (one line and exit status 2 for the first bad one)."""
+        for name in ("count", "sample_steps", "threads"):
+            check_number(self, name, 1)
+        for name in ("fit_steps", "carve_steps", "guidance", "seed"):
+            check_number(self, name, 0)
+        if len(self.view_weights) != NUM_VIEWS or not all(math.isfinite(w) and w >= 0 for w in self.view_weights) \
+                or sum(self.view_weights) <= 0:
+            raise UserError(f"--view-weights {' '.join(map(str, self.view_weights))}: pass {NUM_VIEWS} numbers >= 0, "
+                            f"not all zero, one per azimuth {list(VIEW_AZIMUTHS)} (default 1 0.4 0.8 1 0.8 0.4)")
+        if self.oracle and self.views_from is not None:
+            raise UserError("--oracle and --views-from both choose the views; pass one of them")
+        for flag, folder in (("--views-from", self.views_from), ("--reader-dir", self.reader_dir)):
+            if folder is not None and not folder.is_dir():
+                raise UserError(f"{flag} {folder} is not a folder; pass an existing one")
+        if self.input is not None and not self.input.exists():
+            raise UserError(f"--input {self.input} does not exist; pass an image file (png/jpg) or a dataset folder")
+        check_device(self.device)
+        check_output(self.run_dir / "recon", "--run-dir")
+        return self
 
 
 PRESETS = {
@@ -255,7 +276,7 @@ def load_inputs(args: Args, resolution: int | None) -> dict:
     if source.is_file() and source.suffix != ".npz":
         if args.oracle or args.skeleton == "ideal":
             raise UserError(f"--oracle and --skeleton ideal need a dataset folder with GT views and joints, "
-                            f"not the image {source}")
+                            f"not the image {source}; pass a dataset as --input or drop those flags")
         if resolution is None:
             raise UserError(f"{source}: an image input needs a model to generate views (drop --views-from)")
         return dict(image=load_image(source, resolution, args.mask)[None], source=str(source), dataset=None)
@@ -739,18 +760,17 @@ def given_views(args: Args, inputs: dict, index: int) -> torch.Tensor | None:
         if not path.exists():
             raise UserError(f"{path} is missing; --views-from needs a folder of {{i:05d}}/views.npz "
                             "(a recon/<tag>/ folder made by reconstruct.py)")
-        with np.load(path) as npz:
-            if "latents" not in npz.files:
-                raise UserError(f"{path} lacks key 'latents'; re-run reconstruct.py for that folder")
-            return torch.from_numpy(npz["latents"]).float()
+        res = inputs["image"].shape[-1]
+        return torch.from_numpy(read_npz_key(path, "latents", f"python reconstruct.py --run-dir {args.run_dir}",
+                                             shape=(NUM_VIEWS, 6, res, res)))
     return None
 
 
 def main(args: Args) -> Path:
-    threads = torch.get_num_threads()
+    args, threads = args.resolved(), torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return reconstruct_all(args.resolved())
+        return reconstruct_all(args)
     finally:
         torch.set_num_threads(threads)  # callers (tests) keep their own setting
 
@@ -759,12 +779,8 @@ def reconstruct_all(args: Args) -> Path:
     from tqdm import tqdm
 
 
-    if args.oracle and args.views_from is not None:
-        raise UserError("--oracle and --views-from both choose the views; pass one of them")
     if args.input is not None and args.input.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
         load_image(args.input, MIN_IMAGE_SIDE, args.mask)  # refuse a bad image before loading any model
-    if len(args.view_weights) != NUM_VIEWS:
-        raise UserError(f"--view-weights needs {NUM_VIEWS} numbers (azimuths {list(VIEW_AZIMUTHS)})")
     generate = not args.oracle and args.views_from is None
     unet = config = None
     if generate:
@@ -772,6 +788,9 @@ def reconstruct_all(args: Args) -> Path:
         unet, config = load_model(model_dir, args.device)
     inputs = load_inputs(args, config["resolution"] if config else None)
     count = len(inputs["image"]) if args.count is None else min(args.count, len(inputs["image"]))
+    if args.views_from is not None:  # read every given view now: a bad file stops the stage before it writes
+        for i in range(count):
+            given_views(args, inputs, i)
     gskel_ctx = reader = None
     if args.skeleton == "reader":
         reader = args.reader_dir or args.run_dir / "pose_reader"
@@ -786,14 +805,15 @@ def reconstruct_all(args: Args) -> Path:
     proxy, skinner = Proxy(body), SubsetSkinner(body)
 
     # --- the output folder: its manifest says how it was made; a different recipe is refused ---
+    # Paths are stored relative to the run folder, so another spelling of it (or a moved one) still matches.
     out = args.run_dir / "recon" / output_tag(args)
-    recipe = dict(model=str(resolve_model(args)) if generate else None, seed=args.seed,
-                  resolution=int(inputs["image"].shape[-1]), source=inputs["source"],
-                  views="generated" if generate else "oracle" if args.oracle else str(args.views_from),
-                  skeleton=args.skeleton, reader=str(reader) if reader else None,
+    recipe = dict(model=run_relative(resolve_model(args), args.run_dir) if generate else None, seed=args.seed,
+                  resolution=int(inputs["image"].shape[-1]), source=run_relative(inputs["source"], args.run_dir),
+                  views="generated" if generate else "oracle" if args.oracle else run_relative(args.views_from, args.run_dir),
+                  skeleton=args.skeleton, reader=run_relative(reader, args.run_dir),
                   fit_steps=args.fit_steps, carve_steps=args.carve_steps, fit_every=args.fit_every)
     if (out / "manifest.json").exists():
-        old = json.loads((out / "manifest.json").read_text())
+        old = read_manifest(out, f"python reconstruct.py --run-dir {args.run_dir} --tag NEW_NAME")
         if any(old.get(k) != v for k, v in recipe.items()):
             raise UserError(f"{out} holds reconstructions made differently ({out / 'manifest.json'}); delete it "
                             "or pass --tag NAME for a new folder")

@@ -411,9 +411,9 @@ def test_bad_bench_counts_exit_2_with_one_line(tmp_path):
                              "--num-bench-dynamic", "0"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and not (tmp_path / "data").exists()
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "--num-bench-dynamic is 0" in lines[0]
-    with pytest.raises(pd.UserError, match="--num-bench-extreme is -1"):
-        pd.check_counts(pd.Args(num_bench_extreme=-1).resolved())
+    assert len(lines) == 1 and "--num-bench-dynamic 0 is out of range" in lines[0]
+    with pytest.raises(pd.UserError, match="--num-bench-extreme -1 is out of range"):
+        pd.Args(num_bench_extreme=-1).resolved()
 
 
 def test_interrupted_folder_write_leaves_old_data_and_no_accepted_half(tmp_path):
