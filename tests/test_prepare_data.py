@@ -170,37 +170,37 @@ def test_motionx_loader_reads_and_refuses(tmp_path):
     frames[:, 3:6] = 0.3  # first body joint
     frames[:, 309:312] = [1, 2, 3]
     np.save(tmp_path / "clip.npy", frames)
-    clip = pd.load_motionx(tmp_path / "clip.npy")
+    clip = pd.load_y_up(tmp_path / "clip.npy", "motionx")
     assert clip["body_pose"].shape == (7, 21, 3) and np.allclose(clip["body_pose"][:, 0], 0.3)
     assert np.allclose(clip["transl"], [1, 2, 3]) and clip["left_hand_pose"].shape == (7, 15, 3)
     assert len(pd.load_pose_files("motionx", tmp_path)) == 1
     np.save(tmp_path / "wide.npy", np.zeros((7, 300)))
     with pytest.raises(pd.UserError, match="322"):
-        pd.load_motionx(tmp_path / "wide.npy")
+        pd.load_y_up(tmp_path / "wide.npy", "motionx")
     bad = frames.copy()
     bad[2, 10] = np.nan
     np.save(tmp_path / "nan.npy", bad)
     with pytest.raises(pd.UserError, match="NaN"):
-        pd.load_motionx(tmp_path / "nan.npy")
+        pd.load_y_up(tmp_path / "nan.npy", "motionx")
 
 
 def test_amass_loader_reads_and_refuses(tmp_path):
     poses = np.zeros((5, 156))
     poses[:, 66:69] = 0.2  # first left-hand joint
     np.savez(tmp_path / "clip.npz", poses=poses, trans=np.ones((5, 3)), betas=np.arange(16.0))
-    clip = pd.load_amass(tmp_path / "clip.npz")
+    clip = pd.load_y_up(tmp_path / "clip.npz", "amass-smplh")
     assert np.allclose(clip["left_hand_pose"][:, 0], 0.2) and np.allclose(clip["betas"][0], np.arange(10))
     # z-up -> y-up: a zero root orientation becomes -90 degrees about x
     assert np.allclose(clip["global_orient"][0], [-np.pi / 2, 0, 0], atol=1e-6)
     np.savez(tmp_path / "nokeys.npz", poses=poses)
     with pytest.raises(pd.UserError, match="lacks AMASS keys"):
-        pd.load_amass(tmp_path / "nokeys.npz")
+        pd.load_y_up(tmp_path / "nokeys.npz", "amass-smplh")
     np.savez(tmp_path / "narrow.npz", poses=np.zeros((5, 72)), trans=np.ones((5, 3)), betas=np.zeros(10))
     with pytest.raises(pd.UserError, match="156"):
-        pd.load_amass(tmp_path / "narrow.npz")
+        pd.load_y_up(tmp_path / "narrow.npz", "amass-smplh")
     np.savez(tmp_path / "inf.npz", poses=poses, trans=np.full((5, 3), np.inf), betas=np.zeros(10))
     with pytest.raises(pd.UserError, match="NaN or Inf"):
-        pd.load_amass(tmp_path / "inf.npz")
+        pd.load_y_up(tmp_path / "inf.npz", "amass-smplh")
 
 
 # --- renderer ----------------------------------------------------------------------------------------
