@@ -45,6 +45,7 @@ Protocol (also written into results.json):
 from __future__ import annotations
 
 import html
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,13 +53,13 @@ from typing import Literal
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from prepare_data import (NUM_BODY_JOINTS, ORTHO_HALF_EXTENT, UserError, VIEW_AZIMUTHS, atomic_write,
                           from_uint8, latents_to_views, load_split, read_manifest, run_cli,
                           view_rotations, views_mask, views_to_latents, write_json, with_preset,
                           check_device, check_number, check_output, read_npz_key)
 import posescore
-from finetune import plot_reward_curve
 from pretrain import psnr
 
 
@@ -611,6 +612,45 @@ def plot_scatter(path: Path, results: dict) -> None:
         ax.axis("off")
     fig.tight_layout()
     _save(fig, path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The lines of a metrics.jsonl; a line cut short by a killed run is skipped, the rest still count."""
+    lines = []
+    for text in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            continue
+    return [x for x in lines if isinstance(x, dict) and "step" in x]
+
+
+def plot_reward_curve(metrics_path: Path, png: Path) -> bool:
+    """The training reward per logged step (with a running mean once there are enough points) and the
+    fixed-input evaluation reward against the base's. False, and nothing written, without a usable log."""
+    lines = [x for x in read_metrics(metrics_path) if "reward" in x] if metrics_path.exists() else []
+    if not lines:
+        return False
+    steps, rewards = np.array([x["step"] for x in lines], float), np.array([x["reward"] for x in lines], float)
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    ax.plot(steps, rewards, lw=0.8, alpha=0.5, label="training batch reward")
+    if len(rewards) >= 10:  # a running mean makes the trend readable through per-batch noise
+        width = max(len(rewards) // 20, 5)
+        ax.plot(steps[width - 1:], np.convolve(rewards, np.ones(width) / width, mode="valid"), lw=1.5,
+                label=f"mean of {width}")
+    evals = [x for x in lines if "eval_reward" in x]
+    if evals:
+        ax.plot([x["step"] for x in evals], [x["eval_reward"] for x in evals], "o-", label="bench inputs, fixed noise")
+        if evals[0].get("eval_reward_base") is not None:
+            ax.axhline(evals[0]["eval_reward_base"], color="gray", ls="--", label="base model, same inputs")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward (higher is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_write(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return True
 
 
 # --- per-subject image grids -----------------------------------------------------------------------

@@ -26,14 +26,13 @@ With LoRA the frozen model is the same network with its adapters switched off.
 
 Reads base/ (pretrain.py), posescore/ (posescore.py) and data/drpose/ (poses + single images only:
 DrPose never reads multi-view ground truth). Writes drpose/ (merged diffusers U-Net + lora/ adapter +
-metrics.jsonl + reward_curve.png) and drpose_ckpt/step_NNNNNN/ checkpoints.
+metrics.jsonl) and drpose_ckpt/step_NNNNNN/ checkpoints.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import shutil
 import time
 from contextlib import contextmanager
@@ -41,17 +40,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, NamedTuple
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from matplotlib.figure import Figure
 from peft import LoraConfig
 from tqdm import tqdm
 
 import posescore
-from prepare_data import NUM_VIEWS, UserError, atomic_dir, atomic_write, from_uint8, load_split, read_manifest, \
-    run_cli, with_preset, check_arrays, check_device, check_number, check_output, run_relative
+from prepare_data import (NUM_VIEWS, UserError, atomic_dir, check_device, check_number, check_output, from_uint8,
+                          load_split, run_cli, run_relative, with_preset)
 from pretrain import (LATENT_CHANNELS, alphas_cumprod, append_log, autocast, clip_prediction, ddim_step, ddim_timesteps,
                       decode, denoising_error, encode, guided_output, jsonable, latest_checkpoint, load_checkpoint,
                       load_model, rng_from_str, rng_to_str, sample_views, save_checkpoint, save_model, split_v,
@@ -277,21 +274,13 @@ def load_pairs(run_dir: Path) -> dict:
 
 
 def load_eval_inputs(run_dir: Path, count: int) -> dict | None:
-    """The first `count` bench inputs (front image + GT joints only; the multi-view GT in the same
-    file is never read). None when data/bench/ is absent."""
+    """The first `count` bench inputs: the front image and GT joints only (the multi-view GT in the same
+    file is never used). None when data/bench/ is absent."""
     path = run_dir / "data/bench/bench.npz"
     if count <= 0 or not path.exists():
         return None
-    made_by = f"python prepare_data.py --run-dir {run_dir}"
-    manifest = read_manifest(path.parent, made_by)
-    try:
-        with np.load(path, allow_pickle=False) as npz:  # npz members load lazily, key by key
-            arrays = dict(image=npz["image"][:count], joints=npz["joints"][:count])
-    except Exception as err:  # a truncated file or a missing key mean the same to a user
-        raise UserError(f"{path} is not a readable bench with 'image' and 'joints' ({type(err).__name__}); "
-                        f"re-run `{made_by}`") from None
-    check_arrays(path, arrays, manifest, made_by)
-    return dict(image=torch.from_numpy(arrays["image"]), joints=torch.from_numpy(arrays["joints"]).float())
+    arrays = load_split(path, expect_keys=("image", "joints"), made_by=f"python prepare_data.py --run-dir {run_dir}")
+    return dict(image=torch.from_numpy(arrays["image"][:count]), joints=torch.from_numpy(arrays["joints"][:count]).float())
 
 
 @torch.no_grad()
@@ -444,7 +433,6 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
             save_drpose(tmp, plain.eval(), dict(record, step=step, eval_reward_base=base_eval), args.lora_rank > 0)
             if metrics_path.exists():
                 shutil.copy(metrics_path, tmp / "metrics.jsonl")
-                plot_reward_curve(metrics_path, tmp / "reward_curve.png")
     accelerator.wait_for_everyone()
     return Path(args.out)
 
@@ -463,45 +451,6 @@ def save_drpose(folder: Path, unet, record: dict, has_lora: bool) -> None:
         unet.fuse_lora()
         unet.unload_lora()
     save_model(folder, unet, record)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The lines of a metrics.jsonl; a line cut short by a killed run is skipped, the rest still count."""
-    lines = []
-    for text in path.read_text().splitlines():
-        try:
-            lines.append(json.loads(text))
-        except json.JSONDecodeError:
-            continue
-    return [x for x in lines if isinstance(x, dict) and "step" in x]
-
-
-def plot_reward_curve(metrics_path: Path, png: Path) -> bool:
-    """The training reward per logged step (with a running mean once there are enough points) and the
-    fixed-input evaluation reward against the base's. False, and nothing written, without a usable log."""
-    lines = [x for x in read_metrics(metrics_path) if "reward" in x] if metrics_path.exists() else []
-    if not lines:
-        return False
-    steps, rewards = np.array([x["step"] for x in lines], float), np.array([x["reward"] for x in lines], float)
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.subplots()
-    ax.plot(steps, rewards, lw=0.8, alpha=0.5, label="training batch reward")
-    if len(rewards) >= 10:  # a running mean makes the trend readable through per-batch noise
-        width = max(len(rewards) // 20, 5)
-        ax.plot(steps[width - 1:], np.convolve(rewards, np.ones(width) / width, mode="valid"), lw=1.5,
-                label=f"mean of {width}")
-    evals = [x for x in lines if "eval_reward" in x]
-    if evals:
-        ax.plot([x["step"] for x in evals], [x["eval_reward"] for x in evals], "o-", label="bench inputs, fixed noise")
-        if evals[0].get("eval_reward_base") is not None:
-            ax.axhline(evals[0]["eval_reward_base"], color="gray", ls="--", label="base model, same inputs")
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward (higher is better)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_write(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return True
 
 
 # --- main -----------------------------------------------------------------------------------------

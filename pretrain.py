@@ -51,13 +51,12 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from prepare_data import (NUM_VIEWS, VIEW_AZIMUTHS, UserError, atomic_dir, atomic_write, from_uint8, latents_to_views,
-                          load_split, read_manifest, run_cli, views_to_latents, write_json, with_preset,
-                          check_device, check_number, check_output, read_json)
+from prepare_data import (NUM_VIEWS, VIEW_AZIMUTHS, UserError, atomic_dir, check_device, check_number, check_output,
+                          contact_sheet, from_uint8, latents_to_views, load_split, read_json, read_manifest, run_cli,
+                          to_uint8, views_to_latents, write_json, with_preset)
 from posescore import warmup_cosine
 
 
@@ -359,17 +358,13 @@ def sample_views(unet, cond_image: torch.Tensor, num_steps: int = 20, guidance: 
         noise = torch.randn((b, num_views, LATENT_CHANNELS, h, w), generator=generator, device=gen_device)
     x = noise.to(cond_image.device, cond_image.dtype)  # (B, V, 6, H, W)
     steps = ddim_timesteps(num_steps, len(alphas))
-    for i, t in enumerate(tqdm_if(steps, progress, "sampling")):
+    for i, t in enumerate(tqdm(steps, desc="sampling", leave=False, disable=not progress)):
         pred = predict(unet, x, t, cond_image, guidance, alphas)
         if clip:
             pred = clip_prediction(pred, x, t, alphas)
         alpha_prev = alphas[steps[i + 1]] if i + 1 < len(steps) else torch.tensor(1.0, dtype=alphas.dtype)
         x = ddim_step(pred.x0.float(), pred.eps.float(), alpha_prev.float())
     return decode(x).clamp(-1, 1)
-
-
-def tqdm_if(items, show: bool, desc: str):
-    return tqdm(items, desc=desc, leave=False) if show else items
 
 
 # --- loading and saving models --------------------------------------------------------------------
@@ -713,7 +708,11 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
                 with autocast(device):
                     results = evaluate_base(unet, val, run_dir, args, device, alphas, tmp)
                 write_json(tmp / "val_metrics.json", results)
-                print_metrics(results)
+                print(f"PSNR (dB), DDIM {results['num_steps']} steps, guidance {results['guidance']}:")
+                for name in ("val", "bench"):
+                    r = results[name]
+                    print(f"  {name:5s} " + (f"n={r['count']:3d}  colour {r['psnr_color']:6.2f}  normal "
+                                             f"{r['psnr_normal']:6.2f}" if isinstance(r, dict) else r))
     accelerator.wait_for_everyone()
     return base
 
@@ -772,47 +771,14 @@ def evaluate_base(unet, val: dict, run_dir: Path, args: Args, device, alphas, ou
         results[name] = dict(count=count, psnr_color=psnr(gen_color, gt_color).mean().item(),
                              psnr_normal=psnr(gen_normal, gt_normal).mean().item(),
                              psnr_front_color=psnr(gen_color[:, 0], gt_color[:, 0]).mean().item())
-        gt = views_to_latents(gt_color, gt_normal)
-        k = min(args.sheet_subjects, count)
-        samples_sheet(from_uint8(data["image"][:k].numpy()), generated[:k], gt[:k], out_dir / f"samples_{name}.png")
+        # The sheet: per subject, input | generated colour x6 | normal x6, then blank | GT colour x6 | normal x6.
+        k, blank = min(args.sheet_subjects, count), np.full_like(data["image"][:1].numpy(), 255)
+        contact_sheet(out_dir / f"samples_{name}.png", [row for i in range(k) for row in (
+            np.concatenate([data["image"][i:i + 1].numpy(), to_uint8(gen_color[i]), to_uint8(gen_normal[i])]),
+            np.concatenate([blank, data["color"][i].numpy(), data["normal"][i].numpy()]))])
     if "bench" not in sets:
         results["bench"] = f"skipped: {bench_path} not found"
     return results
-
-
-def print_metrics(results: dict) -> None:
-    print(f"PSNR (dB), DDIM {results['num_steps']} steps, guidance {results['guidance']}:")
-    for name in ("val", "bench"):
-        r = results.get(name)
-        if isinstance(r, dict):
-            print(f"  {name:5s} n={r['count']:3d}  colour {r['psnr_color']:6.2f}  normal {r['psnr_normal']:6.2f}")
-        else:
-            print(f"  {name:5s} {r}")
-
-
-def samples_sheet(image: torch.Tensor, generated: torch.Tensor, gt: torch.Tensor | None, path: Path,
-                  scale: int = 3) -> None:
-    """A png per subject: row 1 input | generated colour x6 | generated normal x6; row 2 (when gt is
-    given) blank | GT colour x6 | GT normal x6. image (B, 3, H, W) in [0, 1]; views (B, V, 6, H, W) in [-1, 1]."""
-    def strip(views):  # (V, 6, H, W) -> (3, H, 2V*W): colour views then normal views
-        color, normal = latents_to_views(views[None])
-        return torch.cat([*color[0], *normal[0]], dim=2)
-
-    b, _, h, w = image.shape
-    gap = torch.full((3, h, 2), 0.5)
-    rows = []
-    for i in range(b):
-        rows.append(torch.cat([image[i].cpu(), gap, strip(generated[i].cpu())], dim=2))
-        if gt is not None:
-            rows.append(torch.cat([torch.full_like(image[i].cpu(), 0.5), gap, strip(gt[i].cpu())], dim=2))
-        rows.append(torch.full((3, 2, rows[-1].shape[2]), 0.5))
-    sheet = torch.cat(rows, dim=1)
-    pixels = (sheet.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    picture = Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST)
-    with atomic_write(Path(path)) as tmp:
-        picture.save(tmp, format="png")
-
-
 
 
 # --- main -----------------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def test_toy_reward_rises_within_20_steps_and_drpose_folder_loads(run):
         a = merged(x, t, encoder_hidden_states=tokens, class_labels=labels).sample
         b = base(x, t, encoder_hidden_states=tokens, class_labels=labels).sample
     assert torch.allclose(a, b, atol=1e-4)
-    assert (out / "reward_curve.png").exists() and (out / "metrics.jsonl").exists()
+    assert (out / "metrics.jsonl").exists()  # evaluate.py plots it (eval/reward_curve.png)
 
 
 def test_resumed_run_ends_with_the_same_weights(run, tmp_path):

@@ -17,7 +17,7 @@ import evaluate
 import posescore
 from evaluate import (Args, chamfer_cm, fscore, geometry_metrics, mpjpe_mm, normal_consistency, pa_mpjpe_mm,
                       point_to_surface_cm, procrustes_align, ssim)
-from finetune import read_metrics
+from evaluate import read_metrics
 from prepare_data import UserError, views_to_latents
 from pretrain import psnr
 
