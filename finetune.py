@@ -103,8 +103,7 @@ class Args:
     grad_clip: float = 1.0
     """gradient norm clip"""
     grad_checkpointing: bool | None = None
-    """recompute U-Net activations in the backward pass (saves memory; default on for cuda with U-Nets over 100 M
-    parameters, PSHuman-size, where K steps' activations outgrow memory)"""
+    """recompute U-Net activations in the backward pass (default: on for cuda and U-Nets over 10 M parameters)"""
     cuda_graphs: bool = True
     """on cuda, replay the chain's no-grad U-Net calls from CUDA graphs (pretrain.GraphedOutput)"""
     eval_every: int | None = None
@@ -309,11 +308,11 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     else:  # full fine-tuning keeps one frozen copy: the only way to ask the starting model
         frozen_copy = frozen_copy or copy.deepcopy(unet).requires_grad_(False)
         unet.requires_grad_(True)
-    if args.grad_checkpointing or (args.grad_checkpointing is None and use_cuda and unet.num_parameters() > 1e8):
+    if args.grad_checkpointing or (args.grad_checkpointing is None and use_cuda and unet.num_parameters() > 1e7):
         unet.enable_gradient_checkpointing()
     unet.train()
     trainable = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, fused=use_cuda or None)
     base_eval = eval_reward(unet.eval(), eval_inputs, reward_fn, ctx, args, guidance, alphas, device) \
         if eval_inputs is not None and accelerator.is_main_process else None
     unet.train()
@@ -337,7 +336,7 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     unet, optimizer = accelerator.prepare(unet, optimizer)
     plain = accelerator.unwrap_model(unet)
     frozen = (plain, frozen_copy)
-    graphs = (GraphedOutput(plain), GraphedOutput(frozen_copy)) if use_cuda and args.cuda_graphs else (guided_output,) * 2
+    graphs = GraphedOutput.pair(plain, frozen_copy) if use_cuda and args.cuda_graphs else (guided_output,) * 2
 
     # --- train: sample with gradients, score, step ---
     bar = tqdm(total=args.steps, initial=step, desc=f"drpose ({args.method})", disable=not accelerator.is_main_process)

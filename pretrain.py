@@ -377,10 +377,15 @@ class GraphedOutput:
     tensor (`device_timesteps`); anything else runs `guided_output(unet, ...)` eagerly. Weights are
     read at replay, so in-place optimizer steps are seen; `model` is the unwrapped network `unet` runs."""
 
-    pool = None  # one memory pool for every graph: they never run at once, and outputs are copied out
+    def __init__(self, model, pool=None):
+        self.model, self.graphs, self.pool = model, {}, pool or torch.cuda.graph_pool_handle()
 
-    def __init__(self, model):
-        self.model, self.graphs = model, {}
+    @classmethod
+    def pair(cls, trained, frozen) -> tuple:
+        """For the chain: the trained and the frozen model's graphs share one memory pool (they never
+        run at once, and each call copies its output out)."""
+        pool = torch.cuda.graph_pool_handle()
+        return cls(trained, pool), cls(frozen, pool)
 
     def __call__(self, unet, x_t: torch.Tensor, t, cond_image: torch.Tensor, guidance: float) -> torch.Tensor:
         if not (torch.is_tensor(t) and t.shape == (1,) and t.device == x_t.device and x_t.is_cuda):
@@ -402,12 +407,11 @@ class GraphedOutput:
             for _ in range(2):  # lazy initialisation (cuDNN/cuBLAS handles, token positions) stays out
                 guided_output(self.model, *inputs, guidance)
         torch.cuda.current_stream().wait_stream(stream)
-        GraphedOutput.pool = GraphedOutput.pool or torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # autocast caches its bf16 casts of trainable weights: clear it, so that the graph holds the
         # casts (redone at each replay, from the current weights) rather than a cached tensor.
         torch.clear_autocast_cache()
-        with torch.no_grad(), torch.cuda.graph(graph, pool=GraphedOutput.pool):
+        with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):
             out = guided_output(self.model, *inputs, guidance)
         torch.clear_autocast_cache()
         return graph, inputs, out

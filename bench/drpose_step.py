@@ -13,15 +13,18 @@ configuration starts from the same weights and runs the same plans and noise: a 
 (capture and compile happen there; their time is reported), then `--steps` timed steps. A step is
 what finetune.py's loop does: sample with grad, reward, loss, backward, clip, AdamW.
 
-Configurations (cumulative; `--levers` runs all, else plain and fast):
-  plain          bench/plain_chain.py (the loop before the fast path): eager, int timesteps, frozen
-                 pass = adapters off, gradient checkpointing on (the old cuda default)
-  no_ckpt        + gradient checkpointing off
-  bf16_frozen    + finetune.sample_with_grad: device timesteps, frozen pass = pretrain.frozen_bf16 copy
-  fast           + CUDA graphs of the no-grad U-Net calls: finetune.py's default cuda path
-  cudnn_benchmark + torch.backends.cudnn.benchmark (levers measured, adopted only where they pay)
-  channels_last  + channels_last weights
-  compile        + torch.compile of the trained U-Net, the frozen copy and g_skel (`--compile`)
+Configurations: the levers, each added to the ones before it (`--levers` runs them all), and `fast`:
+  plain           bench/plain_chain.py (the loop before the fast path): eager, int timesteps, frozen
+                  pass = adapters off, gradient checkpointing on (the old cuda default), foreach AdamW
+  no_ckpt         + gradient checkpointing off (every lever below keeps it off)
+  bf16_frozen     + finetune.sample_with_grad: device timesteps, frozen pass = pretrain.frozen_bf16 copy
+  graphs          + CUDA graphs of the no-grad U-Net calls (pretrain.GraphedOutput)
+  fused_adamw     + AdamW(fused=True)
+  cudnn_benchmark + torch.backends.cudnn.benchmark
+  channels_last   + channels_last weights
+  compile         + torch.compile of the trained U-Net, the frozen copy and g_skel (`--compile`)
+  fast            finetune.py's default cuda path: bf16_frozen + graphs + fused_adamw, gradient
+                  checkpointing for U-Nets over 10 M parameters (full, paper; not demo)
 """
 
 import argparse
@@ -44,7 +47,7 @@ import prepare_data as pd  # noqa: E402
 import pretrain  # noqa: E402
 from plain_chain import sample_with_grad_plain  # noqa: E402
 
-LEVERS = ["plain", "no_ckpt", "bf16_frozen", "fast", "cudnn_benchmark", "channels_last", "compile"]
+LEVERS = ["plain", "no_ckpt", "bf16_frozen", "graphs", "fused_adamw", "cudnn_benchmark", "channels_last", "compile"]
 
 # SD 2.1's U-Net (866 M parameters) with our conditioning: image concatenated (4 + 3 channels),
 # 8 x 8 image patches as cross-attention tokens through encoder_hid_proj, views as class labels.
@@ -94,38 +97,41 @@ def inputs(w: dict, count: int, device: str) -> list:
     return out
 
 
-def run_config(name: str, w: dict, steps: list, warmup: int, device: str, write) -> dict:
-    level = LEVERS.index(name)
+def run_config(name: str, w: dict, steps: list, warmup: int, device: str, write, profile=False) -> dict:
+    cuda = device == "cuda"
+    if name == "fast":  # finetune.py's default on cuda
+        on = set(LEVERS[:LEVERS.index("fused_adamw") + 1])
+        checkpointing = cuda and w["unet"].num_parameters() > 1e7
+    else:
+        on = set(LEVERS[:LEVERS.index(name) + 1])
+        checkpointing = (name == "plain" and cuda) or w["unet"].num_parameters() > 1e8  # SD-size always needs it
     base = copy.deepcopy(w["unet"])
     ctx = copy.copy(w["ctx"])
-    frozen_copy = pretrain.frozen_bf16(base) if level >= LEVERS.index("bf16_frozen") and device == "cuda" else None
+    frozen_copy = pretrain.frozen_bf16(base) if "bf16_frozen" in on and cuda else None
     torch.manual_seed(0)
     unet = ft.add_lora(base, w["lora_rank"])
-    if (level == 0 and device == "cuda") or unet.num_parameters() > 1e8:  # the old cuda default; SD-size needs it
+    if checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    torch.backends.cudnn.benchmark = level >= LEVERS.index("cudnn_benchmark")
-    if level >= LEVERS.index("channels_last"):
+    torch.backends.cudnn.benchmark = "cudnn_benchmark" in on
+    if "channels_last" in on:
         for module in (unet, frozen_copy or unet) + ((ctx.gskel,) if ctx else ()):
             module.to(memory_format=torch.channels_last)
-    if level >= LEVERS.index("compile"):
+    if "compile" in on:
         unet.compile()
         frozen_copy.compile()
         if ctx:
             ctx.gskel = torch.compile(ctx.gskel)
-    graphs = (pretrain.GraphedOutput(unet), pretrain.GraphedOutput(frozen_copy)) \
-        if level >= LEVERS.index("fast") and device == "cuda" else (pretrain.guided_output,) * 2
-    chain = sample_with_grad_plain if level < LEVERS.index("bf16_frozen") else ft.sample_with_grad
+    graphs = pretrain.GraphedOutput.pair(unet, frozen_copy) if "graphs" in on and cuda else (pretrain.guided_output,) * 2
+    chain = ft.sample_with_grad if "bf16_frozen" in on else sample_with_grad_plain
     trainable = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=w["lr"], weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=w["lr"], weight_decay=0.0, fused=("fused_adamw" in on and cuda) or None)
     alphas = pretrain.alphas_cumprod().to(device)
-    cuda = device == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for image, batch, noise, plan in steps:
-        start = time.perf_counter()
+    def one_step(image, batch, noise, plan) -> torch.Tensor:
+        """finetune.py's loop body: sample with grad, reward, loss, backward, clip, AdamW."""
         with pretrain.autocast(torch.device(device)):
             args = (unet, image, noise, plan, w["guidance"], alphas, w["num_steps"], (unet, frozen_copy))
             views, kl = chain(*args, graphs) if chain is ft.sample_with_grad else chain(*args)
@@ -135,10 +141,21 @@ def run_config(name: str, w: dict, steps: list, warmup: int, device: str, write)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
+        return loss
+
+    times, losses = [], []
+    for image, batch, noise, plan in steps:
+        start = time.perf_counter()
+        loss = one_step(image, batch, noise, plan)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
+    if profile and cuda:  # where the GPU time of one more step goes
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            one_step(*steps[-1])
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
     timed = times[warmup:]
     median = statistics.median(timed)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
@@ -162,13 +179,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="subjects per step (demo/full; paper: 2)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--lever-steps", type=int, help="timed steps for the levers between plain and fast")
+    parser.add_argument("--lever-steps", type=int, help="timed steps for every configuration but fast")
     parser.add_argument("--levers", action="store_true", help="every lever in turn, else plain and fast")
     parser.add_argument("--compile", action="store_true", help="also the torch.compile lever")
     parser.add_argument("--configs", nargs="*", help="these configurations only (names in LEVERS)")
+    parser.add_argument("--profile", nargs="*", default=[], help="print the top GPU kernels of these configurations")
     parser.add_argument("--json", type=Path, help="append the results to this json file")
     args = parser.parse_args()
-    names = args.configs or (LEVERS[:6] + (["compile"] if args.compile else []) if args.levers else ["plain", "fast"])
+    names = args.configs or (LEVERS[:7] + (["compile"] if args.compile else []) + ["fast"] if args.levers
+                             else ["plain", "fast"])
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     head = dict(gpu=gpu, torch=torch.__version__, diffusers=pretrain.diffusers.__version__,
                 command="python " + " ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M"),
@@ -187,9 +206,9 @@ def main() -> None:
                 if args.json:
                     args.json.parent.mkdir(parents=True, exist_ok=True)
                     args.json.write_text(json.dumps(results, indent=1))
-            count = args.steps if args.lever_steps is None or name in ("plain", "fast") else args.lever_steps
+            count = args.steps if args.lever_steps is None or name == "fast" else args.lever_steps
             try:
-                run_config(name, w, steps[:args.warmup + count], args.warmup, args.device, write)
+                run_config(name, w, steps[:args.warmup + count], args.warmup, args.device, write, name in args.profile)
             except Exception as err:  # one failing lever must not lose the others' numbers
                 print(f"  {name:14s} FAILED: {type(err).__name__}: {str(err)[:300]}", flush=True)
                 write(dict(error=f"{type(err).__name__}: {str(err)[:300]}"))

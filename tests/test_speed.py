@@ -26,13 +26,13 @@ from plain_chain import sample_with_grad_plain  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def loss_and_grads(chain, unet, plan, frozen, *extra, guidance=1.5, device="cpu", seed=0):
+def loss_and_grads(chain, unet, plan, frozen, *extra, guidance=1.5, device="cpu", seed=0, kl_weight=0.5):
     image, noise = (x.to(device) for x in one_batch(seed))
     alphas = pretrain.alphas_cumprod().to(device)
     unet.zero_grad(set_to_none=True)
     with pretrain.autocast(torch.device(device)):
         views, kl = chain(unet, image, noise, plan, guidance, alphas, 4, frozen, *extra)
-    loss = ft.drpose_loss(brightness(views, {}, None)[0], kl, 0.5)
+    loss = ft.drpose_loss(brightness(views, {}, None)[0], kl, kl_weight)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}, kl.detach()
 
@@ -69,20 +69,32 @@ def test_fast_cuda_chain_matches_the_plain_loop_and_never_syncs(run):
     unet = moved_lora(unet).cuda().train()
     base, _ = pretrain.load_model(run / "base", "cuda")
     frozen_copy = pretrain.frozen_bf16(base)
-    graphs = (pretrain.GraphedOutput(unet), pretrain.GraphedOutput(frozen_copy))
+    # The bf16 starting model gives the adapters-off outputs (autocast casts to the same bf16 weights).
+    image, noise = (x.cuda() for x in one_batch(7))
+    t = torch.tensor([700], device="cuda")
+    with torch.no_grad(), pretrain.autocast(torch.device("cuda")):
+        with ft.frozen_model(unet) as off:
+            expect = pretrain.guided_output(off, noise, t, image, 1.5)
+        got = pretrain.guided_output(frozen_copy, noise, t, image, 1.5)
+    assert relative_error(got, expect) < 1e-2
+    graphs = pretrain.GraphedOutput.pair(unet, frozen_copy)
     trainable = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2, fused=True)
     plan = ft.ChainPlan(3, (0, 2), True)
     for step in range(3):  # the graphs must see the weights each optimizer step writes in place
-        loss_a, grads_a, kl_a = loss_and_grads(sample_with_grad_plain, unet, plan, (unet, None), device="cuda",
-                                               seed=step)
-        loss_b, grads_b, kl_b = loss_and_grads(ft.sample_with_grad, unet, plan, (unet, frozen_copy), graphs,
-                                               device="cuda", seed=step)
-        assert relative_error(loss_b, loss_a) < 1e-2 and relative_error(kl_b, kl_a) < 2e-2, (loss_a, loss_b, kl_a, kl_b)
-        assert grads_a.keys() == grads_b.keys()
-        total = relative_error(torch.cat([grads_b[k].flatten() for k in grads_a]),
-                               torch.cat([grads_a[k].flatten() for k in grads_a]))
-        assert total < 2e-2, total
+        kw = dict(device="cuda", seed=step, kl_weight=0.01)  # the paper's w_KL
+        loss_a, grads_a, kl_a = loss_and_grads(sample_with_grad_plain, unet, plan, (unet, None), **kw)
+        loss_e, grads_e, kl_e = loss_and_grads(ft.sample_with_grad, unet, plan, (unet, frozen_copy), **kw)
+        loss_b, grads_b, kl_b = loss_and_grads(ft.sample_with_grad, unet, plan, (unet, frozen_copy), graphs, **kw)
+        assert grads_a.keys() == grads_b.keys() == grads_e.keys()
+        flat = {name: torch.cat([g[k].flatten() for k in grads_a]) for name, g in
+                (("plain", grads_a), ("eager", grads_e), ("graphs", grads_b))}
+        # Graph replays run the eager chain's kernels: the same numbers up to rounding.
+        assert relative_error(loss_b, loss_e) < 1e-4 and relative_error(kl_b, kl_e) < 1e-3
+        assert relative_error(flat["graphs"], flat["eager"]) < 1e-3
+        # Against the plain loop (frozen pass with adapters off, fp32 weights cast by autocast): bf16 tolerance.
+        errors = (relative_error(loss_b, loss_a), relative_error(kl_b, kl_a), relative_error(flat["graphs"], flat["plain"]))
+        assert errors[0] < 1e-2 and errors[1] < 5e-2 and errors[2] < 2e-2, (step, errors)
         optimizer.step()
     # After capture the chain has no host sync: every timestep and coefficient stays on the device.
     image, noise = (x.cuda() for x in one_batch(5))
