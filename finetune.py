@@ -340,7 +340,7 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
 
     # --- train: sample with gradients, score, step ---
     bar = tqdm(total=args.steps, initial=step, desc=f"drpose ({args.method})", disable=not accelerator.is_main_process)
-    first_step = step
+    first_step, loop_start = step, time.time()
     tick = time.time()
     while step < args.steps:
         row = step_rows(step, len(pairs["image"]), args.batch_size, world, rank, args.seed)
@@ -379,7 +379,7 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
             if accelerator.is_main_process:
                 append_log(metrics_path, line)
             tick = time.time()
-        stop = step < args.steps and out_of_time(start, args.max_minutes, step - first_step, accelerator)
+        stop = step < args.steps and out_of_time(start, args.max_minutes, loop_start, step - first_step, accelerator)
         if step % args.checkpoint_every == 0 or step == args.steps or stop:
             rng_states = gather_object([rng_to_str(generator.get_state())])
             if accelerator.is_main_process:  # with LoRA: the adapters + optimizer only, base/ stays where it is

@@ -677,7 +677,7 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
 
     # --- train ---
     unet.train()
-    first_step = step
+    first_step, loop_start = step, time.time()
     bar = tqdm(total=args.steps, initial=step, desc="pretrain", disable=not accelerator.is_main_process)
     tick = time.time()
     while step < args.steps:
@@ -705,7 +705,7 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
             if accelerator.is_main_process:
                 append_log(metrics_path, line)
             tick = time.time()
-        stop = step < args.steps and out_of_time(start, args.max_minutes, step - first_step, accelerator)
+        stop = step < args.steps and out_of_time(start, args.max_minutes, loop_start, step - first_step, accelerator)
         if step % args.checkpoint_every == 0 or step == args.steps or stop:
             rng_states = gather_object([rng_to_str(generator.get_state())])
             if accelerator.is_main_process:
@@ -740,13 +740,13 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
 
 
 
-def out_of_time(start: float, max_minutes: float | None, steps_done: int, accelerator) -> bool:
-    """True when one more step would end past the job's wall-clock budget (minutes since `start`),
-    predicted from the mean time per step so far, setup included. Process 0 decides for all."""
+def out_of_time(start: float, max_minutes: float | None, loop_start: float, steps_done: int, accelerator) -> bool:
+    """True when one more step would end past the job's wall-clock budget (minutes since `start`), at
+    the mean time per step since `loop_start`. Process 0 decides for all."""
     if max_minutes is None or steps_done == 0:
         return False
-    elapsed = time.time() - start
-    late = elapsed * (1 + 1 / steps_done) > 60 * max_minutes
+    now = time.time()
+    late = now + (now - loop_start) / steps_done - start > 60 * max_minutes
     if accelerator.num_processes > 1:  # every process must stop at the same step
         late = bool(broadcast(torch.tensor([late], device=accelerator.device), from_process=0).item())
     return late
