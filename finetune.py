@@ -4,6 +4,7 @@
     python finetune.py --preset full                   # one GPU
     python finetune.py --reward keypoints              # any name in posescore.REWARDS
     python finetune.py --resume                        # continue from the newest drpose_ckpt/step_*/
+    python finetune.py --resume --max-minutes 8        # one job of a chain of short jobs (bench/gpu_chain.sh)
     accelerate launch finetune.py --preset full        # several GPUs, the same code
 
 One training step: draw a batch of (pose, image) pairs; sample the six views from each image with the
@@ -103,7 +104,7 @@ class Args:
     grad_clip: float = 1.0
     """gradient norm clip"""
     grad_checkpointing: bool | None = None
-    """recompute U-Net activations in the backward pass (default: on for cuda and U-Nets over 10 M parameters)"""
+    """recompute U-Net activations in the backward pass (default: on for cuda and U-Nets over 100 M parameters)"""
     cuda_graphs: bool = True
     """on cuda, replay the chain's no-grad U-Net calls from CUDA graphs (pretrain.GraphedOutput)"""
     eval_every: int | None = None
@@ -308,7 +309,7 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     else:  # full fine-tuning keeps one frozen copy: the only way to ask the starting model
         frozen_copy = frozen_copy or copy.deepcopy(unet).requires_grad_(False)
         unet.requires_grad_(True)
-    if args.grad_checkpointing or (args.grad_checkpointing is None and use_cuda and unet.num_parameters() > 1e7):
+    if args.grad_checkpointing or (args.grad_checkpointing is None and use_cuda and unet.num_parameters() > 1e8):
         unet.enable_gradient_checkpointing()
     unet.train()
     trainable = [p for p in unet.parameters() if p.requires_grad]

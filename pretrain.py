@@ -3,6 +3,7 @@
     python pretrain.py --preset demo                 # base model on data/scans/ (CPU, ~3 minutes)
     python pretrain.py --preset full                 # 64 px, bigger net (one GPU, ~20 minutes)
     python pretrain.py --resume                      # continue from the newest base_ckpt/step_*/
+    python pretrain.py --resume --max-minutes 8      # one job of a chain: stops with a checkpoint in time
     python pretrain.py --init pretrained/demo_base --steps 0   # take a trained model, only evaluate it
     accelerate launch pretrain.py --preset full      # several GPUs, the same code
 
@@ -23,8 +24,9 @@ Writes, under the run folder: base/ (`unet.save_pretrained` + drpose_config.json
 
 What later stages use: the latent seam (`encode`/`decode`), the sampler (`sample_views`, `predict`,
 `guided_output`, `split_v`, `clip_prediction`, `ddim_step`, `ddim_timesteps`, `alphas_cumprod`),
-`load_model`/`save_model`, and the run scaffolding both trainers share (`step_rows`, checkpoint
-folders with RNG state, `append_log`/`truncate_log`, `autocast`).
+`load_model`/`save_model`, the sampler's CUDA speed-ups (`GraphedOutput`, `frozen_bf16`,
+`device_timesteps`), and the run scaffolding both trainers share (`step_rows`, checkpoint folders
+with RNG state, `out_of_time` for --max-minutes, `append_log`/`truncate_log`, `autocast`).
 """
 
 from __future__ import annotations
