@@ -4,6 +4,7 @@
     python finetune.py --preset full                   # one GPU
     python finetune.py --reward keypoints              # any name in posescore.REWARDS
     python finetune.py --resume                        # continue from the newest drpose_ckpt/step_*/
+    python finetune.py --resume --max-minutes 8        # one job of a chain of short jobs (bench/gpu_chain.sh)
     accelerate launch finetune.py --preset full        # several GPUs, the same code
 
 One training step: draw a batch of (pose, image) pairs; sample the six views from each image with the
@@ -49,10 +50,10 @@ from tqdm import tqdm
 import posescore
 from prepare_data import (NUM_VIEWS, UserError, atomic_dir, check_device, check_number, check_output, from_uint8,
                           load_split, run_cli, run_relative, with_preset)
-from pretrain import (LATENT_CHANNELS, alphas_cumprod, append_log, autocast, clip_prediction, ddim_step, ddim_timesteps,
-                      decode, denoising_error, encode, guided_output, jsonable, latest_checkpoint, load_checkpoint,
-                      load_model, rng_from_str, rng_to_str, sample_views, save_checkpoint, save_model, split_v,
-                      step_rows, truncate_log, check_finite, weights_sha256)
+from pretrain import (LATENT_CHANNELS, GraphedOutput, alphas_cumprod, append_log, autocast, check_finite, clip_prediction,
+                      ddim_step, decode, denoising_error, device_timesteps, encode, frozen_bf16, guided_output, jsonable,
+                      latest_checkpoint, load_checkpoint, load_model, out_of_time, rng_from_str, rng_to_str, sample_views,
+                      save_checkpoint, save_model, split_v, step_rows, truncate_log, weights_sha256)
 
 @dataclass
 class Args:
@@ -106,7 +107,9 @@ class Args:
     grad_clip: float = 1.0
     """gradient norm clip"""
     grad_checkpointing: bool | None = None
-    """recompute U-Net activations in the backward pass (saves memory for K > 2 or alignprop; default on for cuda)"""
+    """recompute U-Net activations in the backward pass (default: on for cuda and U-Nets over 100 M parameters)"""
+    cuda_graphs: bool = True
+    """on cuda, replay the chain's no-grad U-Net calls from CUDA graphs (pretrain.GraphedOutput)"""
     eval_every: int | None = None
     """steps between evaluations of the reward on fixed bench inputs with fixed noise (demo 50, full 250)"""
     num_eval: int | None = None
@@ -117,6 +120,8 @@ class Args:
     """how many newest checkpoints to keep"""
     resume: bool = False
     """continue from the newest complete <out>_ckpt/step_*/ folder"""
+    max_minutes: float | None = None
+    """wall-clock budget of this job: stop with a checkpoint before it runs out; --resume continues"""
     log_every: int = 5
     """steps between log lines (tqdm postfix + metrics.jsonl)"""
     seed: int = 0
@@ -210,33 +215,36 @@ def frozen_model(unet, frozen_copy=None):
 
 
 def sample_with_grad(unet, image: torch.Tensor, noise: torch.Tensor, plan: ChainPlan, guidance: float,
-                     alphas: torch.Tensor, num_steps: int, frozen: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+                     alphas: torch.Tensor, num_steps: int, frozen: tuple,
+                     graphs: tuple = (guided_output, guided_output)) -> tuple[torch.Tensor, torch.Tensor]:
     """`sample_views`' DDIM chain under a plan. image (B, 3, H, W) in [0, 1], noise (B, V, 6, H, W).
     Returns the decoded views (B, V, 6, H, W) in [-1, 1] (through the same `decode` seam as
     `sample_views`, so a latent model's reward still reads views), differentiable through the plan's
     grad steps, and the KL term (B,): the squared difference of trained and frozen noise predictions,
     mean over grad steps. `frozen`: (the unwrapped model, None) for LoRA, whose adapters are switched
-    off for the frozen pass, or (unused, a frozen copy) for full fine-tuning; see `frozen_model`."""
-    steps = ddim_timesteps(num_steps, len(alphas))
+    off for the frozen pass, or (unused, a frozen copy) for full fine-tuning; see `frozen_model`.
+    `graphs`: what runs the no-grad calls of the trained and the frozen model (`GraphedOutput` on cuda)."""
+    steps = device_timesteps(num_steps, len(alphas), alphas.device)  # (T,): steps[i:i + 1] needs no host copy
     x = noise
     kl = noise.new_zeros(noise.shape[0])
     for i in range(plan.stop + 1):
-        t = steps[i]
+        t = steps[i:i + 1]
         in_graph = i in plan.grad_steps
         # Only the U-Net call is in or out of the graph; the DDIM arithmetic always stays in it.
+        run = guided_output if in_graph else graphs[0]  # no grad: replayed from a CUDA graph on the fast path
         with torch.set_grad_enabled(in_graph):
-            out = guided_output(unet, x.detach() if plan.detach_input else x, t, image, guidance)
+            out = run(unet, x.detach() if plan.detach_input else x, t, image, guidance)
         pred = split_v(out, x, t, alphas)
         if in_graph:
             with torch.no_grad(), frozen_model(*frozen) as reference:
-                frozen_out = guided_output(reference, x.detach(), t, image, guidance)
+                frozen_out = graphs[1](reference, x.detach(), t, image, guidance)
             # eps = sqrt(a) v + sqrt(1-a) x: the eps difference is sqrt(a) times the v difference.
             a = alphas[t].to(x.dtype)
             kl = kl + (a.sqrt() * (pred.out - frozen_out)).float().pow(2).flatten(1).mean(1) / len(plan.grad_steps)
         pred = clip_prediction(pred, x, t, alphas)
         if i == plan.stop:  # the last executed step (early stop or not): take x0 directly
             return decode(pred.x0.float()), kl
-        x = ddim_step(pred.x0.float(), pred.eps.float(), alphas[steps[i + 1]].float())
+        x = ddim_step(pred.x0.float(), pred.eps.float(), alphas[steps[i + 1:i + 2]].float())
     raise AssertionError("plan.stop lies beyond the chain")
 
 
@@ -298,7 +306,9 @@ def eval_reward(unet, data: dict, reward_fn, ctx, args: Args, guidance: float, a
 # --- the loop -------------------------------------------------------------------------------------
 
 def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
-    """Fine-tune (or resume), then write <out>/ (merged diffusers U-Net + LoRA adapter + log + curve)."""
+    """Fine-tune (or resume), then write <out>/ (merged diffusers U-Net + LoRA adapter + log + curve).
+    Stopped by --max-minutes: returns the checkpoint folder, <out>/ is not written."""
+    start = time.time()
     args = args.resolved()
     run_dir = Path(args.run_dir)
     if args.resume and latest_checkpoint(Path(str(args.out) + "_ckpt")) is None:  # nothing to continue: refuse
@@ -334,17 +344,17 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
         args = dataclasses.replace(args, early_stop_max=round(0.4 * args.num_steps))
     alphas = alphas_cumprod(base_config).to(device)
     torch.manual_seed(args.seed)
-    frozen_copy = None
+    frozen_copy = frozen_bf16(unet) if use_cuda else None  # cuda: a bf16 starting model, no adapter toggling
     if args.lora_rank > 0:
         add_lora(unet, args.lora_rank)
     else:  # full fine-tuning keeps one frozen copy: the only way to ask the starting model
-        frozen_copy = copy.deepcopy(unet).requires_grad_(False)
+        frozen_copy = frozen_copy or copy.deepcopy(unet).requires_grad_(False)
         unet.requires_grad_(True)
-    if args.grad_checkpointing or (args.grad_checkpointing is None and use_cuda):
+    if args.grad_checkpointing or (args.grad_checkpointing is None and use_cuda and unet.num_parameters() > 1e8):
         unet.enable_gradient_checkpointing()
     unet.train()
     trainable = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, fused=use_cuda or None)
     base_eval = eval_reward(unet.eval(), eval_inputs, reward_fn, ctx, args, guidance, alphas, device) \
         if eval_inputs is not None and accelerator.is_main_process else None
     unet.train()
@@ -371,9 +381,11 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     unet, optimizer = accelerator.prepare(unet, optimizer)
     plain = accelerator.unwrap_model(unet)
     frozen = (plain, frozen_copy)
+    graphs = GraphedOutput.pair(plain, frozen_copy) if use_cuda and args.cuda_graphs else (guided_output,) * 2
 
     # --- train: sample with gradients, score, step ---
     bar = tqdm(total=args.steps, initial=step, desc=f"drpose ({args.method})", disable=not accelerator.is_main_process)
+    first_step, loop_start = step, time.time()
     tick = time.time()
     while step < args.steps:
         row = step_rows(step, len(pairs["image"]), args.batch_size, world, rank, args.seed)
@@ -386,7 +398,7 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device):
-            views, kl = sample_with_grad(unet, image, noise, plan, guidance, alphas, args.num_steps, frozen)
+            views, kl = sample_with_grad(unet, image, noise, plan, guidance, alphas, args.num_steps, frozen, graphs)
         rewards, parts = reward_fn(views, batch, ctx)
         realism = realism_penalty(frozen, views, image, alphas, args.realism_t_range, generator) \
             if args.realism_weight > 0 else None  # no draws when off, so the paper's runs keep their noise
@@ -417,15 +429,21 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
             if accelerator.is_main_process:
                 append_log(metrics_path, line)
             tick = time.time()
-        if step % args.checkpoint_every == 0 or step == args.steps:
+        stop = step < args.steps and out_of_time(start, args.max_minutes, loop_start, step - first_step, accelerator)
+        if step % args.checkpoint_every == 0 or step == args.steps or stop:
             rng_states = gather_object([rng_to_str(generator.get_state())])
-            if accelerator.is_main_process:
+            if accelerator.is_main_process:  # with LoRA: the adapters + optimizer only, base/ stays where it is
                 save_checkpoint(ckpt_root, step, plain, optimizer, rng_states, dict(record, resume_key=expect),
-                                args.keep_checkpoints)
+                                args.keep_checkpoints, trainable_only=args.lora_rank > 0)
             accelerator.wait_for_everyone()
         if hook is not None:
             hook(step)
+        if stop:
+            break
     bar.close()
+    if step < args.steps:
+        accelerator.print(f"--max-minutes {args.max_minutes}: stopped at step {step}; continue with --resume")
+        return ckpt_root / f"step_{step:06d}"
 
     # --- save: a plain diffusers folder (LoRA merged) + the adapter itself + log + curve ---
     if accelerator.is_main_process:

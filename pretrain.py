@@ -3,6 +3,7 @@
     python pretrain.py --preset demo                 # base model on data/scans/ (CPU, ~3 minutes)
     python pretrain.py --preset full                 # 64 px, bigger net (one GPU, ~20 minutes)
     python pretrain.py --resume                      # continue from the newest base_ckpt/step_*/
+    python pretrain.py --resume --max-minutes 8      # one job of a chain: stops with a checkpoint in time
     python pretrain.py --init pretrained/demo_base --steps 0   # take a trained model, only evaluate it
     python pretrain.py --init runs/demo/base --train-data runs/demo/data/drpose_gt/train.npz \
         --out runs/demo/ceiling --steps 100 --batch-size 4 --lr 5e-4   # the supervised ceiling (README)
@@ -25,14 +26,17 @@ Writes, under the run folder: base/ (`unet.save_pretrained` + drpose_config.json
 
 What later stages use: the latent seam (`encode`/`decode`), the sampler (`sample_views`, `predict`,
 `guided_output`, `split_v`, `clip_prediction`, `ddim_step`, `ddim_timesteps`, `alphas_cumprod`),
-`load_model`/`save_model`, and the run scaffolding both trainers share (`step_rows`, checkpoint
-folders with RNG state, `append_log`/`truncate_log`, `autocast`).
+`load_model`/`save_model`, the sampler's CUDA speed-ups (`GraphedOutput`, `frozen_bf16`,
+`device_timesteps`), and the run scaffolding both trainers share (`step_rows`, checkpoint folders
+with RNG state, `out_of_time` for --max-minutes, `append_log`/`truncate_log`, `autocast`).
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -48,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast, gather_object
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file, save_file
@@ -99,6 +103,8 @@ class Args:
     """start from the weights of this model folder (any base/-like folder) instead of random init"""
     resume: bool = False
     """continue from the newest complete base_ckpt/step_*/ folder"""
+    max_minutes: float | None = None
+    """wall-clock budget of this job: stop with a checkpoint before it runs out; --resume continues"""
     checkpoint_every: int | None = None
     """steps between checkpoints (demo 150, full 1000)"""
     keep_checkpoints: int = 2
@@ -256,11 +262,18 @@ def image_tokens(image: torch.Tensor) -> torch.Tensor:
     b, _, h, w = image.shape
     patch = h // TOKEN_GRID
     patches = F.unfold(image, kernel_size=patch, stride=patch).transpose(1, 2)  # (B, 64, 3*p*p)
+    pos = token_positions(image.device, image.dtype)  # (64, POS_DIM)
+    return torch.cat([patches, pos.expand(b, -1, -1)], dim=2)
+
+
+@functools.lru_cache(maxsize=None)
+def token_positions(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(64, POS_DIM) the patches' sin/cos positions, computed on the CPU (the same numbers on every
+    device) and copied once per device: a U-Net call replayed from a CUDA graph holds no host copy."""
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, TOKEN_GRID), torch.linspace(-1, 1, TOKEN_GRID), indexing="ij")
     freqs = math.pi * 2.0 ** torch.arange(POS_FREQS)  # (F,)
     angles = torch.cat([ys.reshape(-1, 1) * freqs, xs.reshape(-1, 1) * freqs], dim=1)  # (64, 2F)
-    pos = torch.cat([angles.sin(), angles.cos()], dim=1).to(image)  # (64, POS_DIM)
-    return torch.cat([patches, pos.expand(b, -1, -1)], dim=2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1).to(device, dtype)
 
 
 def model_output(unet, x_t: torch.Tensor, t: torch.Tensor, cond_image: torch.Tensor) -> torch.Tensor:
@@ -365,6 +378,75 @@ def sample_views(unet, cond_image: torch.Tensor, num_steps: int = 20, guidance: 
         alpha_prev = alphas[steps[i + 1]] if i + 1 < len(steps) else torch.tensor(1.0, dtype=alphas.dtype)
         x = ddim_step(pred.x0.float(), pred.eps.float(), alpha_prev.float())
     return decode(x).clamp(-1, 1)
+
+
+# --- speed on CUDA: what finetune.py's chain runs on a GPU (sample_views stays plain) ---------------
+# The chain's U-Net calls without grad (most of them) are replayed from CUDA graphs, the starting
+# model of the KL term is a bf16 copy, and timesteps live on the device: no host copy, no sync.
+
+@functools.lru_cache(maxsize=None)
+def device_timesteps(num_steps: int, num_train_timesteps: int, device: torch.device) -> torch.Tensor:
+    """`ddim_timesteps` as a (T,) long tensor on `device`, copied there once: a chain that takes
+    `steps[i:i + 1]` hands the U-Net and the schedule each timestep without a host-to-device copy."""
+    return torch.tensor(ddim_timesteps(num_steps, num_train_timesteps)).to(device)
+
+
+def frozen_bf16(unet):
+    """A frozen copy of `unet` whose convolution and linear weights are bf16, what autocast casts them
+    to at every call anyway (so under autocast it gives the float32 model's outputs without the
+    casts); norms and embeddings stay float32. The KL term's starting model on CUDA."""
+    frozen = copy.deepcopy(unet).requires_grad_(False).eval()
+    for module in frozen.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            module.to(torch.bfloat16)
+    return frozen
+
+
+class GraphedOutput:
+    """`guided_output` of one model without grad, replayed from a CUDA graph: a U-Net call's hundreds
+    of kernel launches become one. Called like `guided_output`; the first call per input shape,
+    guidance and autocast state captures a graph (after two warm-up calls). t must be a (1,) device
+    tensor (`device_timesteps`); anything else runs `guided_output(unet, ...)` eagerly. Weights are
+    read at replay, so in-place optimizer steps are seen; `model` is the unwrapped network `unet` runs."""
+
+    def __init__(self, model, pool=None):
+        self.model, self.graphs, self.pool = model, {}, pool or torch.cuda.graph_pool_handle()
+
+    @classmethod
+    def pair(cls, trained, frozen) -> tuple:
+        """For the chain: the trained and the frozen model's graphs share one memory pool (they never
+        run at once, and each call copies its output out)."""
+        pool = torch.cuda.graph_pool_handle()
+        return cls(trained, pool), cls(frozen, pool)
+
+    def __call__(self, unet, x_t: torch.Tensor, t, cond_image: torch.Tensor, guidance: float) -> torch.Tensor:
+        if not (torch.is_tensor(t) and t.shape == (1,) and t.device == x_t.device and x_t.is_cuda):
+            return guided_output(unet, x_t, t, cond_image, guidance)
+        key = (x_t.shape, x_t.dtype, cond_image.shape, guidance, torch.is_autocast_enabled("cuda"))
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(x_t, t, cond_image, guidance)
+        graph, inputs, out = self.graphs[key]
+        for static, value in zip(inputs, (x_t, t, cond_image)):
+            static.copy_(value)
+        graph.replay()
+        return out.clone()
+
+    def capture(self, x_t: torch.Tensor, t: torch.Tensor, cond_image: torch.Tensor, guidance: float):
+        inputs = (x_t.detach().clone(), t.clone(), cond_image.detach().clone())
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(stream):
+            for _ in range(2):  # lazy initialisation (cuDNN/cuBLAS handles, token positions) stays out
+                guided_output(self.model, *inputs, guidance)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # autocast caches its bf16 casts of trainable weights: clear it, so that the graph holds the
+        # casts (redone at each replay, from the current weights) rather than a cached tensor.
+        torch.clear_autocast_cache()
+        with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):
+            out = guided_output(self.model, *inputs, guidance)
+        torch.clear_autocast_cache()
+        return graph, inputs, out
 
 
 # --- loading and saving models --------------------------------------------------------------------
@@ -495,14 +577,19 @@ def rng_from_str(text: str) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
 
 
-def save_checkpoint(root: Path, step: int, unet, optimizer, rng_states: list[str], record: dict, keep: int) -> Path:
+def save_checkpoint(root: Path, step: int, unet, optimizer, rng_states: list[str], record: dict, keep: int,
+                    trainable_only: bool = False) -> Path:
     """base_ckpt/step_NNNNNN/: model.safetensors, optimizer.pt, state.json (step, RNG, args,
-    versions, model config). Written as step_NNNNNN.tmp/ and renamed when complete."""
+    versions, model config). Written as step_NNNNNN.tmp/ and renamed when complete. trainable_only:
+    only the weights that train (LoRA adapters; the frozen base is reloaded from its own folder)."""
     folder = Path(root) / f"step_{step:06d}"
+    keys = trainable_names(unet) if trainable_only else unet.state_dict().keys()
     with atomic_dir(folder) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}, tmp / "model.safetensors")
+        save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items() if k in keys},
+                  tmp / "model.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        write_json(tmp / "state.json", dict(record, step=step, rng=rng_states, unet_config=architecture(unet.config)))
+        write_json(tmp / "state.json", dict(record, step=step, rng=rng_states, unet_config=architecture(unet.config),
+                                            weights="trainable" if trainable_only else "all"))
     for old in sorted(p for p in Path(root).iterdir() if STEP_DIR.match(p.name))[:-keep]:
         shutil.rmtree(old)
     return folder
@@ -512,6 +599,10 @@ def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete step_*/ folder (a .tmp folder from a killed write is ignored)."""
     done = [p for p in Path(root).glob("step_*") if STEP_DIR.match(p.name) and (p / "state.json").exists()]
     return max(done, key=lambda p: p.name) if done else None
+
+
+def trainable_names(unet) -> set[str]:
+    return {name for name, param in unet.named_parameters() if param.requires_grad}
 
 
 def load_checkpoint(folder: Path, unet, optimizer, expect: dict) -> tuple[int, list[str]]:
@@ -529,8 +620,11 @@ def load_checkpoint(folder: Path, unet, optimizer, expect: dict) -> tuple[int, l
     for key, want in jsonable(expect).items():
         if jsonable(state.get("resume_key", {})).get(key) != want:
             raise UserError(f"{folder} is incompatible: its {key} differs from this run's; {fix}")
+    partial = state.get("weights") == "trainable"
+    if partial and set(weights) != trainable_names(unet):
+        raise UserError(f"{folder} holds other trainable weights than this model's (adapter rank or targets); {fix}")
     try:
-        unet.load_state_dict(weights, strict=True)
+        unet.load_state_dict(weights, strict=not partial)
         optimizer.load_state_dict(opt_state)
     except Exception as err:
         raise UserError(f"{folder} does not fit this model ({type(err).__name__}); {fix}") from None
@@ -596,7 +690,9 @@ def autocast(device: torch.device):
 
 def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     """Train (or resume), evaluate and write base/. Returns the base/ folder. `hook(step)` runs after
-    every step and its checkpoint (tests use it to kill a run)."""
+    every step and its checkpoint (tests use it to kill a run). Stopped by --max-minutes: returns the
+    checkpoint folder, base/ is not written."""
+    start = time.time()
     args = args.resolved()
     run_dir = Path(args.run_dir)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -658,6 +754,7 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
 
     # --- train ---
     unet.train()
+    first_step, loop_start = step, time.time()
     bar = tqdm(total=args.steps, initial=step, desc="pretrain", disable=not accelerator.is_main_process)
     tick = time.time()
     while step < args.steps:
@@ -686,7 +783,8 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
             if accelerator.is_main_process:
                 append_log(metrics_path, line)
             tick = time.time()
-        if step % args.checkpoint_every == 0 or step == args.steps:
+        stop = step < args.steps and out_of_time(start, args.max_minutes, loop_start, step - first_step, accelerator)
+        if step % args.checkpoint_every == 0 or step == args.steps or stop:
             rng_states = gather_object([rng_to_str(generator.get_state())])
             if accelerator.is_main_process:
                 save_checkpoint(ckpt_root, step, accelerator.unwrap_model(unet), optimizer, rng_states,
@@ -695,6 +793,10 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
             accelerator.wait_for_everyone()
         if hook is not None:
             hook(step)
+        if stop:
+            bar.close()
+            accelerator.print(f"--max-minutes {args.max_minutes}: stopped at step {step}; continue with --resume")
+            return ckpt_root / f"step_{step:06d}"
     bar.close()
 
     # --- evaluate and write base/ ---
@@ -717,6 +819,18 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     return base
 
 
+
+
+def out_of_time(start: float, max_minutes: float | None, loop_start: float, steps_done: int, accelerator) -> bool:
+    """True when one more step would end past the job's wall-clock budget (minutes since `start`), at
+    the mean time per step since `loop_start`. Process 0 decides for all."""
+    if max_minutes is None or steps_done == 0:
+        return False
+    now = time.time()
+    late = now + (now - loop_start) / steps_done - start > 60 * max_minutes
+    if accelerator.num_processes > 1:  # every process must stop at the same step
+        late = bool(broadcast(torch.tensor([late], device=accelerator.device), from_process=0).item())
+    return late
 
 
 def append_log(path: Path, line: dict) -> None:
