@@ -765,7 +765,7 @@ def _read_motion_file(path: Path) -> dict:
             from None
     except Exception as err:  # truncated zip or pickle, bad header, object .npy ...
         raise UserError(f"{path} is not a readable {suffix} file ({type(err).__name__}); "
-                        "re-download or re-export it") from None
+                        "re-export it, or drop it from --pose-files") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} holds a {type(data).__name__}, not a dict of arrays; expected an AIST++ pickle")
     return data
@@ -860,7 +860,8 @@ def load_pose_files(layout: str, path: Path) -> list[dict]:
         and not any(fnmatch(f.name, pattern) for pattern in SKIPPED_MOTION_FILES))
     if not files:
         raise UserError(f"{path} holds no {'/'.join(suffixes)} files for --pose-layout {layout}")
-    with tqdm(files, desc="read motion files", unit="file", leave=False) as bar:  # closed before an error prints
+    # disable=None: a bar on a terminal only, so a refusal stays one line in logs and pipes
+    with tqdm(files, desc="read motion files", unit="file", leave=False, disable=None) as bar:  # closed before an error prints
         return [load_motion(f, layout) for f in bar]
 
 
@@ -1286,7 +1287,7 @@ def build_bench(body, args: Args, folder: Path, rng_extreme: np.random.Generator
 def check_args(args: Args) -> None:
     """The motion-file flags and how they fit together, refused in one line before anything is read or written."""
     if args.pose_source == "files" and args.pose_files is None:
-        raise UserError("--pose-source files needs --pose-files PATH (a motion file or a folder of them)")
+        raise UserError("--pose-source files needs --pose-files PATH; pass a motion file or a folder of them")
     given = dict(pose_files=args.pose_files is not None, fps=args.fps is not None,
                  pose_layout=args.pose_layout != "auto", up=args.up != "auto")
 
@@ -1303,7 +1304,7 @@ def check_args(args: Args) -> None:
         raise UserError("--gender picks a model of a real SMPL-X folder; pass --body-model DIR with it")
     if args.pose_source == "generated" and args.pose_pool_clips * GENERATED_CLIP_FRAMES < args.num_anchors:
         raise UserError(f"--pose-pool-clips {args.pose_pool_clips} x {GENERATED_CLIP_FRAMES} frames is fewer than "
-                        f"--num-anchors {args.num_anchors}")
+                        f"--num-anchors {args.num_anchors}; raise --pose-pool-clips or lower --num-anchors")
 
 
 def stage_body(args: Args, scratch: Path) -> Path:
@@ -1348,7 +1349,7 @@ def main(args: Args) -> None:
         clips = read_pose_inputs(args, body) if args.pose_source == "files" else None
         if clips is not None and sum(len(c["body_pose"]) for c in clips) < args.num_anchors:
             raise UserError(f"{args.pose_files}: the pose pool has {sum(len(c['body_pose']) for c in clips)} frames, "
-                            f"fewer than --num-anchors {args.num_anchors}")
+                            f"fewer than --num-anchors {args.num_anchors}; lower --num-anchors or add motion files")
         body_folder = prepare_body(args, staged)
     data = args.run_dir / "data"
     # One generator per dataset, derived from the seed, so each set is reproducible on its own:

@@ -183,7 +183,7 @@ CASES = {
     "data/motion-file-nan": Case("prepare_data", R + MOTIONX + ["--pose-files", "{run}/clip.npy"],
                                  "clip.npy.*NaN", motion_file(np.full((10, 322), np.nan, np.float32))),
     "data/motion-too-few-frames": Case("prepare_data", R + MOTIONX + ["--pose-files",
-                                                            "{run}/clip.npy"], "--num-anchors",
+                                                            "{run}/clip.npy"], "too short for --neighbours",
                                        motion_file(np.zeros((10, 322), np.float32))),
     "data/body-model-empty-folder": Case("prepare_data", R + ["--body-model", "{run}/smplx"], "SMPLX_NEUTRAL",
                                          lambda run: (run / "smplx").mkdir()),
