@@ -392,7 +392,8 @@ def summary(values: np.ndarray) -> dict:
     """mean, std and count over the subjects that have the metric (3D metrics: the fitted ones);
     per_subject keeps every subject, null where it has none."""
     finite = values[np.isfinite(values)]
-    return dict(mean=float(np.mean(finite)) if len(finite) else None, std=float(np.std(finite)) if len(finite) else None,
+    some = len(finite) > 0
+    return dict(mean=float(np.mean(finite)) if some else None, std=float(np.std(finite)) if some else None,
                 count=int(len(finite)), per_subject=[float(v) if np.isfinite(v) else None for v in values])
 
 

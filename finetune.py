@@ -50,10 +50,11 @@ from tqdm import tqdm
 import posescore
 from prepare_data import (NUM_VIEWS, UserError, atomic_dir, check_device, check_number, check_output, from_uint8,
                           load_split, run_cli, run_relative, with_preset)
-from pretrain import (LATENT_CHANNELS, GraphedOutput, alphas_cumprod, append_log, autocast, check_finite, clip_prediction,
-                      ddim_step, decode, denoising_error, device_timesteps, encode, frozen_bf16, guided_output, jsonable,
-                      latest_checkpoint, load_checkpoint, load_model, out_of_time, rng_from_str, rng_to_str, sample_views,
-                      save_checkpoint, save_model, split_v, step_rows, truncate_log, weights_sha256)
+from pretrain import (LATENT_CHANNELS, GraphedOutput, alphas_cumprod, append_log, autocast, check_finite,
+                      clip_prediction, ddim_step, decode, denoising_error, device_timesteps, encode, frozen_bf16,
+                      guided_output, jsonable, latest_checkpoint, load_checkpoint, load_model, out_of_time,
+                      rng_from_str, rng_to_str, sample_views, save_checkpoint, save_model, split_v, step_rows,
+                      truncate_log, weights_sha256)
 
 @dataclass
 class Args:
@@ -306,7 +307,7 @@ def eval_reward(unet, data: dict, reward_fn, ctx, args: Args, guidance: float, a
 # --- the loop -------------------------------------------------------------------------------------
 
 def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
-    """Fine-tune (or resume), then write <out>/ (merged diffusers U-Net + LoRA adapter + log + curve).
+    """Fine-tune (or resume), then write <out>/ (merged diffusers U-Net + LoRA adapter + metrics log).
     Stopped by --max-minutes: returns the checkpoint folder, <out>/ is not written."""
     start = time.time()
     args = args.resolved()
@@ -445,7 +446,7 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
         accelerator.print(f"--max-minutes {args.max_minutes}: stopped at step {step}; continue with --resume")
         return ckpt_root / f"step_{step:06d}"
 
-    # --- save: a plain diffusers folder (LoRA merged) + the adapter itself + log + curve ---
+    # --- save: a plain diffusers folder (LoRA merged) + the adapter itself + the metrics log ---
     if accelerator.is_main_process:
         with atomic_dir(args.out) as tmp:
             save_drpose(tmp, plain.eval(), dict(record, step=step, eval_reward_base=base_eval), args.lora_rank > 0)
@@ -455,7 +456,7 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     return Path(args.out)
 
 
-# --- saving: the fine-tuned model, its adapter, the reward curve ------------------------------------
+# --- saving: the fine-tuned model and its adapter ------------------------------------------------------
 
 def save_drpose(folder: Path, unet, record: dict, has_lora: bool) -> None:
     """`folder/` loads with `UNet2DConditionModel.from_pretrained(folder)` (adapters merged into
