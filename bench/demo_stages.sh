@@ -10,8 +10,10 @@ STAGES=(
   "pose reader:$RUN/pose_reader/posescore_config.json"
   "base model:$RUN/base/drpose_config.json"
   "DrPose:$RUN/drpose/drpose_config.json"
+  "ceiling:$RUN/ceiling/drpose_config.json"
   "reconstruct base:$RUN/recon/base/manifest.json"
   "reconstruct drpose:$RUN/recon/drpose/manifest.json"
+  "reconstruct ceiling:$RUN/recon/ceiling/manifest.json"
   "evaluate:demo"
 )
 mkdir -p "$(dirname $RUN)"; lines=(); start=$(date +%s)
