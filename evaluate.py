@@ -268,7 +268,8 @@ def load_bench(run_dir: Path) -> dict:
     for path in bench["mesh_paths"]:
         if not path.exists():
             raise UserError(f"{path} is missing; make it with `{made_by}`")
-        load_mesh(path, made_by)  # read once now: a bad mesh stops the stage before any scoring
+    # Read once, now: a bad mesh stops the stage before any scoring, and every model and grid reuses it.
+    bench["meshes"] = [load_mesh(path, made_by) for path in bench["mesh_paths"]]
     return bench
 
 
@@ -297,7 +298,6 @@ def load_recon(run_dir: Path, tag: str, bench: dict) -> dict:
                                     shape=(len(VIEW_AZIMUTHS), 6) + bench["color"].shape[-2:]))
         if fitted:
             joints.append(read_npz_key(sample / "joints.npz", "joints", made_by, shape=(55, 3)))
-            load_mesh(sample / "mesh.ply", made_by)  # read once now: a bad mesh stops the stage before any scoring
         else:
             joints.append(np.full(bench["joints"].shape[1:], np.nan, np.float32))
         meshes.append(sample / "mesh.ply" if fitted else None)
@@ -305,7 +305,8 @@ def load_recon(run_dir: Path, tag: str, bench: dict) -> dict:
     if latents.shape[1:] != (len(VIEW_AZIMUTHS), 6) + bench["color"].shape[-2:]:
         raise UserError(f"{folder}: views.npz latents have shape {latents.shape[1:]}, expected "
                         f"(V, 6, H, W) = {(len(VIEW_AZIMUTHS), 6) + bench['color'].shape[-2:]}; re-run `{made_by}`")
-    return dict(latents=latents, joints=np.stack(joints), mesh_paths=meshes)
+    return dict(latents=latents, joints=np.stack(joints), mesh_paths=meshes,
+                meshes=[load_mesh(path, made_by) if path else None for path in meshes])  # read once, checked now
 
 
 def load_mesh(path: Path, made_by: str):
@@ -322,7 +323,7 @@ def load_mesh(path: Path, made_by: str):
 
 # --- per-subject scores ----------------------------------------------------------------------------
 
-def score_model(args: Args, bench: dict, recon: dict, count: int, run_dir: Path, tag: str) -> dict:
+def score_model(args: Args, bench: dict, recon: dict, count: int, tag: str) -> dict:
     """metric name -> (N,) per-subject values for one model (all but the network metrics)."""
     from tqdm import tqdm
 
@@ -334,9 +335,8 @@ def score_model(args: Args, bench: dict, recon: dict, count: int, run_dir: Path,
         # One Generator per subject: base and drpose meet identical GT samples, global RNG untouched.
         rng = np.random.default_rng([args.seed, i])
         row = dict.fromkeys(("chamfer_cm", "p2s_cm", "normal_consistency", "fscore", "mpjpe_mm", "pa_mpjpe_mm"), np.nan)
-        if recon["mesh_paths"][i] is not None:  # 3D metrics where the body was fitted (--fit-every)
-            geometry = geometry_metrics(load_mesh(recon["mesh_paths"][i], recon_command(run_dir, tag)),
-                                        load_mesh(bench["mesh_paths"][i], bench_command(run_dir)),
+        if recon["meshes"][i] is not None:  # 3D metrics where the body was fitted (--fit-every)
+            geometry = geometry_metrics(recon["meshes"][i], bench["meshes"][i],
                                         args.num_samples, args.fscore_cm / 100, rng, args.align)
             pred_joints = recon["joints"][i, :NUM_BODY_JOINTS].astype(np.float64)
             gt_joints = bench["joints"][i, :NUM_BODY_JOINTS].astype(np.float64)
@@ -675,15 +675,15 @@ def render_mesh(mesh, view: int, size: int = 128, samples: int = 60000, seed: in
     return np.repeat(image.reshape(size, size, 1), 3, axis=2)
 
 
-def plot_grid(path: Path, index: int, bench: dict, recons: dict, run_dir: Path, title: str) -> None:
+def plot_grid(path: Path, index: int, bench: dict, recons: dict, title: str) -> None:
     """Row 0: input image, then GT and every model's mesh (front, side). Then colour and normal
     views: GT, then each model."""
     import matplotlib.pyplot as plt
 
     views = len(VIEW_AZIMUTHS)
-    meshes = [("GT", load_mesh(bench["mesh_paths"][index], bench_command(run_dir)))]
-    meshes += [(tag, load_mesh(r["mesh_paths"][index], recon_command(run_dir, tag))) for tag, r in recons.items()
-               if r["mesh_paths"][index] is not None]  # views-only samples (--fit-every) have none
+    meshes = [("GT", bench["meshes"][index])]
+    meshes += [(tag, r["meshes"][index]) for tag, r in recons.items()
+               if r["meshes"][index] is not None]  # views-only samples (--fit-every) have none
     image_rows = [("GT colour", bench["color"][index] / 255), ("GT normal", bench["normal"][index] / 255)]
     for tag, recon in recons.items():
         color, normal = latents_to_views(torch.from_numpy(recon["latents"][index:index + 1]))
@@ -759,7 +759,7 @@ def main(args: Args) -> dict:
         print(f"note: evaluating the first {count} of {len(bench['joints'])} bench subjects")
 
     # --- scores per subject ---
-    per_subject = {tag: score_model(args, bench, recon, count, args.run_dir, tag) for tag, recon in recons.items()}
+    per_subject = {tag: score_model(args, bench, recon, count, tag) for tag, recon in recons.items()}
     scores = network_scores(args, {t: r["latents"][:count] for t, r in recons.items()}, bench, count)
     for metric, values in scores.items():
         for tag in recons:
@@ -782,7 +782,7 @@ def main(args: Args) -> dict:
     grids = []
     for i in range(min(args.max_grids, count)):
         title = f"subject {i:05d} {results['categories'][i]}".strip()
-        plot_grid(out / "grids" / f"{i:05d}.png", i, bench, recons, args.run_dir, title)
+        plot_grid(out / "grids" / f"{i:05d}.png", i, bench, recons, title)
         grids.append((title, f"grids/{i:05d}.png"))
     write_report(out / "report.html", results, figures, grids)
     print(table)
