@@ -55,10 +55,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from prepare_data import (NUM_BODY_JOINTS, ORTHO_HALF_EXTENT, UserError, VIEW_AZIMUTHS, atomic_write,
-                          from_uint8, latents_to_views, load_split, read_manifest, run_cli,
-                          view_rotations, views_mask, views_to_latents, write_json, with_preset,
-                          check_device, check_number, check_output, read_npz_key)
+from prepare_data import (NUM_BODY_JOINTS, ORTHO_HALF_EXTENT, VIEW_AZIMUTHS, from_uint8, latents_to_views,
+                          load_split, read_manifest, view_rotations, views_mask, views_to_latents)
+from plumbing import (UserError, atomic_write, run_cli, write_json, with_preset, check_device, check_number,
+                      check_output, read_npz_key)
 import posescore
 from pretrain import psnr
 

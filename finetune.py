@@ -48,8 +48,9 @@ from peft import LoraConfig
 from tqdm import tqdm
 
 import posescore
-from prepare_data import (NUM_VIEWS, UserError, atomic_dir, check_device, check_number, check_output, from_uint8,
-                          load_split, run_cli, run_relative, with_preset)
+from prepare_data import NUM_VIEWS, from_uint8, load_split
+from plumbing import (UserError, atomic_dir, check_device, check_number, check_output, run_cli, run_relative,
+                      with_preset)
 from pretrain import (LATENT_CHANNELS, GraphedOutput, alphas_cumprod, append_log, autocast, check_finite,
                       clip_prediction, ddim_step, decode, denoising_error, device_timesteps, encode, frozen_bf16,
                       guided_output, jsonable, latest_checkpoint, load_checkpoint, load_model, out_of_time,

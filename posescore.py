@@ -38,11 +38,11 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from prepare_data import (BONE_GROUPS, BONES, NUM_BODY_JOINTS, NUM_VIEWS, POSE_KEYS, VIEW_AZIMUTHS,
-                          UserError, atomic_dir, body_forward, from_uint8, load_body_model, load_split,
-                          run_cli, views_to_latents, views_to_pixels, world_to_views, write_json, with_preset,
-                          generate_poses, render_subjects, sample_outfits, check_device, check_number, check_output,
-                          read_json, read_npz_key)
+from prepare_data import (BONE_GROUPS, BONES, NUM_BODY_JOINTS, NUM_VIEWS, POSE_KEYS, VIEW_AZIMUTHS, body_forward,
+                          from_uint8, load_body_model, load_split, views_to_latents, views_to_pixels, world_to_views,
+                          generate_poses, render_subjects, sample_outfits)
+from plumbing import (UserError, atomic_dir, run_cli, write_json, with_preset, check_device, check_number,
+                      check_output, read_json, read_npz_key)
 
 
 @dataclass

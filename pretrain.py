@@ -58,9 +58,10 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from prepare_data import (NUM_VIEWS, VIEW_AZIMUTHS, UserError, atomic_dir, check_device, check_number, check_output,
-                          contact_sheet, from_uint8, latents_to_views, load_split, read_json, read_manifest, run_cli,
-                          to_uint8, views_to_latents, write_json, with_preset)
+from prepare_data import (NUM_VIEWS, VIEW_AZIMUTHS, contact_sheet, from_uint8, latents_to_views, load_split,
+                          read_manifest, to_uint8, views_to_latents)
+from plumbing import (UserError, atomic_dir, check_device, check_number, check_output, read_json, run_cli,
+                      write_json, with_preset)
 from posescore import warmup_cosine
 
 

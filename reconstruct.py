@@ -53,12 +53,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prepare_data import (BACKGROUND, NUM_BODY_JOINTS, NUM_VIEWS, ORTHO_HALF_EXTENT, SMPLX_PARENTS,
-                          VIEW_AZIMUTHS, UserError, atomic_dir, body_forward, body_joints, contact_sheet,
-                          from_uint8, latents_to_views, load_body_model, load_split, read_manifest,
-                          render_views, run_cli, to_uint8, vertex_normals, view_rotations, views_to_latents,
-                          views_mask, views_to_pixels, world_to_views, write_json, with_preset,
-                          check_device, check_number, check_output, read_npz_key, run_relative)
+from prepare_data import (BACKGROUND, NUM_BODY_JOINTS, NUM_VIEWS, ORTHO_HALF_EXTENT, SMPLX_PARENTS, VIEW_AZIMUTHS,
+                          body_forward, body_joints, contact_sheet, from_uint8, latents_to_views, load_body_model,
+                          load_split, read_manifest, render_views, to_uint8, vertex_normals, view_rotations,
+                          views_to_latents, views_mask, views_to_pixels, world_to_views)
+from plumbing import (UserError, atomic_dir, run_cli, write_json, with_preset, check_device, check_number,
+                      check_output, read_npz_key, run_relative)
 import posescore
 from posescore import draw_bones, gskel_logits, joints_from_maps, project_joints, skeleton_maps
 from pretrain import load_model, sample_views

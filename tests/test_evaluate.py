@@ -18,7 +18,8 @@ import posescore
 from evaluate import (Args, chamfer_cm, fscore, geometry_metrics, mpjpe_mm, normal_consistency, pa_mpjpe_mm,
                       point_to_surface_cm, procrustes_align, ssim)
 from evaluate import read_metrics
-from prepare_data import UserError, views_to_latents
+from prepare_data import views_to_latents
+from plumbing import UserError
 from pretrain import psnr
 
 REPO = Path(__file__).resolve().parents[1]

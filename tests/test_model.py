@@ -9,7 +9,8 @@ import torch
 import pretrain
 from pretrain import (Args, alphas_cumprod, build_unet, ddim_step, ddim_timesteps, load_model,
                       model_output, predict, sample_views, train_base, set_view_attention, unet_config)
-from prepare_data import NUM_VIEWS, VIEW_AZIMUTHS, UserError
+from prepare_data import NUM_VIEWS, VIEW_AZIMUTHS
+from plumbing import UserError
 
 RES = 16
 
