@@ -57,8 +57,8 @@ from matplotlib.figure import Figure
 
 from prepare_data import (NUM_BODY_JOINTS, ORTHO_HALF_EXTENT, VIEW_AZIMUTHS, from_uint8, latents_to_views,
                           load_split, read_manifest, view_rotations, views_mask, views_to_latents)
-from plumbing import (UserError, atomic_write, run_cli, write_json, with_preset, check_device, check_number,
-                      check_output, read_npz_key)
+from plumbing import (SEED_MAX, UserError, atomic_write, run_cli, write_json, with_preset, check_device, check_name,
+                      check_number, guard_output, provenance, read_npz_key)
 import posescore
 from pretrain import psnr
 
@@ -94,18 +94,25 @@ class Args:
         table = PRESETS[self.preset]
         return with_preset(self, table).check()
 
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """The folder this stage writes."""
+        return (self.run_dir / "eval",)
+
     def check(self) -> "Args":
         """Every flag, before any work (one line and exit status 2 for the first bad one)."""
         if not self.models:
             raise UserError("--models is empty; name at least one folder under recon/, e.g. --models base drpose")
         if len(set(self.models)) != len(self.models):
             raise UserError(f"--models {' '.join(self.models)} names a model twice; name each once")
-        check_number(self, "num_samples", 1)
-        check_number(self, "fscore_cm", 0, above=True)
-        check_number(self, "max_grids", 0)
-        check_number(self, "seed", 0)
+        for tag in self.models:
+            check_name(tag, "--models")
+        check_number(self, "num_samples", 1, high=1_000_000)
+        check_number(self, "fscore_cm", 0, above=True, high=100)
+        check_number(self, "max_grids", 0, high=10_000)
+        check_number(self, "seed", 0, high=SEED_MAX)
         check_device(self.device)
-        check_output(self.run_dir / "eval", "--run-dir")
+        guard_output(self.outputs[0], "--run-dir", "evaluate")
         return self
 
 
@@ -446,7 +453,8 @@ def summarise(args: Args, per_subject: dict, gt_values: dict, bench: dict, count
                 absolute=delta, relative=delta / abs(base) if base != 0 else None,
                 verdict="same" if tied else "better" if (delta < 0) == (better == "lower") else "worse")
     return dict(
-        run_dir=str(args.run_dir), models=models, reference=reference, change=change,
+        stage="evaluate", run=provenance(args), run_dir=str(args.run_dir), models=models, reference=reference,
+        change=change,
         splits=split_summary(per_subject, bench, count),
         subjects=count, bench_subjects=len(bench["joints"]),
         categories=[str(c) for c in bench.get("category", np.array([""] * count))[:count]],

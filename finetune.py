@@ -49,9 +49,10 @@ from tqdm import tqdm
 
 import posescore
 from prepare_data import NUM_VIEWS, from_uint8, load_split
-from plumbing import (UserError, atomic_dir, check_device, check_number, check_output, run_cli, run_relative,
-                      with_preset)
-from pretrain import (LATENT_CHANNELS, GraphedOutput, alphas_cumprod, append_log, autocast, check_finite,
+from plumbing import (SEED_MAX, UserError, atomic_dir, check_device, check_number, guard_output, provenance, run_cli,
+                      run_relative, with_preset)
+from pretrain import (LATENT_CHANNELS, MAX_BATCH, MAX_EVAL, MAX_GUIDANCE, MAX_STEPS, SCHEDULER, GraphedOutput,
+                      alphas_cumprod, append_log, autocast, check_finite, checkpoint_root,
                       clip_prediction, ddim_step, decode, denoising_error, device_timesteps, encode, frozen_bf16,
                       guided_output, jsonable, latest_checkpoint, load_checkpoint, load_model, out_of_time,
                       rng_from_str, rng_to_str, sample_views, save_checkpoint, save_model, split_v, step_rows,
@@ -137,24 +138,53 @@ class Args:
         return dataclasses.replace(args, base=args.base or args.run_dir / "base",
                                    out=args.out or args.run_dir / "drpose").check()
 
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """The model folder this stage writes (and replaces when re-run); checkpoints go next to it."""
+        return (self.out or self.run_dir / "drpose",)
+
     def check(self) -> "Args":
         """Every flag, before any work (one line and exit status 2 for the first bad one)."""
-        check_number(self, "steps", 1, fix="DrPose with no steps would only copy the base model; pass --steps N >= 1")
-        check_number(self, "lora_rank", 0, fix="pass a LoRA rank >= 1, or 0 to fine-tune every weight of the U-Net")
-        for name in ("batch_size", "num_steps", "grad_steps", "warmup_steps", "eval_every", "checkpoint_every",
-                     "keep_checkpoints", "log_every"):
+        check_number(self, "steps", 1, high=MAX_STEPS,
+                     fix=f"DrPose with no steps would only copy the base model; pass --steps from 1 to {MAX_STEPS}")
+        check_number(self, "lora_rank", 0, high=MAX_LORA_RANK,
+                     fix=f"pass a LoRA rank from 1 to {MAX_LORA_RANK}, or 0 to fine-tune every weight of the U-Net")
+        check_number(self, "batch_size", 1, high=MAX_BATCH)
+        train_steps = SCHEDULER["num_train_timesteps"]
+        check_number(self, "num_steps", 1, high=train_steps)
+        check_number(self, "grad_steps", 1, high=self.num_steps or train_steps,
+                     fix="K steps in the graph cannot exceed the T steps of the chain; lower --grad-steps or raise "
+                         "--num-steps")
+        check_number(self, "early_stop_max", 0, high=(self.num_steps or train_steps) - 1,
+                     fix="the chain stops at most T - 1 steps early; lower --early-stop-max or raise --num-steps")
+        check_number(self, "warmup_steps", 1, high=MAX_STEPS)
+        for name in ("eval_every", "checkpoint_every", "log_every"):
             check_number(self, name, 1)
-        for name in ("early_stop_max", "num_eval", "kl_weight", "perceptual_weight", "guidance", "seed"):
-            check_number(self, name, 0)
-        check_number(self, "lr", 0, above=True)
-        check_number(self, "grad_clip", 0, above=True)
+        check_number(self, "keep_checkpoints", 1, high=1000)
+        check_number(self, "num_eval", 0, high=MAX_EVAL)
+        for name in ("kl_weight", "perceptual_weight", "realism_weight"):
+            check_number(self, name, 0, high=MAX_LOSS_WEIGHT)
+        check_number(self, "guidance", 0, high=MAX_GUIDANCE)
+        check_number(self, "seed", 0, high=SEED_MAX)
+        check_number(self, "lr", 0, above=True, high=1)
+        check_number(self, "grad_clip", 0, above=True, high=1e6)
+        check_number(self, "max_minutes", 0, above=True, high=1e6,
+                     fix="pass the job's wall-clock budget in minutes, > 0, or leave --max-minutes out")
+        low, high = self.realism_t_range
+        if not 0 <= low <= high < train_steps:
+            raise UserError(f"--realism-t-range {low} {high} is not an ordered range of timesteps: it must be "
+                            f"0 <= low <= high <= {train_steps - 1}; pass e.g. --realism-t-range 50 950")
         if self.reward not in posescore.REWARDS:
             raise UserError(f"--reward {self.reward} is not in posescore.REWARDS {sorted(posescore.REWARDS)}; "
                             "pass one of them")
         check_device(self.device, allow_auto=True)
-        check_output(self.out, "--out")
+        guard_output(self.outputs[0], "--out", "finetune")
+        guard_output(checkpoint_root(self.outputs[0]), "--out", "finetune", own_files=("metrics.jsonl",))
         return self
 
+
+MAX_LORA_RANK = 1024  # beyond the widest layer a rank adds parameters and nothing else
+MAX_LOSS_WEIGHT = 1e6  # kl, perceptual and realism weights
 
 PRESETS = {
     "demo": dict(lora_rank=8, steps=100, batch_size=4, lr=2e-3, eval_every=50, num_eval=8, checkpoint_every=50),
@@ -344,6 +374,7 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
         args = dataclasses.replace(args, num_steps=base_config["sampling"]["num_steps"])
     if args.early_stop_max is None:
         args = dataclasses.replace(args, early_stop_max=round(0.4 * args.num_steps))
+    args.check()  # --grad-steps and --early-stop-max against the base's number of steps
     alphas = alphas_cumprod(base_config).to(device)
     torch.manual_seed(args.seed)
     frozen_copy = frozen_bf16(unet) if use_cuda else None  # cuda: a bf16 starting model, no adapter toggling
@@ -368,7 +399,8 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     expect = dict(world=world, base=run_relative(args.base, run_dir), base_sha256=weights_sha256(args.base),
                   reward_gskel=run_relative(posescore_dir, run_dir), method=args.method, reward=args.reward,
                   lora_rank=args.lora_rank, data=dict(seed=args.seed, batch_size=args.batch_size, pairs=len(pairs["image"])))
-    record = dict(base_config, format="drpose-i2mv", drpose=jsonable(dataclasses.asdict(args)),
+    record = dict(base_config, stage="finetune", run=provenance(args), format="drpose-i2mv",
+                  drpose=jsonable(dataclasses.asdict(args)),
                   sampling=dict(base_config["sampling"], guidance=guidance, num_steps=args.num_steps))
     step, generator = 0, torch.Generator().manual_seed(args.seed * 1000 + 17 + rank)  # noise + plans
     found = latest_checkpoint(ckpt_root) if args.resume and ckpt_root.exists() else None

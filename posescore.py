@@ -41,8 +41,8 @@ import tyro
 from prepare_data import (BONE_GROUPS, BONES, NUM_BODY_JOINTS, NUM_VIEWS, POSE_KEYS, VIEW_AZIMUTHS, body_forward,
                           from_uint8, load_body_model, load_split, views_to_latents, views_to_pixels, world_to_views,
                           generate_poses, render_subjects, sample_outfits)
-from plumbing import (UserError, atomic_dir, run_cli, write_json, with_preset, check_device, check_number,
-                      check_output, read_json, read_npz_key)
+from plumbing import (SEED_MAX, UserError, atomic_dir, run_cli, write_json, with_preset, check_device, check_number,
+                      check_finite_weights, guard_output, guard_output_file, provenance, read_json, read_npz_key)
 
 
 @dataclass
@@ -101,29 +101,40 @@ class TrainArgs:
         table = PRESETS[self.preset]
         return with_preset(self, table).check()
 
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """The folder this stage writes (and replaces when re-run)."""
+        return (self.out or self.run_dir / "posescore",)
+
     def check(self) -> "TrainArgs":
         """Every flag, before any work (one line and exit status 2 for the first bad one)."""
-        check_number(self, "steps", 0)
+        check_number(self, "steps", 0, high=MAX_STEPS)
         if self.steps == 0 and self.init is None:
             raise UserError("--steps 0 trains nothing and would write an untrained g_skel; pass --steps N >= 1, "
                             "or --init FOLDER to only validate given weights")
-        for name in ("batch_size", "log_every") + (("num_broad",) if self.train_on != "scans" else ()):
-            check_number(self, name, 1)
-        for name in ("lr", "width", "pos_weight"):
-            check_number(self, name, 0, above=True)
-        for name in ("blur", "noise", "seed", "threads"):
-            check_number(self, name, 0)
-        if self.init is None and (not self.channels or any(c < 8 or c % 8 for c in self.channels)):
-            raise UserError(f"--channels {' '.join(map(str, self.channels))}: each width must be a positive multiple "
-                            "of 8 (GroupNorm groups); pass e.g. --channels 16 32 64")
-        if not self.perturb_levels or not all(math.isfinite(x) and x > 0 for x in self.perturb_levels):
+        check_number(self, "batch_size", 1, high=MAX_BATCH)
+        check_number(self, "log_every", 1)
+        if self.train_on != "scans":
+            check_number(self, "num_broad", 1, high=MAX_BROAD)
+        check_number(self, "lr", 0, above=True, high=1)
+        check_number(self, "width", 0, above=True, high=MAX_LINE_WIDTH)
+        check_number(self, "pos_weight", 0, above=True, high=1000)
+        check_number(self, "blur", 0, high=MAX_LINE_WIDTH)
+        check_number(self, "noise", 0, high=2, fix="pass a noise std <= 2 (latents are in [-1, 1])")
+        check_number(self, "seed", 0, high=SEED_MAX)
+        check_number(self, "threads", 0, high=1024)
+        if self.init is None and (not self.channels or len(self.channels) > MAX_LEVELS or any(
+                c < 8 or c % 8 or c > MAX_CHANNELS for c in self.channels)):
+            raise UserError(f"--channels {' '.join(map(str, self.channels))}: pass 1 to {MAX_LEVELS} widths, each a "
+                            f"multiple of 8 (GroupNorm groups) up to {MAX_CHANNELS}, e.g. --channels 16 32 64")
+        if not self.perturb_levels or not all(math.isfinite(x) and 0 < x <= math.pi for x in self.perturb_levels):
             raise UserError(f"--perturb-levels {' '.join(map(str, self.perturb_levels))}: pass one or more "
-                            "positive noise levels (radians), e.g. 0.1 0.3 0.5")
+                            "noise levels in radians, > 0 and <= pi, e.g. 0.1 0.3 0.5")
         if self.init is not None and not self.init.is_dir():
             raise UserError(f"--init {self.init} is not a folder; pass a g_skel folder (posescore/, pose_reader/, "
                             "pretrained/demo_reader) or leave --init out")
         check_device(self.device)
-        check_output(self.out or self.run_dir / "posescore", "--out")
+        guard_output(self.outputs[0], "--out", "posescore")
         return self
 
 
@@ -155,12 +166,12 @@ class ScoreArgs:
 
     def check(self) -> "ScoreArgs":
         """Every flag, before any work (one line and exit status 2 for the first bad one)."""
-        check_number(self, "batch_size", 1)
+        check_number(self, "batch_size", 1, high=MAX_BATCH)
         if self.reward not in REWARDS:
             raise UserError(f"--reward {self.reward} is not one of {sorted(REWARDS)}; pass one of them")
         check_device(self.device)
         if self.out is not None:
-            check_output(self.out.parent, "--out")
+            guard_output_file(self.out, "--out")
         return self
 
 
@@ -168,6 +179,12 @@ PRESETS = {
     "demo": dict(steps=400, batch_size=32, channels=(16, 32, 64), width=1.0, num_broad=240, threads=1),
     "full": dict(steps=6000, batch_size=64, channels=(32, 64, 128, 128), width=1.5, num_broad=3000, threads=0),
 }
+# Upper bounds that keep a run within one machine's memory (the full preset is far below each).
+MAX_STEPS = 1_000_000
+MAX_BATCH = 4096  # single views (train) or subjects (score)
+MAX_BROAD = 100_000
+MAX_CHANNELS, MAX_LEVELS = 1024, 6
+MAX_LINE_WIDTH = 32.0  # px: skeleton-map line width and augmentation blur
 NUM_BONES = len(BONES)  # K = 21
 PAPER_MAP_PSNR, PAPER_MAP_SSIM = 22.48, 0.93
 
@@ -295,6 +312,7 @@ def load_gskel(folder: Path, device="cpu"):
     if gskel.config.in_channels != 6 or gskel.config.out_channels != NUM_BONES:
         raise UserError(f"{folder} is not a g_skel ({gskel.config.in_channels} -> {gskel.config.out_channels} "
                         f"channels, expected 6 -> {NUM_BONES}); re-run `{made_by}`")
+    check_finite_weights(gskel.state_dict().items(), folder, f"re-run `{made_by}` or pass another g_skel")
     return gskel.to(device).eval().requires_grad_(False), config
 
 
@@ -733,8 +751,8 @@ def _train(args: TrainArgs) -> None:
         gskel = train_gskel(latents, joints, args, log_path=tmp / "metrics.jsonl")
         train_seconds = time.time() - start
         gskel.save_pretrained(tmp)
-        config = dict(resolution=resolution, width=args.width, train_seconds=round(train_seconds, 1),
-                      subjects=len(latents), args=dataclasses.asdict(args),
+        config = dict(stage="posescore", resolution=resolution, width=args.width, train_seconds=round(train_seconds, 1),
+                      subjects=len(latents), args=dataclasses.asdict(args), run=provenance(args),
                       versions=dict(torch=torch.__version__, diffusers=__import__("diffusers").__version__))
         write_json(tmp / "posescore_config.json", config)
         # --- validation on held-out scans and on the hard-pose bench ---

@@ -45,8 +45,8 @@ from scipy.spatial.transform import Rotation
 from smplx.lbs import batch_rigid_transform, batch_rodrigues
 from tqdm import tqdm
 
-from plumbing import (UserError, atomic_dir, atomic_write, check_device, check_number, check_output, read_json,
-                      run_cli, save_npz, with_preset, write_json)
+from plumbing import (SEED_MAX, UserError, atomic_dir, atomic_write, check_device, check_number, guard_output,
+                      read_json, run_cli, save_npz, with_preset, write_json)
 
 
 @dataclass
@@ -101,22 +101,51 @@ class Args:
         table = PRESETS[self.preset]
         return with_preset(self, table).check()
 
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """The folders this stage writes (and replaces when re-run)."""
+        return self.run_dir / "data", self.run_dir / "body"
+
+    @property
+    def render_gb(self) -> float:
+        """Rendered views this run holds (colour, normal, mask, depth: 11 bytes a pixel), in GB."""
+        six_view = self.num_scans + self.num_val_scans + self.num_bench_dynamic + self.num_bench_extreme + \
+            (self.num_anchors * (self.neighbours + 1) if self.ceiling else 0)
+        front_only = self.num_anchors * (self.neighbours + 1)
+        return (six_view * NUM_VIEWS + front_only) * self.resolution ** 2 * 11 / 1e9
+
     def check(self) -> "Args":
         """Every flag, before any work (one line and exit status 2 for the first bad one)."""
-        for name in ("num_scans", "num_val_scans", "num_anchors", "num_bench_dynamic", "num_bench_extreme",
-                     "pose_pool_clips"):
-            check_number(self, name, 1)
-        check_number(self, "neighbours", 0)
-        check_number(self, "seed", 0)
+        for name in ("num_scans", "num_val_scans", "num_anchors", "pose_pool_clips"):
+            check_number(self, name, 1, high=MAX_SUBJECTS)
+        for name in ("num_bench_dynamic", "num_bench_extreme"):
+            check_number(self, name, 1, high=MAX_BENCH)
+        check_number(self, "neighbours", 0, high=MAX_NEIGHBOURS)
+        check_number(self, "seed", 0, high=SEED_MAX)
         check_resolution(self.resolution)
         check_args(self)  # the pose-file flags and how they fit together
+        if None not in (self.resolution, self.num_scans, self.num_val_scans, self.num_anchors,
+                        self.num_bench_dynamic, self.num_bench_extreme) and self.render_gb > MAX_RENDER_GB:
+            raise UserError(f"--resolution {self.resolution} with these counts renders about {self.render_gb:.0f} GB "
+                            f"of views, more than {MAX_RENDER_GB} GB; lower --resolution, --num-scans or --num-anchors")
         if self.body_model is not None and not self.body_model.is_dir():
             raise UserError(f"--body-model {self.body_model} is not a folder; pass a folder holding "
                             "SMPLX_NEUTRAL.npz or .pkl, or leave it out to export the mannequin")
         check_device(self.device)
-        check_output(self.run_dir, "--run-dir")
+        for folder in self.outputs:
+            guard_output(folder, "--run-dir", "prepare_data")
         return self
 
+
+# Upper bounds that keep a run within one machine's memory (the full preset is far below each).
+MAX_SUBJECTS = 100_000  # scans, anchors, pool clips
+MAX_BENCH = 10_000
+MAX_NEIGHBOURS = 100
+MAX_RESOLUTION = 256  # px; the renderer draws at twice this, 32 subjects at a time
+MAX_RENDER_GB = 32
+MAX_FPS = 1000.0
+MAX_SPACING_S = 10.0
+MAX_POSE_ANGLE = 4 * math.pi  # rad: a motion file's axis-angle beyond two full turns is not a pose
 
 PRESETS = {
     "demo": dict(resolution=32, num_scans=240, num_val_scans=24, num_anchors=48, num_bench_dynamic=24,
@@ -379,6 +408,7 @@ def load_body_model(folder: Path, device="cpu", gender: str | None = None):
 
 POSE_KEYS = {"global_orient": (3,), "body_pose": (21, 3), "left_hand_pose": (15, 3),
              "right_hand_pose": (15, 3), "betas": (10,), "transl": (3,)}
+ROTATION_KEYS = ("global_orient", "body_pose", "left_hand_pose", "right_hand_pose")  # axis-angle, radians
 _FACE_POSES = ("jaw_pose", "leye_pose", "reye_pose")  # always zero: the datasets carry no face
 
 
@@ -820,6 +850,11 @@ def load_motion(path: Path, layout: str = "auto") -> dict:
     frames = len(poses)
     clip = {key: poses[:, slice(*spec.columns[key])].reshape((frames,) + shape) if key in spec.columns
             else np.zeros((frames,) + shape) for key, shape in POSE_KEYS.items()}
+    for key in ROTATION_KEYS:
+        angle = np.linalg.norm(clip[key].reshape(frames, -1, 3), axis=-1).max()
+        if angle > MAX_POSE_ANGLE:
+            raise UserError(f"{path}: '{key}' holds an axis-angle of {angle:.4g} rad, beyond {MAX_POSE_ANGLE:.4g} (4 pi): "
+                            "not radians of a pose (degrees?); fix or drop the file")
     if spec.trans_key in arrays:
         clip["transl"] = _checked(path, arrays[spec.trans_key], 3, f"'{spec.trans_key}'")
         if len(clip["transl"]) != frames:
@@ -1122,8 +1157,8 @@ def _sheet_rows(rendered: dict, subjects) -> list[np.ndarray]:
 
 
 def manifest(args: Args, source: str, files: dict, **extra) -> dict:
-    return dict(files=files, count=sum(files.values()), views=list(VIEW_AZIMUTHS), resolution=args.resolution,
-                seed=args.seed, preset=args.preset, source=source,
+    return dict(stage="prepare_data", files=files, count=sum(files.values()), views=list(VIEW_AZIMUTHS),
+                resolution=args.resolution, seed=args.seed, preset=args.preset, source=source,
                 conventions=dict(joints="SMPL-X (smplx.joint_names), 55", bones=[list(b) for b in BONES],
                                  cameras=f"orthographic, elevation 0, half-extent {ORTHO_HALF_EXTENT} m, y up",
                                  normals="camera space, stored as (n + 1) / 2", background=BACKGROUND,
@@ -1295,13 +1330,13 @@ def check_args(args: Args) -> None:
     if args.pose_source == "generated" and file_flags:
         raise UserError(f"{', '.join(file_flags)} apply to motion files only; add --pose-source files --pose-files "
                         "PATH, or drop them")
-    if args.fps is not None and not args.fps > 0:
-        raise UserError(f"--fps {args.fps} is not a frame rate; pass a positive number")
-    if not args.neighbour_spacing > 0:
-        raise UserError(f"--neighbour-spacing {args.neighbour_spacing} is not a time step; pass seconds > 0")
+    check_number(args, "fps", 0, above=True, high=MAX_FPS, fix=f"pass the files' frame rate, > 0 and <= {MAX_FPS:g}")
+    check_number(args, "neighbour_spacing", 0, above=True, high=MAX_SPACING_S,
+                 fix="pass the seconds between an anchor's neighbours, e.g. 0.0667")
     if args.gender != "neutral" and args.body_model is None:
         raise UserError("--gender picks a model of a real SMPL-X folder; pass --body-model DIR with it")
-    if args.pose_source == "generated" and args.pose_pool_clips * GENERATED_CLIP_FRAMES < args.num_anchors:
+    if args.pose_source == "generated" and None not in (args.pose_pool_clips, args.num_anchors) and \
+            args.pose_pool_clips * GENERATED_CLIP_FRAMES < args.num_anchors:
         raise UserError(f"--pose-pool-clips {args.pose_pool_clips} x {GENERATED_CLIP_FRAMES} frames is fewer than "
                         f"--num-anchors {args.num_anchors}; raise --pose-pool-clips or lower --num-anchors")
 
@@ -1318,7 +1353,8 @@ def stage_body(args: Args, scratch: Path) -> Path:
     if source.startswith("mannequin-x") and (args.run_dir / "body" / "SMPLX_NEUTRAL.npz").exists():
         return args.run_dir / "body"
     facts = export_mannequin_smplx(scratch / "SMPLX_NEUTRAL.npz")
-    write_json(scratch / "manifest.json", dict(facts, file="SMPLX_NEUTRAL.npz", loader="smplx.create"))
+    write_json(scratch / "manifest.json", dict(facts, stage="prepare_data", file="SMPLX_NEUTRAL.npz",
+                                               loader="smplx.create"))
     return scratch
 
 
@@ -1329,8 +1365,8 @@ def prepare_body(args: Args, staged: Path) -> Path:
     if args.body_model is not None:
         found, gender = body_model_file(args.body_model, args.gender)
         with atomic_dir(folder) as tmp:
-            write_json(tmp / "manifest.json", dict(file=str(found.resolve()), gender=gender, source="SMPL-X folder",
-                                                   loader="smplx.create"))
+            write_json(tmp / "manifest.json", dict(stage="prepare_data", file=str(found.resolve()), gender=gender,
+                                                   source="SMPL-X folder", loader="smplx.create"))
     elif staged != folder:
         with atomic_dir(folder) as tmp:
             for item in staged.iterdir():
@@ -1376,9 +1412,9 @@ TOKEN_GRID_PX = 8  # views are cut into 8 x 8 patch tokens by the base model (pr
 
 
 def check_resolution(resolution: int | None, flag: str = "--resolution") -> None:
-    if resolution is not None and (resolution < TOKEN_GRID_PX or resolution % TOKEN_GRID_PX):
+    if resolution is not None and (resolution < TOKEN_GRID_PX or resolution % TOKEN_GRID_PX or resolution > MAX_RESOLUTION):
         raise UserError(f"{flag} {resolution} must be a positive multiple of {TOKEN_GRID_PX} (the base model's "
-                        f"token grid); pass e.g. {flag} 32")
+                        f"token grid) and <= {MAX_RESOLUTION}; pass e.g. {flag} 32")
 
 
 def read_manifest(folder: Path, made_by: str) -> dict:
@@ -1402,11 +1438,38 @@ def load_split(path: Path, expect_keys=(), made_by: str = "python prepare_data.p
         raise UserError(f"{path} lacks keys {missing}; re-run `{made_by}`")
     if not arrays or len({len(v) if v.ndim else -1 for v in arrays.values()}) != 1:
         raise UserError(f"{path} has no arrays, or arrays of different lengths; re-run `{made_by}`")
-    count = manifest.get("files", {}).get(path.name)
-    if count is not None and len(next(iter(arrays.values()))) != count:
-        raise UserError(f"{path} holds a different count than its manifest.json; re-run `{made_by}`")
+    check_counts(path, arrays, manifest, made_by)
     check_arrays(path, arrays, manifest, made_by)
     return arrays
+
+
+def check_counts(path: Path, arrays: dict, manifest: dict, made_by: str) -> None:
+    """Every count the manifest states about `path` against the arrays: its `files` entry, `count` (when
+    the folder holds this one file), the bench `splits` (against the `split` key) and the `anchors` of the
+    pairs (against the `anchor` key). A manifest is believed only when true."""
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    held, where = len(next(iter(arrays.values()))), path.parent / "manifest.json"
+    files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    splits = manifest.get("splits")
+    claims = {f"files[{path.name}]": files.get(path.name),
+              "count": manifest.get("count") if set(files) <= {path.name} else None,
+              "splits": (sum(splits.values()) if all(map(whole, splits.values())) else splits)
+              if isinstance(splits, dict) else splits}
+    for name, claim in claims.items():
+        if claim is not None and (not whole(claim) or claim != held):
+            raise UserError(f"{where}: the count {name} = {claim!r} does not match the {held} subjects of {path.name}; "
+                            f"re-run `{made_by}`")
+    if isinstance(splits, dict) and "split" in arrays:
+        found = {name: int((arrays["split"] == name).sum()) for name in splits}
+        if found != splits:
+            raise UserError(f"{where}: the counts splits = {splits} do not match {path.name}'s {found}; "
+                            f"re-run `{made_by}`")
+    anchors = manifest.get("anchors")
+    if anchors is not None and "anchor" in arrays and anchors != len(np.unique(arrays["anchor"])):
+        raise UserError(f"{where}: the count anchors = {anchors!r} does not match the {len(np.unique(arrays['anchor']))} "
+                        f"anchors of {path.name}; re-run `{made_by}`")
 
 
 def check_arrays(path: Path, arrays: dict, manifest: dict, made_by: str) -> None:

@@ -60,8 +60,8 @@ from tqdm import tqdm
 
 from prepare_data import (NUM_VIEWS, VIEW_AZIMUTHS, contact_sheet, from_uint8, latents_to_views, load_split,
                           read_manifest, to_uint8, views_to_latents)
-from plumbing import (UserError, atomic_dir, check_device, check_number, check_output, read_json, run_cli,
-                      write_json, with_preset)
+from plumbing import (SEED_MAX, UserError, atomic_dir, check_device, check_finite_weights, check_number, check_output,
+                      guard_output, provenance, read_json, run_cli, write_json, with_preset)
 from posescore import warmup_cosine
 
 
@@ -133,33 +133,60 @@ class Args:
         table = PRESETS[self.preset]
         return with_preset(self, table).check()
 
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """The model folder this stage writes (and replaces when re-run); checkpoints go next to it."""
+        return (self.out or self.run_dir / "base",)
+
     def check(self) -> "Args":
         """Every flag, before any work (one line and exit status 2 for the first bad one)."""
-        check_number(self, "steps", 0)
+        check_number(self, "steps", 0, high=MAX_STEPS)
         if self.steps == 0 and self.init is None:
             raise UserError("--steps 0 trains nothing and would replace base/ with an untrained model; pass "
                             "--steps N >= 1, or --init FOLDER to only evaluate a given model")
-        for name in ("batch_size", "warmup_steps", "checkpoint_every", "keep_checkpoints", "log_every", "val_every",
-                     "eval_steps", "sheet_subjects", "layers_per_block", "heads", "token_dim"):
+        check_number(self, "batch_size", 1, high=MAX_BATCH)
+        check_number(self, "warmup_steps", 1, high=MAX_STEPS)
+        for name in ("checkpoint_every", "log_every", "val_every"):
             check_number(self, name, 1)
-        for name in ("num_eval", "seed", "guidance"):
-            check_number(self, name, 0)
-        check_number(self, "lr", 0, above=True)
-        check_number(self, "grad_clip", 0, above=True)
+        check_number(self, "keep_checkpoints", 1, high=1000)
+        check_number(self, "eval_steps", 1, high=SCHEDULER["num_train_timesteps"])
+        check_number(self, "sheet_subjects", 1, high=100)
+        check_number(self, "layers_per_block", 1, high=8)
+        check_number(self, "heads", 1, high=64)
+        check_number(self, "token_dim", 1, high=MAX_CHANNELS)
+        check_number(self, "num_eval", 0, high=MAX_EVAL)
+        check_number(self, "seed", 0, high=SEED_MAX)
+        check_number(self, "guidance", 0, high=MAX_GUIDANCE)
+        check_number(self, "lr", 0, above=True, high=1)
+        check_number(self, "grad_clip", 0, above=True, high=1e6)
         check_number(self, "cond_drop", 0, high=1)
+        check_number(self, "max_minutes", 0, above=True, high=1e6,
+                     fix="pass the job's wall-clock budget in minutes, > 0, or leave --max-minutes out")
         if self.init is None:  # the architecture flags (with --init the model brings its own)
+            if not self.channels or len(self.channels) > MAX_LEVELS or any(c > MAX_CHANNELS for c in self.channels):
+                raise UserError(f"--channels {' '.join(map(str, self.channels or ()))}: pass 1 to {MAX_LEVELS} widths, "
+                                f"each <= {MAX_CHANNELS}, e.g. --channels 32 64 96")
             check_number(self, "attn_levels", 0, high=len(self.channels),
                          fix=f"pass --attn-levels between 0 and the {len(self.channels)} levels of --channels")
             attended = self.channels[len(self.channels) - self.attn_levels:] + self.channels[-1:]
-            if not self.channels or any(c < 1 or c % self.heads for c in attended):
+            if any(c < 1 or c % self.heads for c in attended):
                 raise UserError(f"--channels {' '.join(map(str, self.channels))} with --heads {self.heads}: every "
                                 "level with attention needs a width divisible by the heads; change either")
         elif not self.init.is_dir():
             raise UserError(f"--init {self.init} is not a folder; pass a model folder (base/, pretrained/demo_base)")
         check_device(self.device, allow_auto=True)
         check_output(self.run_dir, "--run-dir")
+        guard_output(self.outputs[0], "--out", "pretrain")
+        guard_output(checkpoint_root(self.outputs[0]), "--out", "pretrain", own_files=("metrics.jsonl",))
         return self
 
+
+# Upper bounds that keep a run within one machine's memory (the full preset is far below each).
+MAX_STEPS = 1_000_000
+MAX_BATCH = 1024  # subjects, six views each
+MAX_CHANNELS, MAX_LEVELS = 2048, 6
+MAX_EVAL = 100_000
+MAX_GUIDANCE = 50.0
 
 PRESETS = {
     # demo: ~0.4 s/step on 2 idle cores, so 300 steps + a 16-subject evaluation fit in 3 minutes.
@@ -477,6 +504,7 @@ def load_model(folder: Path, device="cpu"):
     if config.get("num_views") != NUM_VIEWS or unet.config.in_channels != LATENT_CHANNELS + IMAGE_CHANNELS:
         raise UserError(f"{folder} was made for {config.get('num_views')} views / {unet.config.in_channels} "
                         f"input channels, this code uses {NUM_VIEWS} / {LATENT_CHANNELS + IMAGE_CHANNELS}")
+    check_finite_weights(unet.state_dict().items(), folder, f"re-run `{made_by}` or pass another model")
     set_view_attention(unet, config["num_views"])
     return unet.to(device).eval(), config
 
@@ -501,6 +529,7 @@ def save_model(folder: Path, unet, config: dict) -> None:
 def model_record(resolution: int, args: Args, step: int) -> dict:
     """What drpose_config.json says about a model besides the U-Net's own config."""
     return dict(
+        stage="pretrain", run=provenance(args),
         format="drpose-i2mv", resolution=resolution, num_views=NUM_VIEWS, view_azimuths=list(VIEW_AZIMUTHS),
         latent_channels=LATENT_CHANNELS, latent_space="pixel (encode/decode are identity)",
         latent_layout="cat(colour RGB, normal XYZ) * 2 - 1, normal stored as (n+1)/2 in camera space",
@@ -570,6 +599,11 @@ def step_rows(step: int, num: int, batch: int, world: int, rank: int, seed: int)
 STEP_DIR = re.compile(r"^step_(\d{6})$")
 
 
+def checkpoint_root(out: Path) -> Path:
+    """Where a trainer writing the model folder `out` keeps its checkpoints: <out>_ckpt/."""
+    return Path(str(out) + "_ckpt")
+
+
 def rng_to_str(state: torch.Tensor) -> str:
     return base64.b64encode(state.numpy().tobytes()).decode()
 
@@ -616,6 +650,13 @@ def load_checkpoint(folder: Path, unet, optimizer, expect: dict) -> tuple[int, l
         opt_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
     except Exception as err:
         raise UserError(f"{folder} is unreadable ({type(err).__name__}); {fix}") from None
+    step, rng = state.get("step") if isinstance(state, dict) else None, state.get("rng") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or STEP_DIR.match(folder.name) is None \
+            or int(STEP_DIR.match(folder.name).group(1)) != step:
+        raise UserError(f"{folder}/state.json: step {step!r} is not the folder's step number; {fix}")
+    if not isinstance(rng, list) or not rng or not all(isinstance(r, str) for r in rng):
+        raise UserError(f"{folder}/state.json: 'rng' is not a list of generator states; {fix}")
+    check_finite_weights(weights.items(), folder / "model.safetensors", f"delete {folder} to resume from the one before")
     if architecture(state.get("unet_config")) != architecture(unet.config):
         raise UserError(f"{folder} is incompatible: it holds a different network (unet_config); {fix}")
     for key, want in jsonable(expect).items():
@@ -629,7 +670,7 @@ def load_checkpoint(folder: Path, unet, optimizer, expect: dict) -> tuple[int, l
         optimizer.load_state_dict(opt_state)
     except Exception as err:
         raise UserError(f"{folder} does not fit this model ({type(err).__name__}); {fix}") from None
-    return int(state["step"]), state["rng"]
+    return step, rng
 
 
 def check_finite(stage: str, step: int, loss: torch.Tensor, grad_norm, ckpt_root: Path) -> None:

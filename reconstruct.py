@@ -24,13 +24,15 @@ PSHuman's reconstruction, which DrPose reuses, made CPU-sized:
              colour views they are seen in.
 
 Writes runs/<name>/recon/<tag>/ (tag: the model folder's name, `oracle` or --tag):
-    manifest.json        count, model folder, seed, resolution, source dataset, settings
+    manifest.json        count, model folder, seed, resolution, source dataset, settings; written last
+                         (manifest.partial.json holds the recipe while a run is under way)
     {i:05d}/views.npz    key `latents` (V, 6, H, W) float32 in [-1, 1] (colour then normal)
     {i:05d}/views.png    input | colour views | normal views
     {i:05d}/body.json    fitted SMPL-X params; world = scale * smplx(params, transl=0) + transl
     {i:05d}/joints.npz   key `joints` (55, 3) metres, the centred world frame of the GT
     {i:05d}/mesh.ply     carved mesh, metres, same frame, vertex colours
-Each sample folder is written atomically; a re-run skips complete ones (resume after a kill).
+Each sample folder is written atomically; a re-run skips complete ones (resume after a kill), so a
+folder without manifest.json is unfinished whatever it holds.
 
 Input images in the dataset are already in the model's frame and are used as they are. A single
 image file is framed like the training renders: the foreground (a --mask file's white pixels,
@@ -57,11 +59,11 @@ from prepare_data import (BACKGROUND, NUM_BODY_JOINTS, NUM_VIEWS, ORTHO_HALF_EXT
                           body_forward, body_joints, contact_sheet, from_uint8, latents_to_views, load_body_model,
                           load_split, read_manifest, render_views, to_uint8, vertex_normals, view_rotations,
                           views_to_latents, views_mask, views_to_pixels, world_to_views)
-from plumbing import (UserError, atomic_dir, run_cli, write_json, with_preset, check_device, check_number,
-                      check_output, read_npz_key, run_relative)
+from plumbing import (SEED_MAX, UserError, atomic_dir, run_cli, write_json, with_preset, check_device, check_name,
+                      check_number, check_output, guard_output, provenance, read_json, read_npz_key, run_relative)
 import posescore
 from posescore import draw_bones, gskel_logits, joints_from_maps, project_joints, skeleton_maps
-from pretrain import load_model, sample_views
+from pretrain import MAX_GUIDANCE, SCHEDULER, load_model, sample_views
 
 
 @dataclass
@@ -123,12 +125,21 @@ class Args:
         table = PRESETS[self.preset]
         return with_preset(self, table).check()
 
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """The folder this stage writes into (samples it finds complete are kept)."""
+        return (self.run_dir / "recon" / output_tag(self),)
+
     def check(self) -> "Args":
         """Every flag, before any work (one line and exit status 2 for the first bad one)."""
-        for name in ("count", "sample_steps", "threads"):
-            check_number(self, name, 1)
-        for name in ("fit_steps", "carve_steps", "guidance", "seed"):
-            check_number(self, name, 0)
+        check_number(self, "count", 1)
+        check_number(self, "fit_every", 1)
+        check_number(self, "sample_steps", 1, high=SCHEDULER["num_train_timesteps"])
+        check_number(self, "threads", 1, high=1024)
+        for name in ("fit_steps", "carve_steps"):
+            check_number(self, name, 0, high=MAX_OPTIMISER_STEPS)
+        check_number(self, "guidance", 0, high=MAX_GUIDANCE)
+        check_number(self, "seed", 0, high=SEED_MAX)
         if len(self.view_weights) != NUM_VIEWS or not all(math.isfinite(w) and w >= 0 for w in self.view_weights) \
                 or sum(self.view_weights) <= 0:
             raise UserError(f"--view-weights {' '.join(map(str, self.view_weights))}: pass {NUM_VIEWS} numbers >= 0, "
@@ -142,6 +153,8 @@ class Args:
             raise UserError(f"--input {self.input} does not exist; pass an image file (png/jpg) or a dataset folder")
         check_device(self.device)
         check_output(self.run_dir / "recon", "--run-dir")
+        check_name(output_tag(self), "--tag" if self.tag is not None else "--model (its folder name is the tag)")
+        guard_output(self.outputs[0], "--tag", "reconstruct", place_flag="--run-dir")
         return self
 
 
@@ -150,6 +163,8 @@ PRESETS = {
     "full": dict(fit_steps=150, carve_steps=80, fit_every=1),
 }
 
+MAX_OPTIMISER_STEPS = 100_000  # --fit-steps, --carve-steps
+PARTIAL_MANIFEST = "manifest.partial.json"  # the recipe of a run under way; manifest.json is written last
 FOREGROUND_FRACTION = 0.8  # the longer side of the person's box, as a fraction of the image side
 MIN_IMAGE_SIDE = 16  # pixels: anything smaller holds no pose
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger images are refused before they are decoded
@@ -172,9 +187,11 @@ TORSO = (0, 1, 2, 3, 6, 9, 12, 13, 14, 16, 17)  # joints that fix the root orien
 # --- inputs: one image, or a dataset folder -----------------------------------------------------------
 
 def _open_image(path: Path, mode: str, what: str) -> tuple[np.ndarray, bool]:
-    """An image file as (H, W, C) float32 in [0, 1] and whether it has alpha; refused in one line
-    when unreadable or larger than MAX_IMAGE_PIXELS (checked on the header, before decoding)."""
-    from PIL import Image, UnidentifiedImageError
+    """An image file as (H, W, C) float32 in [0, 1] and whether it has alpha, turned upright by its EXIF
+    orientation (a phone photo stores the sensor's rows and says how to turn them); 16-bit and integer
+    images are scaled to 8 bits, float images refused. Refused in one line when unreadable or larger
+    than MAX_IMAGE_PIXELS (checked on the header, before decoding)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if not path.exists():
@@ -187,7 +204,7 @@ def _open_image(path: Path, mode: str, what: str) -> tuple[np.ndarray, bool]:
                 raise UserError(f"{path} is {width}x{height} px, {too_big}")
             handle.load()
             has_alpha = "A" in handle.getbands() or "transparency" in handle.info
-            image = handle.convert(mode)
+            image = _to_8bit(ImageOps.exif_transpose(handle), path).convert(mode)
     except UserError:
         raise
     except Image.DecompressionBombError:  # PIL's own, larger limit, hit while reading the header
@@ -195,6 +212,21 @@ def _open_image(path: Path, mode: str, what: str) -> tuple[np.ndarray, bool]:
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise UserError(f"{path} is not a readable image ({type(err).__name__}); pass {what}") from None
     return np.asarray(image).astype(np.float32) / 255, has_alpha
+
+
+def _to_8bit(image, path: Path):
+    """A PIL image in a mode `convert` maps faithfully: 16- and 32-bit integer grey (which `convert` would
+    clip at 255, turning a 16-bit photo white) scaled to 8 bits; a float image, of unknown range, refused."""
+    from PIL import Image
+
+    if image.mode == "F":
+        raise UserError(f"{path} is a 32-bit float image, whose value range is unknown; save it as an 8- or 16-bit "
+                        "PNG or a JPEG")
+    if image.mode.startswith("I"):  # I;16, I;16B, ... (16-bit PNG) or I (32-bit integer)
+        values = np.asarray(image).astype(np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        return Image.fromarray((values / top * 255).round().clip(0, 255).astype(np.uint8))  # mode L
+    return image
 
 
 def _plain_background_foreground(path: Path, rgb: np.ndarray) -> np.ndarray:
@@ -745,7 +777,7 @@ def resolve_model(args: Args) -> Path:
 
 
 def output_tag(args: Args) -> str:
-    if args.tag:
+    if args.tag is not None:
         return args.tag
     return "oracle" if args.oracle else "views" if args.views_from else resolve_model(args).name
 
@@ -812,12 +844,13 @@ def reconstruct_all(args: Args) -> Path:
                   views="generated" if generate else "oracle" if args.oracle else run_relative(args.views_from, args.run_dir),
                   skeleton=args.skeleton, reader=run_relative(reader, args.run_dir),
                   fit_steps=args.fit_steps, carve_steps=args.carve_steps, fit_every=args.fit_every)
-    if (out / "manifest.json").exists():
-        old = read_manifest(out, f"python reconstruct.py --run-dir {args.run_dir} --tag NEW_NAME")
-        if any(old.get(k) != v for k, v in recipe.items()):
-            raise UserError(f"{out} holds reconstructions made differently ({out / 'manifest.json'}); delete it "
-                            "or pass --tag NAME for a new folder")
-    write_json(out / "manifest.json", dict(recipe, count=count, complete=False))
+    for name in ("manifest.json", PARTIAL_MANIFEST):  # a finished run's recipe, or an unfinished one's
+        if (out / name).exists():
+            old = read_json(out / name, f"python reconstruct.py --run-dir {args.run_dir} --tag NEW_NAME")
+            if any(old.get(k) != v for k, v in recipe.items()):
+                raise UserError(f"{out} holds reconstructions made differently ({out / name}); delete it "
+                                "or pass --tag NAME for a new folder")
+    write_json(out / PARTIAL_MANIFEST, dict(recipe, stage="reconstruct", count=count, complete=False))
 
     # --- every sample: views -> body -> mesh, one atomic folder each ---
     steps = args.sample_steps or (config or {}).get("sampling", {}).get("num_steps", 20)
@@ -843,11 +876,12 @@ def reconstruct_all(args: Args) -> Path:
         if fit:  # per-stage seconds of full samples only, so the numbers stay comparable
             timings.append(time.time() - tick)
             stages.append(dict(generate=generate_seconds, **result["seconds"], write=time.time() - write_tick))
-    write_json(out / "manifest.json", dict(recipe, count=count, complete=True, sampling=dict(
+    write_json(out / "manifest.json", dict(recipe, stage="reconstruct", count=count, complete=True, sampling=dict(
         num_steps=steps, guidance=guidance, generator="torch.Generator().manual_seed(seed * 100003 + i)"),
         seconds_per_sample=float(np.mean(timings)) if timings else None,
         seconds_per_stage={k: float(np.mean([s[k] for s in stages])) for k in stages[0]} if stages else None,
-        device=args.device))
+        device=args.device, run=provenance(args)))
+    (out / PARTIAL_MANIFEST).unlink()  # the finished manifest, written last, is what says the folder is done
     print(f"wrote {count} samples to {out}" + (f" ({np.mean(timings):.1f} s each)" if timings else ""))
     return out
 
