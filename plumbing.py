@@ -45,7 +45,12 @@ def run_cli(main_fn, args_type) -> None:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_BOX = "│╭╮╰╯─┃━┏┓┗┛ "
+_BORDER = "│├┤╭╮╰╯─┃━┏┓┗┛|+ "  # what tyro draws its error box with, as box characters or in ASCII
+
+
+def _separator(line: str) -> bool:
+    """A blank line, a box edge or a horizontal rule of tyro's error box."""
+    return not line.strip(_BORDER + "-=═")
 
 
 def parse_cli(args_type):
@@ -66,17 +71,23 @@ def parse_cli(args_type):
 
 
 def cli_error_line(box: str) -> str:
-    """The first paragraph of a tyro error box as one line, plus where to look for the flags."""
-    words, lines = [], _ANSI.sub("", box).splitlines()
-    for line in lines[1:] if lines and lines[0].lstrip().startswith("╭") else lines:  # without the title bar
-        text = line.strip().strip(_BOX)
-        if not text.replace("─", "").strip():  # a rule or a blank line ends the paragraph
+    """The message of a tyro error box (drawn with box characters or in ASCII) as one line, plus where to
+    look for the flags: the box's title and everything after the message's first paragraph dropped."""
+    lines = _ANSI.sub("", box).splitlines()
+    while lines and _separator(lines[0]):
+        lines.pop(0)
+    if lines and (lines[0].lstrip().startswith("╭") or (
+            len(lines) > 1 and _separator(lines[1]) and re.search(r"[-─━═]{3}", lines[1]))):
+        lines.pop(0)  # the title: in the top border, or above a rule
+    words = []
+    for line in lines:
+        if _separator(line):
             if words:
                 break
             continue
-        words.append(" ".join(text.split()))
+        words.append(" ".join(line.strip().strip(_BORDER).split()))
     message = " ".join(words).rstrip(". ") or "the command line could not be parsed"
-    return f"{message}; see --help for the flags and their values"
+    return f"{message}; check the flags and their values with --help"
 
 
 def with_preset(args, table: dict):
@@ -129,7 +140,8 @@ def check_output(path: Path, flag: str) -> None:
 RUN_FOLDER = "run folder"  # a run folder holds the stages' folders; it is no stage's output
 # Which stage made a folder: the `stage` field of its config or manifest, else (a folder written before
 # that field) the marker file below and a key it holds. Data sets, checkpoints and reconstructions come
-# several to a folder (data/, <out>_ckpt/, recon/): a folder holding only those is that stage's too.
+# several to a folder (data/, <out>_ckpt/, recon/): a folder whose every sub-folder is one of those (of
+# one stage) is that stage's too.
 STAGE_MARKERS = (  # (file, a key it holds or None, stage, one of several in a folder)
     ("prepare_data.json", None, RUN_FOLDER, False),
     ("posescore_config.json", None, "posescore", False),
@@ -187,10 +199,13 @@ def folder_stage(folder: Path) -> str | None:
         own = _own_stage(folder)
         if own is not None:
             return own[0]
-        children = [_own_stage(child, members_only=True) for child in folder.iterdir() if child.is_dir()]
+        children = [_own_stage(child, members_only=True) for child in folder.iterdir()
+                    if child.is_dir() and not child.name.endswith(".tmp")]
     except OSError:  # a folder we may not read is no stage's we could replace
         return None
-    stages = {child for child, _ in filter(None, children)}
+    if not children or None in children:  # a collection holds nothing but its members
+        return None
+    stages = {stage for stage, _ in children}
     return stages.pop() if len(stages) == 1 else None
 
 

@@ -143,6 +143,27 @@ def motion_file(array):
     return lambda run: np.save(run / "clip.npy", array)
 
 
+HELD_LOCKS = []  # open lock files of a run "under way" in this process (flock is per open file)
+
+
+def hold_lock(path: Path) -> None:
+    import fcntl
+
+    handle = open(path, "a+")
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    HELD_LOCKS.append(handle)
+
+
+def nan_weights(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path)
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name].view(-1)[0] = float("nan")
+    path.unlink()
+    save_file(weights, path)
+
+
 # --- the matrix ---------------------------------------------------------------------------------------
 
 @dataclass
@@ -162,19 +183,6 @@ SCANS, BENCH, PAIRS = "data/scans/train.npz", "data/bench/bench.npz", "data/drpo
 MOTIONX = ["--pose-source", "files", "--pose-layout", "motionx", "--fps", "30"]
 CASES = {
     # prepare_data: flags, motion files, the body model, the output folder
-    "data/resolution-0": Case("prepare_data", R + ["--resolution", "0"], "--resolution 0"),
-    "data/resolution-not-token-grid": Case("prepare_data", R + ["--resolution", "20"], "--resolution 20"),
-    "data/num-scans-negative": Case("prepare_data", R + ["--num-scans", "-1"], "--num-scans -1"),
-    "data/num-val-scans-0": Case("prepare_data", R + ["--num-val-scans", "0"], "--num-val-scans 0"),
-    "data/num-bench-0": Case("prepare_data", R + ["--num-bench-dynamic", "0"], "--num-bench-dynamic 0",
-                                 subprocess=True),
-    "data/num-anchors-0": Case("prepare_data", R + ["--num-anchors", "0"], "--num-anchors 0"),
-    "data/anchors-beyond-pool": Case("prepare_data", R + ["--num-anchors", "500", "--pose-pool-clips", "2"],
-                                     "--num-anchors 500"),
-    "data/neighbours-negative": Case("prepare_data", R + ["--neighbours", "-1"], "--neighbours -1"),
-    "data/pose-pool-clips-0": Case("prepare_data", R + ["--pose-pool-clips", "0"], "--pose-pool-clips 0"),
-    "data/seed-negative": Case("prepare_data", R + ["--seed", "-1"], "--seed -1"),
-    "data/motionx-without-files": Case("prepare_data", R + ["--pose-source", "files"], "--pose-files"),
     "data/motion-file-garbage": Case("prepare_data", R + MOTIONX + ["--pose-files", "{run}/clip.npy"],
                                      "clip.npy", lambda run: garbage(run / "clip.npy")),
     "data/motion-file-wrong-width": Case("prepare_data", R + MOTIONX + ["--pose-files",
@@ -193,23 +201,10 @@ CASES = {
     "data/damaged-body-export": Case("prepare_data", R + TINY_DATA, "body/SMPLX_NEUTRAL.npz",
                                      lambda run: truncate(run / "body" / "SMPLX_NEUTRAL.npz")),
     "data/run-dir-under-a-file": Case("prepare_data", ["--run-dir", "{run}/afile/run"], "afile is a file", a_file),
-    "data/device-garbage": Case("prepare_data", R + ["--device", "gpu"], "--device gpu"),
 
     # posescore train: flags, --init, what it reads (scans, bench, body)
-    "gskel/steps-negative": Case("posescore", ["train"] + R + ["--steps", "-5"], "--steps -5"),
-    "gskel/steps-0-without-init": Case("posescore", ["train"] + R + ["--steps", "0"], "--steps 0.*--init"),
-    "gskel/batch-size-0": Case("posescore", ["train"] + R + ["--batch-size", "0"], "--batch-size 0"),
-    "gskel/lr-0": Case("posescore", ["train"] + R + ["--lr", "0"], "--lr 0"),
-    "gskel/lr-nan": Case("posescore", ["train"] + R + ["--lr", "nan"], "--lr nan"),
-    "gskel/channels-not-groups": Case("posescore", ["train"] + R + ["--channels", "12", "24"], "--channels 12 24"),
     "gskel/channels-too-deep": Case("posescore", ["train"] + R + ["--channels"] + ["8"] * 6, "--channels"),
-    "gskel/width-0": Case("posescore", ["train"] + R + ["--width", "0"], "--width 0"),
-    "gskel/num-broad-0": Case("posescore", ["train"] + R + ["--train-on", "broad", "--num-broad", "0"], "--num-broad 0"),
-    "gskel/perturb-levels-negative": Case("posescore", ["train"] + R + ["--perturb-levels", "-0.1"], "--perturb-levels"),
-    "gskel/log-every-0": Case("posescore", ["train"] + R + ["--log-every", "0"], "--log-every 0"),
-    "gskel/threads-negative": Case("posescore", ["train"] + R + ["--threads", "-1"], "--threads -1"),
     "gskel/out-under-a-file": Case("posescore", ["train"] + R + ["--out", "{run}/afile/gskel"], "afile is a file", a_file),
-    "gskel/init-missing": Case("posescore", ["train"] + R + ["--init", "{run}/nothing", "--steps", "0"], "--init"),
     "gskel/init-config-garbage": Case("posescore", ["train"] + R + ["--init", "{run}/pose_reader", "--steps", "0",
                                                                     "--out", "{run}/reader2"],
                                       "pose_reader/posescore_config.json",
@@ -239,8 +234,6 @@ CASES = {
     "gskel/scans-truncated": Case("posescore", ["train"] + R, "train.npz is not a readable npz",
                                   lambda run: truncate(run / SCANS)),
     # posescore score
-    "score/batch-size-0": Case("posescore", ["score", "--views-dir", "{run}/recon/base"] + R + ["--batch-size", "0"],
-                               "--batch-size 0"),
     "score/unknown-reward": Case("posescore", ["score", "--views-dir", "{run}/recon/base"] + R + ["--reward", "nope"],
                                  "--reward nope"),
     "score/views-with-4-views": Case("posescore", ["score", "--views-dir", "{run}/recon/base"] + R,
@@ -253,24 +246,11 @@ CASES = {
                                        lambda run: garbage(run / "posescore" / "posescore_config.json")),
 
     # pretrain: flags that would destroy base/, --init, --resume, what it reads
-    "base/steps-negative": Case("pretrain", R + ["--steps", "-3"], "--steps -3"),
-    "base/steps-0-without-init": Case("pretrain", R + ["--steps", "0"], "--steps 0.*--init"),
     "base/resume-without-checkpoint": Case("pretrain", R + TINY_BASE + ["--resume"], "--resume: no complete checkpoint",
                                            lambda run: shutil.rmtree(run / "base_ckpt")),
     "base/resume-other-network": Case("pretrain", R + TINY_BASE + ["--resume", "--channels", "8", "24"],
                                       "different network"),
     "base/resume-past-steps": Case("pretrain", R + TINY_BASE + ["--resume", "--steps", "1"], "past --steps 1"),
-    "base/batch-size-0": Case("pretrain", R + ["--batch-size", "0"], "--batch-size 0"),
-    "base/lr-negative": Case("pretrain", R + ["--lr", "-1"], "--lr -1"),
-    "base/warmup-0": Case("pretrain", R + ["--warmup-steps", "0"], "--warmup-steps 0"),
-    "base/heads-not-dividing": Case("pretrain", R + ["--heads", "5"], "--heads 5"),
-    "base/attn-levels-too-many": Case("pretrain", R + ["--attn-levels", "5"], "--attn-levels 5"),
-    "base/num-eval-negative": Case("pretrain", R + ["--num-eval", "-1"], "--num-eval -1"),
-    "base/checkpoint-every-0": Case("pretrain", R + ["--checkpoint-every", "0"], "--checkpoint-every 0"),
-    "base/keep-checkpoints-0": Case("pretrain", R + ["--keep-checkpoints", "0"], "--keep-checkpoints 0"),
-    "base/cond-drop-above-1": Case("pretrain", R + ["--cond-drop", "1.5"], "--cond-drop 1.5"),
-    "base/eval-steps-0": Case("pretrain", R + ["--eval-steps", "0"], "--eval-steps 0"),
-    "base/init-missing": Case("pretrain", R + ["--init", "{run}/nothing", "--steps", "0"], "--init"),
     "base/init-weights-truncated": Case("pretrain", R + ["--init", "{run}/base", "--steps", "0"], "base: cannot load",
                                         lambda run: truncate(run / "base" / "diffusion_pytorch_model.safetensors"),
                                         subprocess=True),
@@ -283,24 +263,10 @@ CASES = {
     "base/bench-truncated": Case("pretrain", R + TINY_BASE + ["--num-eval", "1"], "bench.npz",
                                  lambda run: truncate(run / BENCH)),
     "base/run-dir-under-a-file": Case("pretrain", ["--run-dir", "{run}/afile/run"], "afile is a file", a_file),
-    "base/device-garbage": Case("pretrain", R + ["--device", "gpu"], "--device gpu"),
     "base/device-cuda-without-cuda": Case("pretrain", R + ["--device", "cuda"], "CUDA is not available",
                                           skip_on_cuda=True),
 
     # finetune (DrPose): flags, --resume, the base, the reward, the pairs
-    "drpose/lora-rank-negative": Case("finetune", R + ["--lora-rank", "-1"], "--lora-rank -1.*0 to fine-tune every"),
-    "drpose/batch-size-0": Case("finetune", R + ["--batch-size", "0"], "--batch-size 0"),
-    "drpose/steps-0": Case("finetune", R + ["--steps", "0"], "--steps 0"),
-    "drpose/num-steps-0": Case("finetune", R + ["--num-steps", "0"], "--num-steps 0"),
-    "drpose/grad-steps-0": Case("finetune", R + ["--grad-steps", "0"], "--grad-steps 0"),
-    "drpose/early-stop-negative": Case("finetune", R + ["--early-stop-max", "-1"], "--early-stop-max -1"),
-    "drpose/kl-weight-negative": Case("finetune", R + ["--kl-weight", "-1"], "--kl-weight -1"),
-    "drpose/kl-weight-nan": Case("finetune", R + ["--kl-weight", "nan"], "--kl-weight nan"),
-    "drpose/perceptual-weight-negative": Case("finetune", R + ["--perceptual-weight", "-2"], "--perceptual-weight -2"),
-    "drpose/warmup-0": Case("finetune", R + ["--warmup-steps", "0"], "--warmup-steps 0"),
-    "drpose/grad-clip-0": Case("finetune", R + ["--grad-clip", "0"], "--grad-clip 0"),
-    "drpose/num-eval-negative": Case("finetune", R + ["--num-eval", "-1"], "--num-eval -1"),
-    "drpose/unknown-reward": Case("finetune", R + ["--reward", "nope"], "--reward nope"),
     "drpose/out-under-a-file": Case("finetune", R + ["--out", "{run}/afile/drpose"], "afile is a file", a_file),
     "drpose/resume-without-checkpoint": Case("finetune", R + TINY_DRPOSE + ["--resume"],
                                              "--resume: no complete checkpoint",
@@ -331,24 +297,12 @@ CASES = {
                                    lambda run: edit_npz(run / BENCH, "joints", lambda a: a[:, :22])),
 
     # reconstruct: flags, the model, the reader, given views, the output folder's recipe
-    "recon/count-negative": Case("reconstruct", R + ["--count", "-1"], "--count -1"),
-    "recon/count-0": Case("reconstruct", R + ["--count", "0"], "--count 0"),
-    "recon/sample-steps-0": Case("reconstruct", R + ["--sample-steps", "0"], "--sample-steps 0"),
-    "recon/fit-steps-negative": Case("reconstruct", R + ["--fit-steps", "-1"], "--fit-steps -1"),
-    "recon/carve-steps-negative": Case("reconstruct", R + ["--carve-steps", "-1"], "--carve-steps -1"),
-    "recon/guidance-negative": Case("reconstruct", R + ["--guidance", "-1"], "--guidance -1"),
-    "recon/threads-0": Case("reconstruct", R + ["--threads", "0"], "--threads 0"),
-    "recon/view-weights-three": Case("reconstruct", R + ["--view-weights", "1", "1", "1"], "--view-weights"),
-    "recon/view-weights-zero": Case("reconstruct", R + ["--view-weights"] + ["0"] * 6, "--view-weights"),
-    "recon/oracle-and-views-from": Case("reconstruct", R + ["--oracle", "--views-from", "{run}/recon/base"],
-                                        "--oracle and --views-from"),
     "recon/views-from-4-views": Case("reconstruct", R + ["--views-from", "{run}/recon/base", "--tag", "refit"],
                                      "00001/views.npz.*latents",
                                      lambda run: edit_npz(run / "recon/base/00001/views.npz", "latents", lambda a: a[:4])),
     "recon/views-from-nan": Case("reconstruct", R + ["--views-from", "{run}/recon/base", "--tag", "refit"],
                                  "views.npz.*NaN",
                                  lambda run: edit_npz(run / "recon/base/00001/views.npz", "latents", nan_first)),
-    "recon/views-from-missing": Case("reconstruct", R + ["--views-from", "{run}/nothing"], "--views-from"),
     "recon/model-missing": Case("reconstruct", R + ["--model", "nothing"], "nothing is not a model folder"),
     "recon/model-weights-truncated": Case("reconstruct", R + TINY_RECON, "base: cannot load",
                                           lambda run: truncate(run / "base" / "diffusion_pytorch_model.safetensors")),
@@ -357,18 +311,12 @@ CASES = {
     "recon/manifest-garbage": Case("reconstruct", R + TINY_RECON, "recon/base/manifest.json",
                                    lambda run: garbage(run / "recon/base/manifest.json")),
     "recon/recipe-differs": Case("reconstruct", R + TINY_RECON + ["--seed", "3"], "made differently"),
-    "recon/input-missing": Case("reconstruct", R + ["--input", "{run}/missing.png"], "--input"),
     "recon/ideal-skeleton-on-an-image": Case(
         "reconstruct", R + ["--input", "{run}/person.png", "--skeleton", "ideal"], "need a dataset", person_png),
     "recon/bench-joints-22": Case("reconstruct", R + ["--oracle", "--skeleton", "ideal", "--tag", "o"],
                                   "bench.npz.*'joints'", lambda run: edit_npz(run / BENCH, "joints", lambda a: a[:, :22])),
-    "recon/device-garbage": Case("reconstruct", R + ["--device", "gpu"], "--device gpu"),
 
     # evaluate: flags, reconstructions, the bench, the networks
-    "eval/num-samples-0": Case("evaluate", E + ["--num-samples", "0"], "--num-samples 0"),
-    "eval/fscore-0": Case("evaluate", E + ["--fscore-cm", "0"], "--fscore-cm 0"),
-    "eval/max-grids-negative": Case("evaluate", E + ["--max-grids", "-1"], "--max-grids -1"),
-    "eval/models-twice": Case("evaluate", E + ["--models", "base", "base"], "--models base base"),
     "eval/model-not-reconstructed": Case("evaluate", E + ["--models", "base", "drpose"],
                                          "recon/drpose/manifest.json is missing"),
     "eval/recon-joints-nan": Case("evaluate", E + ["--models", "base"], "00000/joints.npz.*NaN",
@@ -391,6 +339,33 @@ CASES = {
         "evaluate", E + ["--models", "base"], "pose_reader: cannot load",
         lambda run: truncate(run / "pose_reader" / "diffusion_pytorch_model.safetensors")),
     "eval/run-dir-under-a-file": Case("evaluate", ["--run-dir", "{run}/afile/run"], "afile is a file", a_file),
+
+    # no flag destroys what the run made: another stage's folder, a name outside the run, a run under way
+    "guard/base-out-data": Case("pretrain", R + ["--init", "{run}/base", "--steps", "0", "--out", "{run}/data"],
+                                "--out .*data is a data folder made by prepare_data.py"),
+    "guard/drpose-out-base": Case("finetune", R + TINY_DRPOSE + ["--out", "{run}/base"],
+                                  "--out .*base is a base or ceiling model folder"),
+    "guard/gskel-out-base": Case("posescore", ["train"] + R + ["--out", "{run}/base"],
+                                 "--out .*base is a base or ceiling model folder"),
+    "guard/score-out-base-config": Case("posescore", ["score", "--views-dir", "{run}/recon/base"] + R +
+                                        ["--out", "{run}/base/drpose_config.json"], "--out .*drpose_config.json"),
+    "guard/recon-tag-escapes": Case("reconstruct", R + TINY_RECON + ["--tag", "../../escaped"], "--tag '../../escaped'"),
+    "guard/eval-run-dir-in-base": Case("evaluate", ["--run-dir", "{run}/base"], "inside .*base, a base or ceiling"),
+    "guard/base-max-minutes-negative": Case("pretrain", R + TINY_BASE + ["--resume", "--max-minutes", "-1"],
+                                            "--max-minutes -1"),
+    "guard/drpose-realism-weight-negative": Case("finetune", R + TINY_DRPOSE + ["--realism-weight", "-1"],
+                                                 "--realism-weight -1"),
+    "guard/preset-huge": Case("pretrain", R + ["--preset", "huge"], "invalid choice 'huge' for argument '--preset'"),
+    "guard/drpose-out-being-written": Case("finetune", R + TINY_DRPOSE, "drpose is being written by another run",
+                                           lambda run: hold_lock(run / "drpose.lock")),
+    "guard/drpose-base-nan-weights": Case("finetune", R + TINY_DRPOSE, "base: the weights hold NaN",
+                                          lambda run: nan_weights(run / "base/diffusion_pytorch_model.safetensors")),
+    "guard/drpose-bench-manifest-count": Case("finetune", R + TINY_DRPOSE + ["--num-eval", "1"], "count = 1000",
+                                              lambda run: edit_json(run / "data/bench/manifest.json", count=1000)),
+    "guard/drpose-pairs-manifest-anchors": Case("finetune", R + TINY_DRPOSE, "anchors = 9999",
+                                                lambda run: edit_json(run / "data/drpose/manifest.json", anchors=9999)),
+    "guard/base-checkpoint-step-four": Case("pretrain", R + TINY_BASE + ["--resume"], "step 'four'",
+                                            lambda run: edit_json(run / "base_ckpt/step_000004/state.json", step="four")),
 }
 
 
