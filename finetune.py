@@ -52,8 +52,8 @@ from prepare_data import NUM_VIEWS, from_uint8, load_split
 from plumbing import (SEED_MAX, UserError, atomic_dir, check_device, check_number, guard_output, provenance, run_cli,
                       run_relative, with_preset)
 from pretrain import (LATENT_CHANNELS, MAX_BATCH, MAX_EVAL, MAX_GUIDANCE, MAX_STEPS, SCHEDULER, GraphedOutput,
-                      alphas_cumprod, append_log, autocast, batch_latents, check_finite, checkpoint_root, diffusion_loss,
-                      load_multiview,
+                      alphas_cumprod, append_log, autocast, batch_latents, check_finite, checkpoint_root,
+                      diffusion_loss, load_multiview,
                       clip_prediction, ddim_step, decode, denoising_error, device_timesteps, encode, frozen_bf16,
                       guided_output, jsonable, latest_checkpoint, load_checkpoint, load_model, out_of_time,
                       rng_from_str, rng_to_str, sample_views, save_checkpoint, save_model, split_v, step_rows,

@@ -45,7 +45,7 @@ def run_cli(main_fn, args_type) -> None:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_BORDER = "│├┤╭╮╰╯─┃━┏┓┗┛|+ "  # what tyro draws its error box with, as box characters or in ASCII
+_BORDER = "│├┤╭╮╰╯─┃━┏┓┗┛|+ "  # what tyro draws its error box with (box characters, or ASCII)
 
 
 def _separator(line: str) -> bool:
@@ -215,7 +215,8 @@ def _foreign_entries(folder: Path, own_files: tuple[str, ...]) -> list[str]:
                   if not p.name.endswith((".tmp", ".lock")) and p.name not in own_files)
 
 
-def guard_output(path: Path, flag: str, stage: str, own_files: tuple[str, ...] = (), place_flag: str | None = None) -> None:
+def guard_output(path: Path, flag: str, stage: str, own_files: tuple[str, ...] = (),
+                 place_flag: str | None = None) -> None:
     """Refuse an output folder another stage owns, before any work: `path` must be new, empty or `stage`'s
     own product (which the stage then replaces atomically, as documented), and lie inside no other stage's
     folder. `own_files`: files the stage itself leaves in the folder (a checkpoint folder's metrics.jsonl);
@@ -254,17 +255,17 @@ def guard_output_file(path: Path, flag: str) -> None:
         raise UserError(f"{flag} {path} is a folder; pass a file name such as score.json")
     if path.name in {name for name, *_ in STAGE_MARKERS}:
         raise UserError(f"{flag} {path} would replace a stage's {path.name}; pass another file name")
-    for folder in (path.parent, *path.parent.parents):
+    for folder in path.resolve().parents:
         owner = folder_stage(folder)
         if owner not in (None, RUN_FOLDER, "reconstruct", "evaluate"):
             raise UserError(f"{flag} {path} lies inside {folder}, {_described(owner)}; pass a path outside it")
 
 
-def check_name(name: str, flag: str) -> None:
+def check_name(name: str, flag: str, fix: str = "pass a name such as base or drpose_v2") -> None:
     """A name that becomes one folder under the run folder (--tag, --models): no separators, no '..'."""
     if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
         raise UserError(f"{flag} {name!r} is not a plain folder name (no '/', '..' or leading '.'): it must stay "
-                        "inside the run folder; pass a name such as base or drpose_v2")
+                        f"inside the run folder; {fix}")
 
 
 def _lock_holder(handle) -> str:

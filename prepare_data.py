@@ -853,8 +853,8 @@ def load_motion(path: Path, layout: str = "auto") -> dict:
     for key in ROTATION_KEYS:
         angle = np.linalg.norm(clip[key].reshape(frames, -1, 3), axis=-1).max()
         if angle > MAX_POSE_ANGLE:
-            raise UserError(f"{path}: '{key}' holds an axis-angle of {angle:.4g} rad, beyond {MAX_POSE_ANGLE:.4g} (4 pi): "
-                            "not radians of a pose (degrees?); fix or drop the file")
+            raise UserError(f"{path}: '{key}' holds an axis-angle of {angle:.4g} rad, beyond {MAX_POSE_ANGLE:.4g} "
+                            "(4 pi): not radians of a pose (degrees?); fix or drop the file")
     if spec.trans_key in arrays:
         clip["transl"] = _checked(path, arrays[spec.trans_key], 3, f"'{spec.trans_key}'")
         if len(clip["transl"]) != frames:
@@ -1412,7 +1412,8 @@ TOKEN_GRID_PX = 8  # views are cut into 8 x 8 patch tokens by the base model (pr
 
 
 def check_resolution(resolution: int | None, flag: str = "--resolution") -> None:
-    if resolution is not None and (resolution < TOKEN_GRID_PX or resolution % TOKEN_GRID_PX or resolution > MAX_RESOLUTION):
+    if resolution is not None and (resolution < TOKEN_GRID_PX or resolution % TOKEN_GRID_PX
+                                   or resolution > MAX_RESOLUTION):
         raise UserError(f"{flag} {resolution} must be a positive multiple of {TOKEN_GRID_PX} (the base model's "
                         f"token grid) and <= {MAX_RESOLUTION}; pass e.g. {flag} 32")
 
@@ -1468,8 +1469,8 @@ def check_counts(path: Path, arrays: dict, manifest: dict, made_by: str) -> None
                             f"re-run `{made_by}`")
     anchors = manifest.get("anchors")
     if anchors is not None and "anchor" in arrays and anchors != len(np.unique(arrays["anchor"])):
-        raise UserError(f"{where}: the count anchors = {anchors!r} does not match the {len(np.unique(arrays['anchor']))} "
-                        f"anchors of {path.name}; re-run `{made_by}`")
+        raise UserError(f"{where}: the count anchors = {anchors!r} does not match the "
+                        f"{len(np.unique(arrays['anchor']))} anchors of {path.name}; re-run `{made_by}`")
 
 
 def check_arrays(path: Path, arrays: dict, manifest: dict, made_by: str) -> None:

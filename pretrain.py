@@ -673,7 +673,8 @@ def load_checkpoint(folder: Path, unet, optimizer, expect: dict) -> tuple[int, l
         raise UserError(f"{folder}/state.json: step {step!r} is not the folder's step number; {fix}")
     if not isinstance(rng, list) or not rng or not all(isinstance(r, str) for r in rng):
         raise UserError(f"{folder}/state.json: 'rng' is not a list of generator states; {fix}")
-    check_finite_weights(weights.items(), folder / "model.safetensors", f"delete {folder} to resume from the one before")
+    check_finite_weights(weights.items(), folder / "model.safetensors",
+                         f"delete {folder} to resume from the one before")
     if architecture(state.get("unet_config")) != architecture(unet.config):
         raise UserError(f"{folder} is incompatible: it holds a different network (unet_config); {fix}")
     for key, want in jsonable(expect).items():

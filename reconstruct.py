@@ -153,7 +153,10 @@ class Args:
             raise UserError(f"--input {self.input} does not exist; pass an image file (png/jpg) or a dataset folder")
         check_device(self.device)
         check_output(self.run_dir / "recon", "--run-dir")
-        check_name(output_tag(self), "--tag" if self.tag is not None else "--model (its folder name is the tag)")
+        if self.tag is not None:
+            check_name(self.tag, "--tag")
+        else:  # the tag is the model folder's name
+            check_name(output_tag(self), f"--model {self.model}: its folder name", fix="pass --tag NAME")
         guard_output(self.outputs[0], "--tag", "reconstruct", place_flag="--run-dir")
         return self
 
