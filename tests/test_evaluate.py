@@ -272,6 +272,14 @@ def test_posescore_is_used_when_present(tmp_path, monkeypatch):
     assert "PoseScore" in (run / "eval" / "results.md").read_text()
 
 
+def add_fake_judge(fake, keypoints):
+    """The judge's functions on a fake posescore module: the keypoints reward's error in px on every view,
+    every view drawn solidly (the real penalty rule)."""
+    fake.view_joint_error = lambda ctx, views, joints: (-keypoints(views, {}, ctx)[0] * RES)[:, None].expand(len(views), 6)
+    fake.solidity = lambda views, gt: torch.ones(views.shape[:2])
+    fake.judged_error = posescore.judged_error
+
+
 def test_view_joint_error_uses_the_pose_reader_in_pixels(tmp_path, monkeypatch):
     """The pose reader's folder is read with posescore's `keypoints` reward, whose value is minus the
     2D error as a fraction of the width; evaluate turns it into pixels and reports the GT's too."""
@@ -288,6 +296,7 @@ def test_view_joint_error_uses_the_pose_reader_in_pixels(tmp_path, monkeypatch):
     fake.load_reward_context = lambda folder, device: types.SimpleNamespace(folder=Path(folder).name, resolution=RES)
     fake.REWARDS = {"keypoints": fake_keypoints}
     fake.reward_in_chunks = posescore.reward_in_chunks
+    add_fake_judge(fake, fake_keypoints)
     monkeypatch.setattr(evaluate, "posescore", fake)
     data = np.load(run / "data" / "bench" / "bench.npz")
     GT_MEAN = views_to_latents(torch.from_numpy(data["color"]).float() / 255,
@@ -357,6 +366,10 @@ def test_split_table_gap_closed_and_views_only_samples(tmp_path, monkeypatch):
     fake.REWARDS = {"keypoints": fake_keypoints}
     fake.reward_in_chunks = posescore.reward_in_chunks
     monkeypatch.setattr(evaluate, "posescore", fake)
+    order_judged = iter(["base", "drpose", "ceiling", "gt"])  # the judge reads the models in the same order
+    fake.view_joint_error = lambda ctx, views, joints: torch.tensor(error[next(order_judged)][: len(views)])[:, None]\
+        .expand(len(views), 6)
+    fake.solidity, fake.judged_error = (lambda views, gt: torch.ones(views.shape[:2])), posescore.judged_error
     results = run_eval(run, models=("base", "drpose", "ceiling"), max_grids=2)
 
     assert results["models"]["base"]["chamfer_cm"]["count"] == 2  # subjects 0 and 2 were fitted
