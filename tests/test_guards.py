@@ -81,9 +81,19 @@ def make_products(run: Path, stage_field: bool) -> Path:
     return run
 
 
-@pytest.fixture(params=["stage field", "marker files"])
-def products(tmp_path, request):
-    return make_products(tmp_path / "run", request.param == "stage field")
+@pytest.fixture
+def products(tmp_path):
+    return make_products(tmp_path / "run", stage_field=True)
+
+
+@pytest.mark.parametrize("stage_field", [True, False])
+def test_whose_folder_it_is_comes_from_the_stage_field_or_the_marker_files(tmp_path, stage_field):
+    run = make_products(tmp_path / "run", stage_field)
+    assert {name: plumbing.folder_stage(run / name) for name in PRODUCTS} == PRODUCTS
+    assert plumbing.folder_stage(run) == plumbing.RUN_FOLDER and plumbing.folder_stage(tmp_path) is None
+    for name in PRODUCTS:  # folders written before the field are guarded all the same
+        if PRODUCTS[name] != "finetune":
+            assert "--out" in refusal(finetune.Args(run_dir=run, out=run / name).resolved)
 
 
 WRITERS = {  # a stage writing where a flag points it: (its stage, Args for a run folder and a target)
