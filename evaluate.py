@@ -54,6 +54,7 @@ from typing import Literal
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from tqdm import tqdm
 
 from prepare_data import (NUM_BODY_JOINTS, ORTHO_HALF_EXTENT, VIEW_AZIMUTHS, from_uint8, latents_to_views,
                           load_split, read_manifest, view_rotations, views_mask, views_to_latents)
@@ -325,13 +326,11 @@ def load_mesh(path: Path, made_by: str):
 
 def score_model(args: Args, bench: dict, recon: dict, count: int, tag: str) -> dict:
     """metric name -> (N,) per-subject values for one model (all but the network metrics)."""
-    from tqdm import tqdm
-
     color, normal = latents_to_views(torch.from_numpy(recon["latents"][:count]))  # (N, V, 3, H, W) each
     gt_color, gt_normal = from_uint8(bench["color"][:count]), from_uint8(bench["normal"][:count])
     pred_masks = views_mask(torch.from_numpy(recon["latents"][:count])).numpy()  # (N, V, H, W)
     rows = []
-    for i in tqdm(range(count), desc=f"evaluate {tag}", leave=False):
+    for i in tqdm(range(count), desc=f"evaluate {tag}", leave=False, disable=None):  # a bar on a terminal only
         # One Generator per subject: base and drpose meet identical GT samples, global RNG untouched.
         rng = np.random.default_rng([args.seed, i])
         row = dict.fromkeys(("chamfer_cm", "p2s_cm", "normal_consistency", "fscore", "mpjpe_mm", "pa_mpjpe_mm"), np.nan)

@@ -1073,7 +1073,8 @@ def _render_in_batches(body, poses: dict, outfits: dict, args: Args, desc: str, 
     """Render all subjects with a progress bar; returns uint8 images and float32 geometry."""
     regions = vertex_regions(body)
     parts: dict[str, list] = {}
-    for start in tqdm(range(0, len(poses["body_pose"]), batch_size), desc=desc, unit="batch", leave=False):
+    for start in tqdm(range(0, len(poses["body_pose"]), batch_size), desc=desc, unit="batch", leave=False,
+                      disable=None):  # a bar on a terminal only
         chunk = slice(start, start + batch_size)
         out = render_subjects(body, {k: v[chunk] for k, v in poses.items() if k in POSE_KEYS},
                               {k: v[chunk] for k, v in outfits.items()}, args.resolution, args.device,
