@@ -489,7 +489,7 @@ def fit_body(body, maps: torch.Tensor, mask: torch.Tensor, args: Args, width: fl
     Loss: BCE with the target maps as targets and the body's maps S(theta) as predictions, so each
     target pixel pulls the nearest bone line with a force that grows with distance (-log S is the
     squared distance over 2 width^2) and the loss is least at S = target; plus the silhouette term
-    (weight 0.1: the skeleton decides the pose, the silhouette the girth); plus weak priors on
+    (weight SIL_W = 0.05: the skeleton decides the pose, the silhouette the girth); plus weak priors on
     pose, shape and scale. Returns params {name: tensor (1, ...)} and world joints (55, 3)."""
     res = maps.shape[-1]
     weights = torch.tensor(args.view_weights, dtype=torch.float32)

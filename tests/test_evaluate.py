@@ -1,5 +1,5 @@
 """evaluate.py: every metric against an independent computation, then end to end on a fake run
-folder laid out exactly as CONTRACT.md says reconstruct.py and prepare_data.py write it."""
+folder laid out as reconstruct.py and prepare_data.py write it (recon/<model>/NNNNN/, data/bench/)."""
 
 import json
 import re
