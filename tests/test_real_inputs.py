@@ -444,6 +444,7 @@ def test_nested_estimator_output_loads_through_pose_keys(body, body_dir, tmp_pat
     with pytest.raises(pd.UserError, match="--pose-keys") as err:
         pd.load_motion(path)
     assert "person_data" in str(err.value) and "\n" not in str(err.value)
+    assert f"--pose-keys {ESTIMATOR_KEYS} " in (ROOT / "README.md").read_text()  # the documented example
     clip = pd.check_motion(body, pd.load_motion(path, keys=pd.parse_pose_map(ESTIMATOR_KEYS, "--pose-keys")))
     assert clip["up"] == "-y"  # detected, not given
     assert np.abs(our_joints(body, clip) - stock_joints(body_dir, p, "-y")).max() < 1e-4
@@ -462,6 +463,24 @@ def test_files_through_pose_keys_run_end_to_end(tmp_path, fast_main):
     call(pose_source="files", pose_files=path, pose_keys=ESTIMATOR_KEYS, fps=30.0, neighbours=2)
     manifest = pd.read_manifest(run / "data" / "drpose", "")
     assert manifest["pose_files"]["layouts"] == ["mapped"]
+
+
+def test_the_readmes_pose_columns_examples_read_their_layouts_files_as_the_layouts_do(tmp_path):
+    """The README's two --pose-columns examples are the Motion-X and AMASS SMPL-X layouts written as columns."""
+    examples = [line.strip(" \\") for line in (ROOT / "README.md").read_text().splitlines()
+                if line.lstrip().startswith("--pose-")]
+    layout_of = {"motionx": "--pose-columns global_orient=0:3,body_pose=3:66,left_hand_pose=66:111",
+                 "amass-smplx": "--pose-columns global_orient=0:3,body_pose=3:66,left_hand_pose=75:120"}
+    for layout, start in layout_of.items():
+        at = next(i for i, line in enumerate(examples) if line.startswith(start))
+        columns = pd.parse_pose_map(examples[at].split(" ", 1)[1], "--pose-columns")
+        after = examples[at + 1] if at + 1 < len(examples) else ""  # its --pose-keys continuation line, if any
+        keys = pd.parse_pose_map(after.split(" ", 1)[1] if after.startswith("--pose-keys") else None, "--pose-keys")
+        path = write_motion(layout, tmp_path / f"clip{SUFFIX[layout]}", _file_params(pd.POSE_LAYOUTS[layout].up, seed=26))
+        mapped, known = pd.load_motion(path, columns=columns, keys=keys), pd.load_motion(path, layout)
+        assert mapped["hands"] == known["hands"] and mapped["fps"] == known["fps"]
+        for key in pd.POSE_KEYS:
+            assert np.allclose(mapped[key], known[key]), (layout, key)
 
 
 @pytest.mark.parametrize("flags, message", [
