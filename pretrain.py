@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast, gather_object
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -98,6 +99,14 @@ class Args:
     train_data: Path | None = None
     """six-view training subjects (default: <run-dir>/data/scans/train.npz). The supervised ceiling
     trains the base further on <run-dir>/data/drpose_gt/train.npz: the DrPose poses' six-view renders"""
+    replay_data: Path | None = None
+    """six-view subjects mixed into every batch (e.g. <run-dir>/data/scans/train.npz for the ceiling, so it
+    does not forget the scans while it learns the DrPose poses); off by default"""
+    replay_share: float = 0.0
+    """share of each batch drawn from --replay-data (rounded to whole subjects)"""
+    ema_decay: float = 0.0
+    """exponential moving average of the weights (diffusers EMAModel); the saved model is the average.
+    0 = off; e.g. 0.999 for thousands of steps, 0.99 for a few hundred"""
     out: Path | None = None
     """where the model goes (default: <run-dir>/base); checkpoints go to <out>_ckpt/"""
     init: Path | None = None
@@ -147,6 +156,11 @@ class Args:
         check_number(self, "lr", 0, above=True)
         check_number(self, "grad_clip", 0, above=True)
         check_number(self, "cond_drop", 0, high=1)
+        check_number(self, "replay_share", 0, high=1)
+        check_number(self, "ema_decay", 0, high=0.99999)
+        if (self.replay_data is None) != (self.replay_share == 0):
+            raise UserError("--replay-data and --replay-share go together: pass both (e.g. --replay-data "
+                            "runs/demo/data/scans/train.npz --replay-share 0.5) or neither")
         if self.init is None:  # the architecture flags (with --init the model brings its own)
             check_number(self, "attn_levels", 0, high=len(self.channels),
                          fix=f"pass --attn-levels between 0 and the {len(self.channels)} levels of --channels")
@@ -579,7 +593,7 @@ def rng_from_str(text: str) -> torch.Tensor:
 
 
 def save_checkpoint(root: Path, step: int, unet, optimizer, rng_states: list[str], record: dict, keep: int,
-                    trainable_only: bool = False) -> Path:
+                    trainable_only: bool = False, extra_state: dict | None = None) -> Path:
     """base_ckpt/step_NNNNNN/: model.safetensors, optimizer.pt, state.json (step, RNG, args,
     versions, model config). Written as step_NNNNNN.tmp/ and renamed when complete. trainable_only:
     only the weights that train (LoRA adapters; the frozen base is reloaded from its own folder)."""
@@ -589,6 +603,8 @@ def save_checkpoint(root: Path, step: int, unet, optimizer, rng_states: list[str
         save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items() if k in keys},
                   tmp / "model.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        for name, state in (extra_state or {}).items():  # e.g. ema.pt: inside the folder, so complete with it
+            torch.save(state, tmp / f"{name}.pt")
         write_json(tmp / "state.json", dict(record, step=step, rng=rng_states, unet_config=architecture(unet.config),
                                             weights="trainable" if trainable_only else "all"))
     for old in sorted(p for p in Path(root).iterdir() if STEP_DIR.match(p.name))[:-keep]:
@@ -703,6 +719,8 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     # --- data: scan-like training subjects; val for the validation loss and the final numbers ---
     train_path = args.train_data or run_dir / "data/scans/train.npz"
     train = load_multiview(train_path, run_dir)
+    replay = load_multiview(args.replay_data, run_dir) if args.replay_data is not None else None
+    num_replay = round(args.batch_size * args.replay_share) if replay is not None else 0
     val = load_multiview(run_dir / "data/scans/val.npz", run_dir)
     if args.num_eval > 0 and (run_dir / "data/bench/bench.npz").exists():  # refuse a bad bench before training
         load_multiview(run_dir / "data/bench/bench.npz", run_dir, image_key="image")
@@ -725,10 +743,11 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
                                       args.heads, args.token_dim))
     unet.to(device)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    ema = EMAModel(unet.parameters(), decay=args.ema_decay) if args.ema_decay > 0 else None
     alphas = alphas_cumprod()
     record = model_record(resolution, args, args.steps)
     # What must match to resume: the network, the data size, the data order and the devices.
-    expect = dict(resolution=resolution, world=world,
+    expect = dict(resolution=resolution, world=world, ema_decay=args.ema_decay, replay_share=args.replay_share,
                   data=dict(seed=args.seed, batch_size=args.batch_size, subjects=len(train["image"])))
 
     base = args.out or run_dir / "base"
@@ -738,6 +757,9 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     found = latest_checkpoint(ckpt_root) if args.resume and ckpt_root.exists() else None
     if found is not None:
         step, rng_states = load_checkpoint(found, unet, optimizer, expect)
+        if ema is not None:
+            ema.load_state_dict(torch.load(found / "ema.pt", map_location="cpu", weights_only=True))
+            ema.to(device)
         if step > args.steps:
             raise UserError(f"{found} is past --steps {args.steps}; raise --steps or use another --run-dir")
         generator.set_state(rng_from_str(rng_states[rank]))
@@ -759,8 +781,12 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     bar = tqdm(total=args.steps, initial=step, desc="pretrain", disable=None if accelerator.is_main_process else True)
     tick = time.time()
     while step < args.steps:
-        row = step_rows(step, len(train["image"]), args.batch_size, world, rank, args.seed)
+        row = step_rows(step, len(train["image"]), args.batch_size - num_replay, world, rank, args.seed)
         views, image = batch_latents(train, row, device)  # (B, V, 6, H, W), (B, 3, H, W)
+        if num_replay:  # the replayed subjects follow their own fixed order (seed + 1)
+            views_r, image_r = batch_latents(replay, step_rows(step, len(replay["image"]), num_replay, world, rank,
+                                                               args.seed + 1), device)
+            views, image = torch.cat([views, views_r]), torch.cat([image, image_r])
         lr = warmup_cosine(step, args.steps, args.lr, args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -770,6 +796,8 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
         grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.grad_clip)
         check_finite("pretrain", step + 1, loss, grad_norm, ckpt_root)
         optimizer.step()
+        if ema is not None:
+            ema.step(unet.parameters())
         step += 1
         bar.update(1)
 
@@ -789,8 +817,8 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
             rng_states = gather_object([rng_to_str(generator.get_state())])
             if accelerator.is_main_process:
                 save_checkpoint(ckpt_root, step, accelerator.unwrap_model(unet), optimizer, rng_states,
-                                dict(record, resume_key=expect),
-                                args.keep_checkpoints)
+                                dict(record, resume_key=expect), args.keep_checkpoints,
+                                extra_state=dict(ema=ema.state_dict()) if ema is not None else None)
             accelerator.wait_for_everyone()
         if hook is not None:
             hook(step)
@@ -802,6 +830,8 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
 
     # --- evaluate and write base/ ---
     unet = accelerator.unwrap_model(unet).eval()
+    if ema is not None:  # the model that is saved and evaluated is the average
+        ema.copy_to(unet.parameters())
     if accelerator.is_main_process:
         with atomic_dir(base) as tmp:
             save_model(tmp, unet, record)
