@@ -782,109 +782,114 @@ def plot_grid(path: Path, index: int, bench: dict, recons: dict, title: str) -> 
 
 # --- the report ------------------------------------------------------------------------------------
 
-IN_DISTRIBUTION = "val"  # the split of held-out scans: a fine-tune that gains on the bench and loses here is damage
+IN_DISTRIBUTION = "val"  # the judge set of held-out scans: a fine-tune that gains on the bench and loses here is damage
 
 # What each figure shows and what to look for, under it in report.html (file name -> caption).
 CAPTIONS = {
     "reward_curve.png": "DrPose's reward per training step, and on fixed bench inputs with fixed noise against the "
                         "base's (dashed). Look for the fixed-input curve rising above the dashed line: DrPose raises "
                         "its reward. A rising reward alone says nothing about the pose; the table above reads that.",
-    "splits.png": "The pose reader's view joint error per split, one bar per model (lower is better); the dashed line "
-                  "is the GT renders' error, the best a generator can get. Look for DrPose's bar below the base's, "
-                  "and how far toward the ceiling's it gets.",
+    "splits.png": "The judge's error per row of the table above, one bar per model (lower is better); the dashed "
+                  "line is the GT renders' error on the bench, the best a generator can get. Look for DrPose's bar "
+                  "below the base's on the bench splits, and not above it on the held-out scans.",
     "metrics.png": "Every metric, one bar per model (mean, std over subjects as the error bar). Look for PoseScore, "
-                   "the reward, moving together with the view joint error and MPJPE: a reward gain without a pose "
+                   "the reward, moving together with the judged error and MPJPE: a reward gain without a pose "
                    "gain is the reward being gamed.",
     "scatter.png": "Per subject, the first model (x) against each other model (y); the grey line is y = x. Look for "
                    "points on the better side of the line (below it where lower is better): a consistent gain puts "
                    "most subjects there, noise scatters them on both sides.",
     "grids": "Each subject: the input image, then GT and every model's mesh from the front and the side; below, the "
              "six colour and normal views of the GT and of each model. Look at the side views (az 90, 270): do they "
-             "follow the input's pose, or fall back to an upright standing figure? Blurred or speckled views raise "
-             "PoseScore without a better pose.",
+             "follow the input's pose, or fall back to an upright standing figure? Blurred, faint or speckled "
+             "views raise PoseScore without a better pose.",
 }
 
 
-def _splits_in_order(results: dict) -> list[str]:
-    """The in-distribution split first, then the bench splits in their own order."""
-    return sorted(results["splits"], key=lambda name: name != IN_DISTRIBUTION)
-
-
-def split_label(name: str) -> str:
-    return "held-out scans (in-distribution)" if name == IN_DISTRIBUTION else name
+def judge_rows(results: dict) -> list[tuple[str, int, dict, dict]]:
+    """The judge per row, in-distribution first: the judge sets (held-out scans, DrPose poses), then the bench
+    splits. Each row: (label, subjects, {model: judged error or None}, {fine-tune: gap closed or None})."""
+    tags = list(results["models"])
+    others = [t for t in tags if t not in ("base", "ceiling")]
+    rows = []
+    sets = results.get("judge_sets", {})
+    for name in sorted(sets, key=lambda n: n != IN_DISTRIBUTION):
+        values = {t: sets[name]["models"].get(t, {}).get("judged_px") for t in tags}
+        base, ceiling = values.get("base"), values.get("ceiling")
+        gaps = {t: gap_closed(base, values[t], ceiling) if None not in (base, ceiling, values[t]) else None
+                for t in others}
+        rows.append((JUDGE_SET_LABELS.get(name, name), sets[name]["count"], values, gaps))
+    for name, entry in results["splits"].items():
+        gaps = entry.get("gap_closed", {})
+        rows.append((f"bench {name}", entry["count"], {t: entry["models"][t].get(GAP_METRIC) for t in tags},
+                     {t: gaps.get(t) for t in others}))
+    return rows
 
 
 def headline_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    """The report's first table: per split, each model's view joint error and each fine-tune's gap closed."""
+    """The report's first table: per row of judge_rows, each model's judged error and each fine-tune's gap closed."""
     tags = list(results["models"])
     others = [t for t in tags if t not in ("base", "ceiling")]
-    has_gap = any("gap_closed" in entry for entry in results["splits"].values())
-    header = ["split", "subjects", *tags] + ([f"{t}: gap closed" for t in others] if has_gap else [])
+    has_gap = "base" in tags and "ceiling" in tags and bool(others)
+    header = ["", "subjects", *tags] + ([f"{t}: gap closed" for t in others] if has_gap else [])
     rows = []
-    for name in _splits_in_order(results):
-        entry = results["splits"][name]
-        values = [entry["models"][t].get(GAP_METRIC) for t in tags]
-        row = [split_label(name), str(entry["count"])] + ["n/a" if v is None else f"{v:.3f}" for v in values]
+    for label, count, values, gaps in judge_rows(results):
+        row = [label, str(count)] + ["n/a" if values[t] is None else f"{values[t]:.3f}" for t in tags]
         if has_gap:
-            gaps = entry.get("gap_closed", {})
-            row += ["no gap: ceiling not better than base" if gaps.get(t) is None else f"{100 * gaps[t]:.0f}%"
+            row += ["no gap: ceiling not better than base" if gaps[t] is None else f"{100 * gaps[t]:.0f}%"
                     for t in others]
         rows.append(row)
     return header, rows
 
 
 def _names(items: list[str]) -> str:
-    items = [split_label(i) for i in items]
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def verdict(results: dict) -> str:
-    """One sentence from the numbers: per split, does each fine-tuned model read a better pose than the base
-    (the pose reader's view joint error), how its reward moved, and where the ceiling leaves a gap."""
-    splits = {n: results["splits"][n]["models"] for n in _splits_in_order(results)
-              if results["splits"][n]["models"].get("base", {}).get(GAP_METRIC) is not None}
-    if not splits:
-        return ("No verdict: it needs a base model and the pose reader's view joint error "
-                "(evaluate `--models base ...` on a run with pose_reader/).")
+def verdict_sentence(results: dict) -> str:
+    """One sentence from the numbers: per row of judge_rows, does each fine-tuned model read a better pose than
+    the base (the judged error), how its reward moved, and where the ceiling leaves a gap."""
+    rows = [(label, values) for label, _, values, _ in judge_rows(results) if values.get("base") is not None]
+    if not rows:
+        return ("No verdict: it needs a base model and the judge (evaluate `--models base ...` on a run with "
+                "pose_reader/).")
     clauses = []
     for tag in [t for t in results["models"] if t not in ("base", "ceiling")]:
-        read = {n: (m[tag][GAP_METRIC], m["base"][GAP_METRIC]) for n, m in splits.items()
-                if m[tag].get(GAP_METRIC) is not None}
+        read = {label: (values[tag], values["base"]) for label, values in rows if values[tag] is not None}
         better, worse = [n for n, (v, b) in read.items() if v < b], [n for n, (v, b) in read.items() if v > b]
-        on = lambda names: "every split" if len(names) == len(read) else _names(names)  # noqa: E731
+        on = lambda names: "every row" if len(names) == len(read) else _names(names)  # noqa: E731
         how = " and ".join(filter(None, [better and f"a better pose than the base on {on(better)}", worse and (
             f"a worse one on {on(worse)}" if better else f"a worse pose than the base on {on(worse)}")])) or \
             "the same pose as the base"
-        numbers = ", ".join(f"{split_label(n)} {v:.3f} against {b:.3f}" for n, (v, b) in read.items())
+        numbers = ", ".join(f"{n} {v:.3f} against {b:.3f}" for n, (v, b) in read.items())
         reward = results["change"].get(tag, {}).get("posescore", {}).get("relative")
         reward = "" if reward is None else \
             f", while its reward, PoseScore, {'rises' if reward > 0 else 'falls'} {abs(100 * reward):.1f}%"
         if read:
-            clauses.append(f"{tag} reads {how} (view joint error, px: {numbers}){reward}")
+            clauses.append(f"{tag} reads {how} (judged error, px: {numbers}){reward}")
     if "ceiling" in results["models"]:
-        above = [n for n, m in splits.items() if m["ceiling"].get(GAP_METRIC) is not None
-                 and m["ceiling"][GAP_METRIC] < m["base"][GAP_METRIC]]
+        above = [label for label, values in rows if values["ceiling"] is not None
+                 and values["ceiling"] < values["base"]]
         clauses.append(f"the supervised ceiling beats the base on {_names(above)}" if above else
-                       "the supervised ceiling beats the base on no split, so there is no gap to close")
+                       "the supervised ceiling beats the base nowhere, so there is no gap to close")
     return "Verdict: " + "; ".join(clauses) + "." if clauses else "No verdict: only the base was evaluated."
 
 
 def plot_splits(path: Path, results: dict) -> bool:
-    """Bars of the pose reader's view joint error per split and model, the GT renders' as a line. False,
-    and nothing written, where no model has that metric."""
-    names, tags = _splits_in_order(results), list(results["models"])
-    if not any(results["splits"][n]["models"][t].get(GAP_METRIC) is not None for n in names for t in tags):
+    """Bars of the judged error per row of judge_rows and per model, the GT renders' on the bench as a line.
+    False, and nothing written, where no model has it."""
+    rows, tags = judge_rows(results), list(results["models"])
+    if not any(v is not None for _, _, values, _ in rows for v in values.values()):
         return False
-    fig = Figure(figsize=(2 + 1.6 * len(names), 3.2))
+    fig = Figure(figsize=(2 + 1.6 * len(rows), 3.2))
     ax = fig.subplots()
     width = 0.8 / len(tags)
     for k, tag in enumerate(tags):
-        values = [results["splits"][n]["models"][tag].get(GAP_METRIC) for n in names]
-        ax.bar(np.arange(len(names)) + k * width, [np.nan if v is None else v for v in values], width, label=tag,
-               color=f"C{k}")
+        ax.bar(np.arange(len(rows)) + k * width, [np.nan if values[tag] is None else values[tag]
+                                                  for _, _, values, _ in rows], width, label=tag, color=f"C{k}")
     if GAP_METRIC in results["gt_reference"]:
-        ax.axhline(results["gt_reference"][GAP_METRIC]["mean"], color="gray", ls="--", label="GT renders")
-    ax.set_xticks(np.arange(len(names)) + width * (len(tags) - 1) / 2, [split_label(n) for n in names], fontsize=8)
+        ax.axhline(results["gt_reference"][GAP_METRIC]["mean"], color="gray", ls="--", label="GT renders (bench)")
+    ax.set_xticks(np.arange(len(rows)) + width * (len(tags) - 1) / 2,
+                  [label.replace(" (", "\n(") for label, *_ in rows], fontsize=7)
     ax.set_ylabel(metric_label(GAP_METRIC, results))
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
     fig.tight_layout()
@@ -914,15 +919,15 @@ def write_report(path: Path, results: dict, figures: dict[str, str], grids: list
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}"
         "figcaption{color:#444;font-size:90%;margin-bottom:1.5em}</style></head><body>",
         f"<h1>DrPose evaluation: {esc(results['run_dir'])}</h1>",
-        "<h2>Result</h2><p>The pose the generated views show, read by the pose reader (a network trained apart "
-        "from the reward): view joint error in px, lower is better"
-        + (f"; the GT renders read {gt['mean']:.3f}" if gt else "") + ". Gap closed = (base - model) / (base - "
-        "ceiling), the share of the way from the base to the supervised ceiling.</p>",
+        f"<h2>Result</h2><p>The pose the generated views show, judged on the side views by the pose reader (a "
+        f"network trained apart from the reward): {esc(metric_label(GAP_METRIC, results))}, lower is better"
+        + (f"; the GT renders of the bench read {gt['mean']:.3f}" if gt else "") + ". Gap closed = (base - model) / "
+        "(base - ceiling), the share of the way from the base to the supervised ceiling.</p>",
         html_table(*headline_rows(results)),
-        f"<p><b>{esc(verdict(results))}</b></p>",
+        f"<p><b>{esc(verdict_sentence(results))}</b></p>",
     ]
-    if IN_DISTRIBUTION not in results["splits"]:
-        parts.append("<p>No in-distribution row: these results have no split of held-out scans.</p>")
+    if IN_DISTRIBUTION not in results.get("judge_sets", {}):
+        parts.append("<p>No in-distribution row: these results hold no judge of held-out scans (`--judge-sets`).</p>")
     shown = [(title, name) for title, name in figures.items() if name == "reward_curve.png"]
     if not shown:
         parts.append("<p>No fine-tuning reward curve: drpose/metrics.jsonl not found or without reward.</p>")

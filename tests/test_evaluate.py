@@ -376,22 +376,27 @@ def test_split_table_gap_closed_and_views_only_samples(tmp_path, monkeypatch):
 # --- the report: headline table, verdict, captions -------------------------------------------------
 
 def _results(errors: dict, posescore_change: float = 0.12) -> dict:
-    """A results dict as summarise writes it, with only the two network metrics: errors = split -> model -> px."""
+    """A results dict as evaluate.main writes it, with only the judge's metric and PoseScore:
+    errors = row -> model -> judged error (px); row `val` is a judge set, the others bench splits."""
     tags = list(next(iter(errors.values())))
     counts = {"val": 4, "dynamic": 3, "extreme": 2}
-    splits = {}
+    splits, sets = {}, {}
     for name, by_model in errors.items():
-        entry = dict(count=counts[name], models={t: {"view_joint_error_px": v, "posescore": -0.05} for t, v in by_model.items()})
+        if name == "val":
+            sets[name] = dict(count=counts[name], models={t: {"judged_px": v} for t, v in by_model.items()})
+            continue
+        entry = dict(count=counts[name], models={t: {evaluate.GAP_METRIC: v, "posescore": -0.05}
+                                                 for t, v in by_model.items()})
         if "ceiling" in by_model:
             entry["gap_closed"] = {t: evaluate.gap_closed(by_model["base"], v, by_model["ceiling"])
                                    for t, v in by_model.items() if t not in ("base", "ceiling")}
         splits[name] = entry
-    stat = dict(mean=4.0, std=1.0, count=9, per_subject=[4.0] * 9)
-    return dict(run_dir="runs/x", models={t: {"view_joint_error_px": stat, "posescore": stat} for t in tags},
-                reference="base", subjects=9, bench_subjects=9, categories=[""] * 9, splits=splits,
+    stat = dict(mean=4.0, std=1.0, count=5, per_subject=[4.0] * 5)
+    return dict(run_dir="runs/x", models={t: {evaluate.GAP_METRIC: stat, "posescore": stat} for t in tags},
+                reference="base", subjects=5, bench_subjects=5, categories=[""] * 5, splits=splits, judge_sets=sets,
                 change={t: {"posescore": dict(absolute=0.006, relative=posescore_change, verdict="better")}
                         for t in tags[1:]},
-                gt_reference={"view_joint_error_px": dict(mean=1.27, std=0.1)}, protocol=dict(std="population"),
+                gt_reference={evaluate.GAP_METRIC: dict(mean=1.27, std=0.1)}, protocol=dict(std="population"),
                 metrics={})
 
 
@@ -404,15 +409,16 @@ def test_report_opens_with_the_headline_table_and_a_verdict_from_the_numbers(tmp
     page = (tmp_path / "report.html").read_text()
     first = page[page.index("<table>"):page.index("</table>")]
     rows = re.findall(r"<tr>(.*?)</tr>", first)
-    assert re.findall(r"<th>(.*?)</th>", rows[0]) == ["split", "subjects", "base", "drpose", "ceiling", "drpose: gap closed"]
+    assert re.findall(r"<th>(.*?)</th>", rows[0]) == ["", "subjects", "base", "drpose", "ceiling", "drpose: gap closed"]
     cells = [re.findall(r"<td>(.*?)</td>", row) for row in rows[1:]]
-    assert cells[0] == ["held-out scans (in-distribution)", "4", "2.000", "1.900", "2.100",
+    in_distribution = evaluate.JUDGE_SET_LABELS["val"]
+    assert cells[0] == [in_distribution, "4", "2.000", "1.900", "2.100",
                         "no gap: ceiling not better than base"]  # the in-distribution row comes first
-    assert cells[1] == ["dynamic", "3", "4.000", "3.500", "3.000", "50%"]
-    assert cells[2][-1] == "-20%"
-    assert ("drpose reads a better pose than the base on held-out scans (in-distribution) and dynamic and a worse "
-            "one on extreme") in page
-    assert "PoseScore, rises 12.0%" in page and "the supervised ceiling beats the base on dynamic and extreme" in page
+    assert cells[1] == ["bench dynamic", "3", "4.000", "3.500", "3.000", "50%"]
+    assert cells[2][0] == "bench extreme" and cells[2][-1] == "-20%"
+    assert (f"drpose reads a better pose than the base on {in_distribution} and bench dynamic and a worse one on "
+            "bench extreme (judged error, px: ") in page
+    assert "PoseScore, rises 12.0%" in page and "ceiling beats the base on bench dynamic and bench extreme" in page
     order = [page.index(s) for s in ("<table>", "Verdict:", "reward_curve.png", "splits.png", "grids/00000.png",
                                      "Every metric", "Protocol")]
     assert order == sorted(order)
@@ -429,13 +435,13 @@ def test_report_opens_with_the_headline_table_and_a_verdict_from_the_numbers(tmp
 
 def test_report_verdict_when_the_fine_tune_loses_everywhere_and_there_is_no_gap(tmp_path):
     results = _results({"dynamic": dict(base=3.9, drpose=4.5, ceiling=4.5), "extreme": dict(base=5.0, drpose=5.2, ceiling=5.1)})
-    sentence = evaluate.verdict(results)
-    assert sentence.startswith("Verdict: drpose reads a worse pose than the base on every split (view joint error, px: "
-                               "dynamic 4.500 against 3.900, extreme 5.200 against 5.000)")
-    assert sentence.endswith("the supervised ceiling beats the base on no split, so there is no gap to close.")
+    sentence = evaluate.verdict_sentence(results)
+    assert sentence.startswith("Verdict: drpose reads a worse pose than the base on every row (judged error, px: "
+                               "bench dynamic 4.500 against 3.900, bench extreme 5.200 against 5.000)")
+    assert sentence.endswith("the supervised ceiling beats the base nowhere, so there is no gap to close.")
     evaluate.write_report(tmp_path / "report.html", results, {}, [])
     page = (tmp_path / "report.html").read_text()
     assert "No in-distribution row" in page and "No fine-tuning reward curve" in page
     assert "no gap: ceiling not better than base" in page
     only_base = _results({"dynamic": dict(base=3.9)})
-    assert evaluate.verdict(only_base) == "No verdict: only the base was evaluated."
+    assert evaluate.verdict_sentence(only_base) == "No verdict: only the base was evaluated."
