@@ -51,7 +51,8 @@ import posescore
 from prepare_data import NUM_VIEWS, from_uint8, load_split
 from plumbing import (UserError, atomic_dir, check_device, check_number, check_output, run_cli, run_relative,
                       with_preset)
-from pretrain import (LATENT_CHANNELS, GraphedOutput, alphas_cumprod, append_log, autocast, check_finite,
+from pretrain import (LATENT_CHANNELS, GraphedOutput, alphas_cumprod, append_log, autocast, batch_latents,
+                      check_finite, diffusion_loss, load_multiview,
                       clip_prediction, ddim_step, decode, denoising_error, device_timesteps, encode, frozen_bf16,
                       guided_output, jsonable, latest_checkpoint, load_checkpoint, load_model, out_of_time,
                       rng_from_str, rng_to_str, sample_views, save_checkpoint, save_model, split_v, step_rows,
@@ -94,6 +95,10 @@ class Args:
     (`realism_penalty`; not in the paper: 0 is the paper's method)"""
     realism_t_range: tuple[int, int] = (50, 950)
     """timesteps at which the generated views are re-noised for the realism penalty"""
+    anchor_weight: float = 0.0
+    """weight of the data anchor: the ordinary diffusion loss on the scans the base was trained on
+    (data/scans/train.npz, never the DrPose poses' GT), added to the reward loss as in DDRL and
+    ControlNet++, so the generator stays on the manifold it learnt (not in the paper: 0 is the paper's method)"""
     guidance: float | None = None
     """classifier-free guidance while sampling for the reward (default: the base model's inference value)"""
     lora_rank: int | None = None
@@ -144,7 +149,7 @@ class Args:
         for name in ("batch_size", "num_steps", "grad_steps", "warmup_steps", "eval_every", "checkpoint_every",
                      "keep_checkpoints", "log_every"):
             check_number(self, name, 1)
-        for name in ("early_stop_max", "num_eval", "kl_weight", "perceptual_weight", "guidance", "seed"):
+        for name in ("early_stop_max", "num_eval", "kl_weight", "perceptual_weight", "guidance", "seed", "anchor_weight"):
             check_number(self, name, 0)
         check_number(self, "lr", 0, above=True)
         check_number(self, "grad_clip", 0, above=True)
@@ -267,11 +272,13 @@ def realism_penalty(frozen: tuple, views: torch.Tensor, image: torch.Tensor, alp
 
 
 def drpose_loss(rewards: torch.Tensor, kl: torch.Tensor, kl_weight: float, realism: torch.Tensor | None = None,
-                realism_weight: float = 0.0) -> torch.Tensor:
+                realism_weight: float = 0.0, anchor: torch.Tensor | None = None,
+                anchor_weight: float = 0.0) -> torch.Tensor:
     """The one place the sign convention lives: rewards are maximised, so the loss is 1 - r; the KL
-    term and the realism penalty are minimised."""
+    term, the realism penalty and the data anchor's diffusion loss are minimised."""
     loss = (1 - rewards).mean() + kl_weight * kl.mean()
-    return loss + realism_weight * realism.mean() if realism is not None else loss
+    loss = loss + realism_weight * realism.mean() if realism is not None else loss
+    return loss + anchor_weight * anchor if anchor is not None else loss
 
 
 # --- the training pairs: poses and single images, never multi-view ---------------------------------
@@ -322,6 +329,8 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
 
     # --- data: (pose, image) pairs; a fixed bench subset for evaluation ---
     pairs = load_pairs(run_dir)
+    # The data anchor's six-view scans: the base's own training set, never the DrPose poses' GT.
+    anchor_data = load_multiview(run_dir / "data/scans/train.npz", run_dir) if args.anchor_weight > 0 else None
     eval_inputs = load_eval_inputs(run_dir, args.num_eval)
     if len(pairs["image"]) < args.batch_size * world:
         raise UserError(f"{run_dir}/data/drpose/pairs.npz has {len(pairs['image'])} pairs, fewer than "
@@ -405,7 +414,13 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
         rewards, parts = reward_fn(views, batch, ctx)
         realism = realism_penalty(frozen, views, image, alphas, args.realism_t_range, generator) \
             if args.realism_weight > 0 else None  # no draws when off, so the paper's runs keep their noise
-        loss = drpose_loss(rewards, kl, args.kl_weight, realism, args.realism_weight)
+        anchor = None
+        if anchor_data is not None:  # the ordinary diffusion loss on a batch of scans (their own fixed order)
+            scan_views, scan_image = batch_latents(anchor_data, step_rows(step, len(anchor_data["image"]), len(row),
+                                                                          world, rank, args.seed + 1), device)
+            with autocast(device):
+                anchor = diffusion_loss(unet, scan_views, scan_image, alphas, 0.0, generator)
+        loss = drpose_loss(rewards, kl, args.kl_weight, realism, args.realism_weight, anchor, args.anchor_weight)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(trainable, args.grad_clip)
@@ -422,6 +437,8 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
                         parts={k: round(v.mean().item(), 5) for k, v in parts.items()})
             if realism is not None:
                 line["realism"] = round(realism.mean().item(), 6)
+            if anchor is not None:
+                line["anchor"] = round(anchor.item(), 6)
             if eval_inputs is not None and accelerator.is_main_process and \
                     (step % args.eval_every == 0 or step == args.steps):
                 unet.eval()

@@ -282,3 +282,22 @@ def test_realism_weight_trains_and_logs_the_penalty_and_zero_changes_nothing(run
     assert all(np.isfinite(x["realism"]) and x["realism"] > 0 for x in lines)
     c = load_file(with_realism / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_data_anchor_adds_the_diffusion_loss_on_scans_and_never_reads_the_drpose_gt(run, tmp_path):
+    """--anchor-weight: the ordinary diffusion loss on data/scans/train.npz joins the loss; data/drpose_gt/
+    (the ceiling's six-view GT of the DrPose poses) is never opened, even when it is there."""
+    from safetensors.torch import load_file
+    from test_model import make_split
+
+    make_split(run / "data/scans", "train", 4, res=RES, seed=3)
+    (run / "data/drpose_gt").mkdir()
+    (run / "data/drpose_gt/train.npz").write_bytes(b"not an npz: reading it would fail")
+    plain = ft.drpose(tiny_args(run, out=tmp_path / "plain", steps=2))
+    anchored = ft.drpose(tiny_args(run, out=tmp_path / "anchored", steps=2, anchor_weight=1.0))
+    lines = [json.loads(x) for x in (anchored / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(x["anchor"]) and x["anchor"] > 0 for x in lines)
+    a, b = (load_file(f / "diffusion_pytorch_model.safetensors") for f in (plain, anchored))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    rewards, kl, anchor = torch.tensor([0.2, 0.4]), torch.tensor([1.0, 3.0]), torch.tensor(0.5)
+    assert ft.drpose_loss(rewards, kl, 0.1, anchor=anchor, anchor_weight=2.0).item() == pytest.approx(0.7 + 0.2 + 1.0)
