@@ -427,7 +427,8 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     graphs = GraphedOutput.pair(plain, frozen_copy) if use_cuda and args.cuda_graphs else (guided_output,) * 2
 
     # --- train: sample with gradients, score, step ---
-    bar = tqdm(total=args.steps, initial=step, desc=f"drpose ({args.method})", disable=not accelerator.is_main_process)
+    bar = tqdm(total=args.steps, initial=step, desc=f"drpose ({args.method})",
+               disable=None if accelerator.is_main_process else True)  # None: a bar on a terminal only
     first_step, loop_start = step, time.time()
     tick = time.time()
     while step < args.steps:

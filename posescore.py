@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
+from tqdm import tqdm
 
 from prepare_data import (BONE_GROUPS, views_mask, BONES, NUM_BODY_JOINTS, NUM_VIEWS, POSE_KEYS, VIEW_AZIMUTHS, body_forward,
                           from_uint8, load_body_model, load_split, views_to_latents, views_to_pixels, world_to_views,
@@ -647,8 +648,6 @@ def warmup_cosine(step: int, steps: int, peak: float, warmup: int) -> float:
 def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, log_path: Path | None = None):
     """Fit g_skel by per-pixel BCE on single views. latents (N, V, 6, H, W), joints (N, 55, 3).
     Targets are drawn on the fly (a full set of maps would be N*V*K*H*W floats). Returns g_skel."""
-    from tqdm import tqdm
-
     resolution, device = latents.shape[-1], torch.device(args.device)
     torch.manual_seed(args.seed)  # the initial weights
     generator = torch.Generator().manual_seed(args.seed)  # batches and augmentation
@@ -662,7 +661,7 @@ def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, lo
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: warmup_cosine(s, args.steps, 1.0, warmup))
     pos_weight = torch.tensor(args.pos_weight, device=device)
     start, num = time.time(), latents.shape[0]
-    bar = tqdm(range(args.steps), desc="g_skel", leave=False)
+    bar = tqdm(range(args.steps), desc="g_skel", leave=False, disable=None)  # a bar on a terminal only
     for step in bar:
         subject = torch.randint(num, (args.batch_size,), generator=generator)
         view = torch.randint(NUM_VIEWS, (args.batch_size,), generator=generator)

@@ -413,7 +413,7 @@ def sample_views(unet, cond_image: torch.Tensor, num_steps: int = 20, guidance: 
         noise = torch.randn((b, num_views, LATENT_CHANNELS, h, w), generator=generator, device=gen_device)
     x = noise.to(cond_image.device, cond_image.dtype)  # (B, V, 6, H, W)
     steps = ddim_timesteps(num_steps, len(alphas))
-    for i, t in enumerate(tqdm(steps, desc="sampling", leave=False, disable=not progress)):
+    for i, t in enumerate(tqdm(steps, desc="sampling", leave=False, disable=None if progress else True)):
         pred = predict(unet, x, t, cond_image, guidance, alphas)
         if clip:
             pred = clip_prediction(pred, x, t, alphas)
@@ -821,7 +821,7 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     # --- train ---
     unet.train()
     first_step, loop_start = step, time.time()
-    bar = tqdm(total=args.steps, initial=step, desc="pretrain", disable=not accelerator.is_main_process)
+    bar = tqdm(total=args.steps, initial=step, desc="pretrain", disable=None if accelerator.is_main_process else True)
     tick = time.time()
     while step < args.steps:
         row = step_rows(step, len(train["image"]), args.batch_size - num_replay, world, rank, args.seed)
