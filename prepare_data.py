@@ -838,7 +838,7 @@ def load_motion(path: Path, layout: str = "auto", columns: dict | None = None, k
     path = Path(path)
     arrays = _read_motion_file(path)
     if columns or keys:
-        return _load_mapped(path, arrays, columns or {}, keys or {})
+        return _checked_angles(_load_mapped(path, arrays, columns or {}, keys or {}))
     name = _detect_layout(path, arrays) if layout == "auto" else layout
     spec = POSE_LAYOUTS[name]
     missing = [k for k in spec.required if k not in arrays]
@@ -860,11 +860,6 @@ def load_motion(path: Path, layout: str = "auto", columns: dict | None = None, k
     frames = len(poses)
     clip = {key: poses[:, slice(*spec.columns[key])].reshape((frames,) + shape) if key in spec.columns
             else np.zeros((frames,) + shape) for key, shape in POSE_KEYS.items()}
-    for key in ROTATION_KEYS:
-        angle = np.linalg.norm(clip[key].reshape(frames, -1, 3), axis=-1).max()
-        if angle > MAX_POSE_ANGLE:
-            raise UserError(f"{path}: '{key}' holds an axis-angle of {angle:.4g} rad, beyond {MAX_POSE_ANGLE:.4g} "
-                            "(4 pi): not radians of a pose (degrees?); fix or drop the file")
     if spec.trans_key in arrays:
         clip["transl"] = _checked(path, arrays[spec.trans_key], 3, f"'{spec.trans_key}'")
         if len(clip["transl"]) != frames:
@@ -882,8 +877,18 @@ def load_motion(path: Path, layout: str = "auto", columns: dict | None = None, k
                             "drop it")
     fps_key = next((key for key in spec.fps_keys if key in arrays), None)
     fps = spec.fps if fps_key is None else _scalar(path, arrays, fps_key, "frames per second; or pass --fps")
-    return dict(clip, path=path, layout=name, fps=fps, up=spec.up, hands=spec.hands,
-                unscaled=name == "aistpp" and "smpl_scaling" not in arrays)
+    return _checked_angles(dict(clip, path=path, layout=name, fps=fps, up=spec.up, hands=spec.hands,
+                                unscaled=name == "aistpp" and "smpl_scaling" not in arrays))
+
+
+def _checked_angles(clip: dict) -> dict:
+    """A loaded clip, refused when an axis-angle exceeds MAX_POSE_ANGLE (a file in degrees, or garbage)."""
+    for key in ROTATION_KEYS:
+        angle = np.linalg.norm(np.reshape(clip[key], (len(clip[key]), -1, 3)), axis=-1).max()
+        if angle > MAX_POSE_ANGLE:
+            raise UserError(f"{clip['path']}: '{key}' holds an axis-angle of {angle:.4g} rad, beyond "
+                            f"{MAX_POSE_ANGLE:.4g} (4 pi): not radians of a pose (degrees?); fix or drop the file")
+    return clip
 
 
 # Layouts POSE_LAYOUTS does not know, described by flags: --pose-columns names the columns of one packed
