@@ -227,8 +227,9 @@ def test_image_input_generates_views_with_per_sample_noise(world, tmp_path):
     assert out == tmp_path / "recon" / "tiny"
     image = rc.load_image(tmp_path / "person.png", res)
     assert image.shape == (3, res, res) and image[:, 0, 0].tolist() == [1.0, 1.0, 1.0]  # white margin
-    loaded, _ = pretrain.load_model(model)
-    expect = pretrain.sample_views(loaded, image[None], 2, 1.5, torch.Generator().manual_seed(0))[0]
+    loaded = pretrain.load_model(model)
+    expect = pretrain.sample_views(loaded.unet, image[None], 2, 1.5, torch.Generator().manual_seed(0),
+                                   alphas=loaded.alphas, codec=loaded.codec)[0]
     assert np.allclose(np.load(out / "00000" / "views.npz")["latents"], expect.numpy(), atol=1e-5)
     assert (out / "00000" / "mesh.ply").exists()
 
