@@ -8,10 +8,13 @@ import sys
 import types
 from pathlib import Path
 
+import matplotlib.image
 import numpy as np
 import pytest
 import torch
 import trimesh
+from scipy.spatial import procrustes
+from scipy.spatial.transform import Rotation
 
 import evaluate
 import posescore
@@ -89,9 +92,6 @@ def test_mpjpe_known_offsets():
 
 
 def test_pa_mpjpe_undoes_a_similarity_and_matches_scipy():
-    from scipy.spatial import procrustes
-    from scipy.spatial.transform import Rotation
-
     rng = np.random.default_rng(3)
     gt = rng.normal(size=(22, 3)) * 0.3
     rot = Rotation.random(random_state=4).as_matrix()
@@ -230,8 +230,6 @@ def test_end_to_end_numbers_files_and_report(tmp_path):
     assert {"metrics.png", "reward_curve.png", "scatter.png", "results.json", "grids/00002.png"} <= set(refs)
     for ref in refs:
         assert not Path(ref).is_absolute() and (out / ref).is_file(), ref
-    import matplotlib.image
-
     for ref in refs:
         if ref.endswith(".png"):
             assert matplotlib.image.imread(out / ref).ndim == 3

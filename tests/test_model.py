@@ -15,6 +15,7 @@ from pretrain import (Args, alphas_cumprod, build_unet, ddim_step, ddim_timestep
                       model_output, predict, sample_views, train_base, set_view_attention, unet_config)
 from prepare_data import NUM_VIEWS, VIEW_AZIMUTHS
 from plumbing import UserError
+from test_drpose import HalfSize
 
 RES = 16
 
@@ -271,8 +272,6 @@ def test_a_fresh_run_replaces_only_its_own_step_folders(run_dir):
 def test_pretraining_on_a_codec_that_changes_shape(run_dir, monkeypatch):
     """--codec NAME: the base learns the codec's latents (4 x 8 x 8 for 16 px views), names the codec in
     model_config.json, and its evaluation samples and decodes through it."""
-    from test_drpose import HalfSize
-
     monkeypatch.setitem(pretrain.CODECS, "half_size", HalfSize)
     base = train_base(tiny_args(run_dir, steps=2, codec="half_size", num_eval=2, sheet_subjects=1))
     model = load_model(base)

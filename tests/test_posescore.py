@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+import finetune
 import prepare_data as pd
 import posescore as ps
+import pretrain
 
 RES = 16  # small enough to train in seconds, large enough that a 0.1 rad pose change shows
 
@@ -307,9 +309,6 @@ def test_a_forked_reward_that_reads_only_gskel_runs_through_stage_2_and_drpose(t
                                                                                monkeypatch):
     """The forker's path: one function, one dict line. Stage 2's validation must not call it (it may
     need context a validation cannot give), and finetune.py must train against it without NaN."""
-    import finetune
-    import pretrain
-
     def mean_confidence(views, batch, ctx):  # needs nothing but g_skel: how sure g_skel is of any bone
         confidence = torch.sigmoid(ps.gskel_logits(ctx.gskel, views.to(ctx.device))).amax(2).mean((1, 2, 3))
         return confidence, {"confidence": confidence.detach()}
