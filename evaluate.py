@@ -60,9 +60,9 @@ from skimage.metrics import structural_similarity
 from tqdm import tqdm
 
 from prepare_data import (NUM_BODY_JOINTS, ORTHO_HALF_EXTENT, VIEW_AZIMUTHS, from_uint8, latents_to_views,
-                          load_split, read_manifest, view_rotations, views_mask, views_to_latents)
-from plumbing import (UserError, atomic_write, run_cli, write_json, with_preset, check_device, check_number,
-                      check_output, read_npz_key)
+                          load_split, view_rotations, views_mask, views_to_latents)
+from plumbing import (UserError, atomic_write, check_device, check_number, check_output, read_manifest, read_npz_key,
+                      run_cli, with_preset, write_json)
 import posescore
 from pretrain import psnr
 

@@ -335,7 +335,8 @@ def eval_reward(unet, batch: dict, codec: LatentCodec, alphas, reward_fn, reward
     training = unet.training
     unet.eval()
     with autocast(alphas.device):
-        views = sample_views(unet, batch["image"], args.ddim_steps, args.guidance, generator, alphas=alphas, codec=codec)
+        views = sample_views(unet, batch["image"], args.ddim_steps, args.guidance, generator, alphas=alphas,
+                             codec=codec)
     unet.train(training)
     rewards, _ = reward_fn(views.float(), batch, reward_ctx)
     return rewards.mean().item()
@@ -417,15 +418,16 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     trained = run.accelerator.unwrap_model(unet)  # the network itself (DDP wraps it on several GPUs)
     graphed = run.use_cuda and args.cuda_graphs
     pool = torch.cuda.graph_pool_handle() if graphed else None  # one memory pool: the two graphs never run at once
-    reference = Reference(trained, frozen_copy, GraphedCall(guided_output, frozen_copy, pool) if graphed else guided_output)
+    reference = Reference(trained, frozen_copy, GraphedCall(guided_output, frozen_copy, pool) if graphed
+                          else guided_output)
     nograd_call = GraphedCall(guided_output, trained, pool) if graphed else guided_output
     evaluate = (lambda: dict(eval_reward=eval_reward(trained, eval_inputs, codec, alphas, reward_fn, reward_ctx, args),
                              eval_reward_base=base_eval)) if base_eval is not None else None
 
     # --- train: sample with gradients, score, step ---
     while step < args.steps:
-        batch = posescore.reward_batch(pairs, step_rows(step, len(pairs["image"]), args.batch_size, world, run.rank,
-                                                        args.seed), device)  # image (B, 3, H, W), joints (B, 55, 3), ...
+        rows = step_rows(step, len(pairs["image"]), args.batch_size, world, run.rank, args.seed)
+        batch = posescore.reward_batch(pairs, rows, device)  # the pair rows: image (B, 3, H, W), joints, mask, ...
         out = drpose_step(batch, unet, reference, codec, alphas, reward_fn, reward_ctx, args, generator,
                           run.optimise, nograd_call)
         step += 1

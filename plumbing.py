@@ -169,6 +169,11 @@ def read_json(path: Path, made_by: str) -> dict:
     return obj
 
 
+def read_manifest(folder: Path, made_by: str) -> dict:
+    """The manifest.json of a data folder, or a one-line error saying which command makes it."""
+    return read_json(Path(folder) / "manifest.json", made_by)
+
+
 def read_npz(path: Path, expect_keys, made_by: str, count: int | None = None) -> dict:
     """Every array of an npz hand-off, with `expect_keys`, all of one length (`count` when given, its
     manifest's); any failure is one line naming the file and the command that makes it."""
@@ -373,7 +378,8 @@ class TrainingRun:
             truncate_log(self.metrics_path, step)  # drop lines a killed run logged after its last checkpoint
         model, optimizer = self.accelerator.prepare(model, optimizer)
         self.model, self.optimizer, self.params, self.generator = model, optimizer, params, generator
-        self.lr_at, self.record, self.trainable_only, self.postfix = lr_at, dict(record, resume_key=expect), trainable_only, postfix
+        self.lr_at, self.trainable_only, self.postfix = lr_at, trainable_only, postfix
+        self.record = dict(record, resume_key=expect)
         self.step, self.first_step, self.loop_start, self.tick = step, step, time.time(), time.time()
         self.bar = tqdm(total=self.args.steps, initial=step, desc=self.desc, disable=not self.is_main)
         return model, optimizer, step

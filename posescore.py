@@ -324,7 +324,8 @@ def load_gskel(folder: Path, device="cpu") -> GskelContext:
     """The frozen g_skel of a folder (posescore/, or pose_reader/: what reconstruction and evaluation read
     poses with, never a reward)."""
     gskel, config = load_gskel_network(folder, device)
-    return GskelContext(gskel=gskel, resolution=config["resolution"], width=config["width"], device=torch.device(device))
+    return GskelContext(gskel=gskel, resolution=config["resolution"], width=config["width"],
+                        device=torch.device(device))
 
 
 def view_joint_error_px(gskel_ctx: GskelContext, views: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
@@ -545,7 +546,8 @@ def load_view_latents(path: Path, keys=("joints",)) -> dict:
     batch (`reward_batch`) and the raw arrays."""
     arrays = load_split(path, expect_keys=("color", "normal", *keys))
     latents = views_to_latents(from_uint8(arrays["color"]), from_uint8(arrays["normal"]))
-    return dict(arrays, latents=latents, joints_t=torch.from_numpy(arrays["joints"]).float(), batch=reward_batch(arrays))
+    return dict(arrays, latents=latents, joints_t=torch.from_numpy(arrays["joints"]).float(),
+                batch=reward_batch(arrays))
 
 
 def render_broad(run_dir: Path, count: int, resolution: int, seed: int, device, any_orientation: bool = False) -> dict:
@@ -674,7 +676,8 @@ def true_vs_perturbed(fn, latents, batch, moved_joints, levels, ctx) -> dict:
     level) pairs, per level, and Spearman rank correlation between perturbation size (0 = true) and
     reward, per subject then averaged, and pooled."""
     true_r, _ = reward_in_chunks(fn, latents, batch, ctx)  # (N,)
-    moved_r = torch.stack([reward_in_chunks(fn, latents, dict(batch, joints=j), ctx)[0] for j in moved_joints])  # (L, N)
+    moved_r = torch.stack([reward_in_chunks(fn, latents, dict(batch, joints=j), ctx)[0]
+                           for j in moved_joints])  # (L, N)
     wins = (true_r[None] > moved_r).double()
     table = torch.cat([true_r[None], moved_r]).numpy()  # (L + 1, N)
     sizes = np.array([0.0, *levels])
@@ -766,7 +769,8 @@ def score(args: ScoreArgs) -> None:
     print(f"{args.reward}: mean {result['mean']:.4f} over {len(names)} samples of {args.views_dir}")
     for key, value in result["parts_mean"].items():
         print(f"  {key:16s} {value:.4f}")
-    out = args.out or (None if args.views_dir.suffix == ".npz" else args.views_dir / f"score_{Path(args.reward).name.replace(':', '_')}.json")
+    name = Path(args.reward).name.replace(":", "_")  # a name, or file.py:function
+    out = args.out or (None if args.views_dir.suffix == ".npz" else args.views_dir / f"score_{name}.json")
     if out is not None:
         write_json(out, result)
         print(f"wrote {out}")

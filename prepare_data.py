@@ -43,8 +43,8 @@ from smplx.lbs import batch_rigid_transform, batch_rodrigues
 from tqdm import tqdm
 
 from plumbing import (SPARSE_PICKLE, RefusedPickle, UserError, atomic_dir, atomic_write, check_device, check_number,
-                      check_output, check_pickles, contact_sheet, read_arrays, read_json, read_npz, read_scalar, run_cli,
-                      save_npz, some, with_preset, write_json)
+                      check_output, check_pickles, contact_sheet, read_arrays, read_manifest, read_npz, read_scalar,
+                      run_cli, save_npz, some, with_preset, write_json)
 
 
 @dataclass
@@ -106,7 +106,9 @@ class Args:
             check_number(self, name, 1)
         check_number(self, "neighbours", 0)
         check_number(self, "seed", 0)
-        check_resolution(self.resolution)
+        if self.resolution is not None and (self.resolution < TOKEN_GRID_PX or self.resolution % TOKEN_GRID_PX):
+            raise UserError(f"--resolution {self.resolution} must be a positive multiple of {TOKEN_GRID_PX} (the base "
+                            "model's token grid); pass e.g. --resolution 32")
         check_args(self)  # the pose-file flags and how they fit together
         if self.body_model is not None and not self.body_model.is_dir():
             raise UserError(f"--body-model {self.body_model} is not a folder; pass a folder holding "
@@ -144,6 +146,7 @@ VIEW_AZIMUTHS = (0, 45, 90, 180, 270, 315)  # PSHuman's six body views, degrees
 NUM_VIEWS = len(VIEW_AZIMUTHS)
 ORTHO_HALF_EXTENT = 1.1  # metres: every view spans [-1.1, 1.1] m in x and y around the subject
 BACKGROUND = 1.0  # white, for colour and for encoded normals ((1,1,1) is no unit normal)
+TOKEN_GRID_PX = 8  # resolutions are multiples of 8: the base model cuts views into 8 x 8 patch tokens
 
 
 def view_rotations(device=None, dtype=torch.float32, azimuths=VIEW_AZIMUTHS) -> torch.Tensor:
@@ -248,8 +251,7 @@ def export_mannequin_smplx(path: Path) -> dict:
     figure = Mannequin("wooden")
     rest_vertices, rest_joints = _mannequin_rest(np.zeros(10))
     num_vertices = len(rest_vertices)
-    vertex_dirs = np.zeros((num_vertices, 3, 10))
-    joint_dirs = np.zeros((NUM_JOINTS, 3, 10))
+    vertex_dirs, joint_dirs = np.zeros((num_vertices, 3, 10)), np.zeros((NUM_JOINTS, 3, 10))
     for k in range(10):
         step = MANNEQUIN_SHAPE_STEP * np.eye(10)[k]
         (v_plus, j_plus), (v_minus, j_minus) = _mannequin_rest(step), _mannequin_rest(-step)
@@ -1017,8 +1019,7 @@ def manifest(args: Args, source: str, files: dict, **extra) -> dict:
                 conventions=dict(joints="SMPL-X (smplx.joint_names), 55", bones=[list(b) for b in BONES],
                                  cameras=f"orthographic, elevation 0, half-extent {ORTHO_HALF_EXTENT} m, y up",
                                  normals="camera space, stored as (n + 1) / 2", background=BACKGROUND,
-                                 units="metres", frame="each subject centred on its mesh bounding box"),
-                **extra)
+                                 units="metres", frame="each subject centred on its mesh bounding box"), **extra)
 
 
 def _face_front(global_orient: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -1259,20 +1260,6 @@ def main(args: Args) -> None:
 
 
 # --- data hand-offs every stage reads: manifests and checked npz splits -----------------------
-
-TOKEN_GRID_PX = 8  # views are cut into 8 x 8 patch tokens by the base model (pretrain.TOKEN_GRID)
-
-
-def check_resolution(resolution: int | None, flag: str = "--resolution") -> None:
-    if resolution is not None and (resolution < TOKEN_GRID_PX or resolution % TOKEN_GRID_PX):
-        raise UserError(f"{flag} {resolution} must be a positive multiple of {TOKEN_GRID_PX} (the base model's "
-                        f"token grid); pass e.g. {flag} 32")
-
-
-def read_manifest(folder: Path, made_by: str) -> dict:
-    """The manifest of a data folder, or a one-line error saying which command makes it."""
-    return read_json(Path(folder) / "manifest.json", made_by)
-
 
 def load_split(path: Path, expect_keys=(), made_by: str = "python prepare_data.py") -> dict:
     """Arrays of one npz hand-off file, checked against its folder's manifest.json and the conventions."""

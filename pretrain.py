@@ -50,9 +50,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from tqdm import tqdm
 
 from plumbing import (TrainingRun, UserError, autocast, check_device, check_number, check_output, contact_sheet,
-                      jsonable, read_json, run_cli, step_rows, with_preset, write_json)
-from prepare_data import (NUM_VIEWS, VIEW_AZIMUTHS, from_uint8, latents_to_views, load_split, read_manifest, to_uint8,
-                          views_to_latents)
+                      jsonable, read_json, read_manifest, run_cli, step_rows, with_preset, write_json)
+from prepare_data import NUM_VIEWS, VIEW_AZIMUTHS, from_uint8, latents_to_views, load_split, to_uint8, views_to_latents
 from posescore import warmup_cosine
 
 
@@ -665,7 +664,8 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(unet, data: dict, count: int, args: Args, device, alphas, codec: LatentCodec, chunk: int = 8) -> torch.Tensor:
+def generate(unet, data: dict, count: int, args: Args, device, alphas, codec: LatentCodec,
+             chunk: int = 8) -> torch.Tensor:
     """Views (count, V, 6, H, W) for the first `count` subjects; noise from its own generator so
     every model sees the same noise and the training RNG is untouched."""
     generator = torch.Generator().manual_seed(args.seed + 12345)

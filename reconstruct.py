@@ -62,10 +62,10 @@ from tqdm import tqdm
 
 from prepare_data import (BACKGROUND, NUM_BODY_JOINTS, NUM_VIEWS, ORTHO_HALF_EXTENT, SMPLX_PARENTS, VIEW_AZIMUTHS,
                           body_forward, body_joints, from_uint8, latents_to_views, load_body_model, load_split,
-                          read_manifest, render_views, to_uint8, vertex_normals, view_rotations, views_to_latents,
-                          views_mask, views_to_pixels, world_to_views)
-from plumbing import (UserError, atomic_dir, check_device, check_number, check_output, contact_sheet, read_npz_key,
-                      run_cli, run_relative, with_preset, write_json)
+                          render_views, to_uint8, vertex_normals, view_rotations, views_to_latents, views_mask,
+                          views_to_pixels, world_to_views)
+from plumbing import (UserError, atomic_dir, check_device, check_number, check_output, contact_sheet, read_manifest,
+                      read_npz_key, run_cli, run_relative, with_preset, write_json)
 import posescore
 from posescore import draw_bones, gskel_logits, joints_from_maps, project_joints, skeleton_maps
 from pretrain import load_model, sample_views
