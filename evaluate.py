@@ -64,7 +64,7 @@ from prepare_data import (NUM_BODY_JOINTS, ORTHO_HALF_EXTENT, VIEW_AZIMUTHS, fro
 from plumbing import (UserError, atomic_write, check_device, check_number, check_output, read_manifest, read_npz_key,
                       run_cli, with_preset, write_json)
 import posescore
-from pretrain import psnr
+from pretrain import load_model, psnr, sample_views
 
 
 @dataclass
@@ -86,6 +86,12 @@ class Args:
     network_metrics: bool = True
     """also score the generated views with the networks: PoseScore (run_dir/posescore/) and the view
     joint error (run_dir/pose_reader/), each when its folder exists"""
+    judge_sets: tuple[str, ...] = ("val", "drpose_gt")
+    """datasets besides the bench whose views every model generates here, for the judge's rows:
+    `val` (held-out scans: the in-distribution row) and `drpose_gt` (the DrPose poses' GT renders: the
+    ceiling's own training poses). Needs <run-dir>/<model>/ model folders and pose_reader/; () skips"""
+    judge_count: int = 48
+    """subjects of each judge set (the first N)"""
     max_grids: int | None = None
     """image grids for the first N bench subjects (demo 12, full 16)"""
     seed: int = 0
@@ -105,6 +111,10 @@ class Args:
         if len(set(self.models)) != len(self.models):
             raise UserError(f"--models {' '.join(self.models)} names a model twice; name each once")
         check_number(self, "num_samples", 1)
+        check_number(self, "judge_count", 1)
+        unknown = [name for name in self.judge_sets if name not in JUDGE_SETS]
+        if unknown:
+            raise UserError(f"--judge-sets {' '.join(unknown)}: not a judge set; pass any of {' '.join(JUDGE_SETS)}")
         check_number(self, "fscore_cm", 0, above=True)
         check_number(self, "max_grids", 0)
         check_number(self, "seed", 0)
@@ -127,6 +137,8 @@ METRICS = {
     "mpjpe_mm": ("MPJPE", "mm", "lower"),
     "pa_mpjpe_mm": ("PA-MPJPE", "mm", "lower"),
     "view_joint_error_px": ("view joint error", "px", "lower"),
+    "judged_error_px": ("judged error (side views)", "px", "lower"),
+    "solidity": ("solidity", "", "higher"),
     "mask_iou": ("silhouette IoU", "", "higher"),
     "posescore": ("PoseScore", "", "higher"),
     "psnr_color_db": ("PSNR colour", "dB", "higher"),
@@ -352,8 +364,8 @@ def posescore_metric(views, batch, ctx):
 
 
 def view_joint_error_metric(views, batch, gskel_ctx):
-    """The pose reader's 2D joint error in pixels, mean over the six views (posescore.view_joint_error_px)."""
-    return posescore.view_joint_error_px(gskel_ctx, views, batch["joints"]).mean(1), {}
+    """The pose reader's 2D joint error in pixels, mean over the six views (posescore.view_joint_error)."""
+    return posescore.view_joint_error(gskel_ctx, views, batch["joints"]).mean(1), {}
 
 
 # What a g_skel network reads off the generated views: metric -> (folder under the run, how it is loaded,
@@ -400,7 +412,51 @@ def summary(values: np.ndarray) -> dict:
 
 # The judge of DrPose's effect: the pose reader's view joint error, and the share of the base ->
 # supervised ceiling gap a model closes on it, per bench split (README, "How the result is judged").
-GAP_METRIC = "view_joint_error_px"
+GAP_METRIC = "judged_error_px"  # the judge: the pose reader's side-view error with the penalty for faint drawing
+
+
+JUDGE_SETS = {"val": "data/scans/val.npz", "drpose_gt": "data/drpose_gt/train.npz"}
+JUDGE_SET_LABELS = {"val": "val (held-out scans: in-distribution)", "drpose_gt": "DrPose poses (the ceiling's training set)"}
+
+
+@torch.no_grad()
+def generate_set(model_dir: Path, images: torch.Tensor, seed: int, device, chunk: int = 16) -> torch.Tensor:
+    """A model's views of images (N, 3, H, W) in [0, 1] -> (N, V, 6, H, W), with the model's own
+    sampling settings and noise from its own generator (seed), so every model sees the same noise."""
+    model = load_model(model_dir, device)
+    generator = torch.Generator().manual_seed(seed + 12345)
+    sampling = model.config["sampling"]
+    out = [sample_views(model.unet, images[i:i + chunk].to(device), sampling["num_steps"], sampling["guidance"],
+                        generator, alphas=model.alphas, codec=model.codec).float().cpu()
+           for i in range(0, len(images), chunk)]
+    return torch.cat(out)
+
+
+def judge(reader, views: torch.Tensor, gt_views: torch.Tensor, joints: torch.Tensor) -> dict[str, np.ndarray]:
+    """The judge on side views 1..5 (the front view is the input's): per subject (N,) the reader's view
+    joint error (px), the solidity (share of the GT's ink) and the judged error (posescore.judged_error)."""
+    error = posescore.view_joint_error(reader, views, joints)[:, 1:]  # (N, 5)
+    solid = posescore.solidity(views, gt_views)[:, 1:]
+    judged = posescore.judged_error(error, solid)
+    return dict(side_error_px=error.mean(1).numpy(), solidity=solid.mean(1).numpy(), judged_px=judged.mean(1).numpy())
+
+
+def judge_set(run_dir: Path, data_path: Path, models: dict[str, Path], reader, count: int, seed: int,
+              device, split: str | None = None) -> dict:
+    """{model tag or 'gt': {quantity: mean}} of the judge on the first `count` subjects of a dataset
+    (of its bench `split` only, when given)."""
+    arrays = load_split(data_path, expect_keys=("color", "normal", "joints"), made_by=bench_command(run_dir))
+    if split is not None:
+        arrays = {k: v[np.array([str(x) for x in arrays["split"]]) == split] for k, v in arrays.items()}
+    count = min(count, len(arrays["joints"]))
+    gt = views_to_latents(from_uint8(arrays["color"][:count]), from_uint8(arrays["normal"][:count]))
+    joints = torch.from_numpy(arrays["joints"][:count]).float()
+    images = from_uint8(arrays["image"][:count]) if "image" in arrays else (gt[:, 0, :3] + 1) / 2
+    out = {"gt": judge(reader, gt, gt, joints)}
+    for tag, folder in models.items():
+        out[tag] = judge(reader, generate_set(folder, images, seed, device), gt, joints)
+    return dict(count=count, models={tag: {k: float(v.mean()) for k, v in values.items()}
+                                     for tag, values in out.items()})
 
 
 def gap_closed(base: float, model: float, ceiling: float) -> float | None:
@@ -519,8 +575,18 @@ def split_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     header = ["split", "subjects"] + [f"{t}: {metric_label(GAP_METRIC, results)}" for t in tags]
     header += [f"{t}: gap closed" for t in others] if has_gap else []
     rows = []
+    for name, entry in results.get("judge_sets", {}).items():  # in-distribution and training-fit rows first
+        means = {t: entry["models"].get(t, {}).get("judged_px") for t in tags}
+        row = [JUDGE_SET_LABELS[name], str(entry["count"])] + ["n/a" if means[t] is None else f"{means[t]:.3f}"
+                                                                for t in tags]
+        if has_gap:
+            base, ceiling = means.get("base"), means.get("ceiling")
+            gaps = {t: gap_closed(base, means[t], ceiling) if None not in (base, ceiling, means[t]) else None
+                    for t in others}
+            row += ["n/a" if gaps[t] is None else f"{100 * gaps[t]:.0f}%" for t in others]
+        rows.append(row)
     for name, entry in results["splits"].items():
-        row = [name, str(entry["count"])]
+        row = [f"bench {name}", str(entry["count"])]
         row += ["n/a" if entry["models"][t].get(GAP_METRIC) is None else f"{entry['models'][t][GAP_METRIC]:.3f}"
                 for t in tags]
         if has_gap:
@@ -544,9 +610,11 @@ def write_markdown(path: Path, results: dict) -> str:
             f"--models {' '.join(results['models'])}`.")
     for metric, value in results["gt_reference"].items():
         note += f" {METRICS[metric][0]} of the GT renders: {value['mean']:.4g}."
-    note += (" Split table: mean view joint error per bench split (the pose reader, never the reward); gap "
-             "closed = (base - model) / (base - ceiling), the share of the way from the base to the "
-             "supervised ceiling (the base fine-tuned on six-view renders of the DrPose poses).")
+    note += (" Judge table: the judged error (px) on the side views: the pose reader's joint error (a network "
+             "trained apart from the reward) plus the penalty for a faint drawing (posescore.judged_error), "
+             "on held-out scans, the DrPose poses and each bench split; gap closed = (base - model) / "
+             "(base - ceiling), the share of the way from the base to the supervised ceiling (the base "
+             "fine-tuned on six-view renders of the DrPose poses).")
     text = "\n".join(lines) + "\n\n" + note + "\n"
     with atomic_write(path) as tmp:
         tmp.write_text(text)
@@ -756,10 +824,26 @@ def main(args: Args) -> dict:
     for metric, values in scores.items():
         for tag in recons:
             per_subject[tag][metric] = values[tag]
+    reader_dir = args.run_dir / "pose_reader"
+    judge_rows = {}
+    if args.network_metrics and reader_dir.exists():
+        reader = posescore.load_gskel(reader_dir, args.device)
+        gt = views_to_latents(from_uint8(bench["color"][:count]), from_uint8(bench["normal"][:count]))
+        joints = torch.from_numpy(bench["joints"][:count]).float()
+        for tag, recon in recons.items():
+            verdict = judge(reader, torch.from_numpy(recon["latents"][:count]).float(), gt, joints)
+            per_subject[tag] |= dict(judged_error_px=verdict["judged_px"], solidity=verdict["solidity"])
+        scores["judged_error_px"] = dict(gt=judge(reader, gt, gt, joints)["judged_px"])
+        # --- the judge's other rows: held-out scans (in-distribution) and the DrPose poses' GT ---
+        models = {tag: args.run_dir / tag for tag in args.models if (args.run_dir / tag).is_dir()}
+        for name in args.judge_sets:
+            judge_rows[name] = judge_set(args.run_dir, args.run_dir / JUDGE_SETS[name], models, reader,
+                                         args.judge_count, args.seed, args.device)
 
     # --- results.json, results.md ---
     out = args.run_dir / "eval"
     results = summarise(args, per_subject, {metric: values["gt"] for metric, values in scores.items()}, bench, count)
+    results["judge_sets"] = judge_rows
     write_json(out / "results.json", results)
     table = write_markdown(out / "results.md", results)
 

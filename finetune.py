@@ -23,7 +23,8 @@ Vocabulary (DRaFT, DRTune, AlignProp), each one flag:
   `--method draft`       DRaFT-K: the last K steps in the graph, inputs not detached, full chain
   `--method alignprop`   AlignProp: a random number of last steps in the graph, full chain
 Loss (written once, `drpose_loss`): (1 - r) + w_KL * ||eps_trained - eps_frozen||^2 at the K steps
-[+ w_real * the frozen base's denoising error on the views, `--realism-weight`, not in the paper].
+[+ w_real * the frozen base's denoising error on the views, `--realism-weight`, not in the paper]
+[+ w_anchor * the diffusion loss on the base's own scans, `--anchor-weight`, not in the paper].
 The frozen starting model (`Reference`) is, on CUDA, a bf16 copy made before training (LoRA included:
 no adapter toggling inside the chain); on the CPU, with LoRA, the same network with its adapters
 switched off; full fine-tuning on the CPU keeps a float32 copy.
@@ -50,8 +51,9 @@ import posescore
 from plumbing import (GraphedCall, TrainingRun, UserError, autocast, check_device, check_number, check_output,
                       frozen_bf16, jsonable, run_cli, run_relative, step_rows, with_preset)
 from prepare_data import load_split
-from pretrain import (LatentCodec, clip_prediction, ddim_step, denoising_error, device_timesteps, guided_output,
-                      load_model, sample_views, save_model, split_v, weights_sha256)
+from pretrain import (LatentCodec, batch_latents, clip_prediction, ddim_step, denoising_error, device_timesteps,
+                      diffusion_loss, guided_output, load_model, load_multiview, sample_views, save_model, split_v,
+                      weights_sha256)
 
 
 @dataclass
@@ -91,6 +93,9 @@ class Args:
     (`realism_penalty`; not in the paper: 0 is the paper's method)"""
     realism_t_range: tuple[int, int] = (50, 950)
     """timesteps at which the generated views are re-noised for the realism penalty"""
+    anchor_weight: float = 0.0
+    """weight of the data anchor: the diffusion loss on the scans the base learnt (data/scans/train.npz, never
+    the DrPose poses' GT), as in DDRL and ControlNet++: the generator stays on its manifold (not in the paper)"""
     guidance: float | None = None
     """classifier-free guidance while sampling for the reward (default: the base model's inference value)"""
     lora_rank: int | None = None
@@ -141,7 +146,8 @@ class Args:
         for name in ("batch_size", "ddim_steps", "grad_steps", "warmup_steps", "eval_every", "checkpoint_every",
                      "keep_checkpoints", "log_every"):
             check_number(self, name, 1)
-        for name in ("early_stop_max", "num_eval", "kl_weight", "perceptual_weight", "guidance", "seed"):
+        for name in ("early_stop_max", "num_eval", "kl_weight", "perceptual_weight", "anchor_weight", "guidance",
+                     "seed"):
             check_number(self, name, 0)
         check_number(self, "lr", 0, above=True)
         check_number(self, "grad_clip", 0, above=True)
@@ -279,19 +285,23 @@ def kl_term(eps_gaps: list[torch.Tensor]) -> torch.Tensor:
 
 
 def drpose_loss(rewards: torch.Tensor, kl: torch.Tensor, kl_weight: float, realism: torch.Tensor | None = None,
-                realism_weight: float = 0.0) -> torch.Tensor:
+                realism_weight: float = 0.0, anchor: torch.Tensor | None = None,
+                anchor_weight: float = 0.0) -> torch.Tensor:
     """The one place the sign convention lives: rewards are maximised, so the loss is 1 - r; the KL
-    term (`kl_term`) and the realism penalty are minimised."""
+    term (`kl_term`), the realism penalty and the data anchor's diffusion loss are minimised."""
     loss = (1 - rewards).mean() + kl_weight * kl.mean()
-    return loss + realism_weight * realism.mean() if realism is not None else loss
+    loss = loss + realism_weight * realism.mean() if realism is not None else loss
+    return loss + anchor_weight * anchor if anchor is not None else loss
 
 
 def drpose_step(batch: dict, unet, reference: Reference, codec: LatentCodec, alphas: torch.Tensor,
                 reward_fn: Callable, reward_ctx, args: Args, generator: torch.Generator,
-                optimise: Callable[[torch.Tensor], torch.Tensor], nograd_call: Callable = guided_output) -> dict:
+                optimise: Callable[[torch.Tensor], torch.Tensor], nograd_call: Callable = guided_output,
+                anchor_batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """One DrPose step on a batch of (pose, image) pair rows (posescore.reward_batch): noise, plan,
     chain, reward, KL, loss, optimiser step (`optimise(loss)`, which returns the gradient norm).
-    Returns what the log line reports."""
+    `anchor_batch`: scan latents and images for the data anchor (--anchor-weight). Returns what the log
+    line reports."""
     image = batch["image"]  # (B, 3, H, W) in [0, 1]: all the sampler sees of the pair
     noise = torch.randn(codec.latent_shape(len(image), image.shape[-1]), generator=generator).to(image.device)
     plan = plan_chain(args.method, args.ddim_steps, args.grad_steps, args.early_stop_max, generator)
@@ -302,9 +312,12 @@ def drpose_step(batch: dict, unet, reference: Reference, codec: LatentCodec, alp
     kl = kl_term(eps_gaps)  # (B,)
     realism = realism_penalty(reference, codec, views, image, alphas, args.realism_t_range, generator) \
         if args.realism_weight > 0 else None  # no draws when off, so the paper's runs keep their noise
-    loss = drpose_loss(rewards, kl, args.kl_weight, realism, args.realism_weight)
+    with autocast(image.device):  # the data anchor: the ordinary diffusion loss on a batch of the base's scans
+        anchor = diffusion_loss(unet, *anchor_batch, alphas, 0.0, generator) if anchor_batch is not None else None
+    loss = drpose_loss(rewards, kl, args.kl_weight, realism, args.realism_weight, anchor, args.anchor_weight)
     grad_norm = optimise(loss)
-    return dict(loss=loss, rewards=rewards, kl=kl, realism=realism, parts=parts, plan=plan, grad_norm=grad_norm)
+    return dict(loss=loss, rewards=rewards, kl=kl, realism=realism, anchor=anchor, parts=parts, plan=plan,
+                grad_norm=grad_norm)
 
 
 # --- the training pairs: poses and single images, never multi-view ---------------------------------
@@ -315,23 +328,21 @@ def load_pairs(run_dir: Path) -> dict:
                       made_by=f"python prepare_data.py --run-dir {run_dir}")
 
 
-def load_eval_inputs(run_dir: Path, count: int) -> dict | None:
+def load_eval_inputs(run_dir: Path, count: int, device) -> dict | None:
     """The first `count` bench subjects as pair rows (front image, joints, pose, front mask; the
     multi-view GT in the same file is never used). None when data/bench/ is absent."""
     path = run_dir / "data/bench/bench.npz"
     if count <= 0 or not path.exists():
         return None
     arrays = load_split(path, expect_keys=("image", "joints"), made_by=f"python prepare_data.py --run-dir {run_dir}")
-    return posescore.reward_batch(arrays, slice(0, count))
+    return posescore.reward_batch(arrays, slice(0, count), device)
 
 
 @torch.no_grad()
 def eval_reward(unet, batch: dict, codec: LatentCodec, alphas, reward_fn, reward_ctx, args: Args) -> float:
-    """Mean reward of views sampled from fixed inputs with fixed noise (its own generator, so the
-    training RNG is untouched and every call, base or fine-tuned, sees the same noise). In eval mode;
-    the model's mode is restored after."""
+    """Mean reward of views sampled from fixed inputs with fixed noise (its own generator: the training RNG
+    is untouched and every model sees the same noise), in eval mode (the model's mode is restored after)."""
     generator = torch.Generator().manual_seed(args.seed + 777)
-    batch = {k: v.to(alphas.device) for k, v in batch.items()}
     training = unet.training
     unet.eval()
     with autocast(alphas.device):
@@ -348,8 +359,7 @@ def log_line(out: dict, step: int, args: Args, evaluate: Callable[[], dict] | No
                 kl=round(out["kl"].mean().item(), 6), grad_norm=round(float(out["grad_norm"]), 5),
                 grad_steps=list(out["plan"].grad_steps), stop=out["plan"].stop,
                 parts={k: round(v.mean().item(), 5) for k, v in out["parts"].items()})
-    if out["realism"] is not None:
-        line["realism"] = round(out["realism"].mean().item(), 6)
+    line |= {k: round(out[k].mean().item(), 6) for k in ("realism", "anchor") if out[k] is not None}
     if evaluate is not None and (step % args.eval_every == 0 or step == args.steps):
         line.update(evaluate())
     return line
@@ -367,7 +377,9 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
 
     # --- data: (pose, image) pairs; a fixed bench subset for evaluation ---
     pairs = load_pairs(run_dir)
-    eval_inputs = load_eval_inputs(run_dir, args.num_eval)
+    # The data anchor's six-view scans: the base's own training set, never the DrPose poses' GT.
+    anchor_data = load_multiview(run_dir / "data/scans/train.npz", run_dir) if args.anchor_weight > 0 else None
+    eval_inputs = load_eval_inputs(run_dir, args.num_eval, device)
     if len(pairs["image"]) < args.batch_size * world:
         raise UserError(f"{run_dir}/data/drpose/pairs.npz has {len(pairs['image'])} pairs, fewer than "
                         f"--batch-size x devices = {args.batch_size * world}")
@@ -428,8 +440,10 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     while step < args.steps:
         rows = step_rows(step, len(pairs["image"]), args.batch_size, world, run.rank, args.seed)
         batch = posescore.reward_batch(pairs, rows, device)  # the pair rows: image (B, 3, H, W), joints, mask, ...
+        anchor_batch = None if anchor_data is None else batch_latents(anchor_data, step_rows(  # own fixed order
+            step, len(anchor_data["image"]), args.batch_size, world, run.rank, args.seed + 1), device, codec)
         out = drpose_step(batch, unet, reference, codec, alphas, reward_fn, reward_ctx, args, generator,
-                          run.optimise, nograd_call)
+                          run.optimise, nograd_call, anchor_batch)
         step += 1
         if run.end_of_step(step, lambda: log_line(out, step, args, evaluate)):
             break
@@ -459,8 +473,7 @@ def save_drpose(folder: Path, unet, record: dict, has_lora: bool) -> None:
 
 def main(args: Args) -> None:
     start = time.time()
-    out = drpose(args)
-    print(f"wrote {out} in {time.time() - start:.0f} s")
+    print(f"wrote {drpose(args)} in {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":

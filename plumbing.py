@@ -357,17 +357,23 @@ class TrainingRun:
         self.world, self.is_main = self.accelerator.num_processes, self.accelerator.is_main_process
 
     def start(self, model, optimizer, params: list, generator: torch.Generator, lr_at: Callable[[int], float],
-              expect: dict, record: dict, trainable_only: bool = False, postfix: tuple[str, ...] = ("loss",)):
+              expect: dict, record: dict, trainable_only: bool = False, postfix: tuple[str, ...] = ("loss",),
+              extras: dict | None = None):
         """Resume from the newest checkpoint (weights, optimizer, this process's RNG) or start fresh, then
         hand model and optimizer to accelerate. `expect`: what must match to resume (a checkpoint that
         differs is refused in one line); `record`: what every checkpoint stores besides; `lr_at(step)`: the
-        learning rate. Returns (model, optimizer, step) with model and optimizer prepared."""
+        learning rate; `extras`: more state by name (e.g. an EMA of the weights: anything with state_dict /
+        load_state_dict), saved as <name>.pt in every checkpoint and restored on resume. Returns (model,
+        optimizer, step) with model and optimizer prepared."""
         step = 0
         found = latest_checkpoint(self.ckpt_root) if self.args.resume else None
         if found is not None:
             step, rng_states = load_checkpoint(found, model, optimizer, expect)
             if step > self.args.steps:
                 raise UserError(f"{found} is past --steps {self.args.steps}; raise --steps or pass another --out")
+            for name, state in (extras or {}).items():
+                state.load_state_dict(torch.load(found / f"{name}.pt", map_location="cpu", weights_only=True))
+                state.to(self.device)
             generator.set_state(rng_from_str(rng_states[self.rank]))
             self.accelerator.print(f"resumed from {found} (step {step})")
         elif self.is_main and self.ckpt_root.exists():
@@ -378,7 +384,7 @@ class TrainingRun:
             truncate_log(self.metrics_path, step)  # drop lines a killed run logged after its last checkpoint
         model, optimizer = self.accelerator.prepare(model, optimizer)
         self.model, self.optimizer, self.params, self.generator = model, optimizer, params, generator
-        self.lr_at, self.trainable_only, self.postfix = lr_at, trainable_only, postfix
+        self.lr_at, self.trainable_only, self.postfix, self.extras = lr_at, trainable_only, postfix, extras or {}
         self.record = dict(record, resume_key=expect)
         self.step, self.first_step, self.loop_start, self.tick = step, step, time.time(), time.time()
         self.bar = tqdm(total=self.args.steps, initial=step, desc=self.desc, disable=not self.is_main)
@@ -416,7 +422,8 @@ class TrainingRun:
             rng_states = gather_object([rng_to_str(self.generator.get_state())])
             if self.is_main:
                 save_checkpoint(self.ckpt_root, step, self.accelerator.unwrap_model(self.model), self.optimizer,
-                                rng_states, self.record, args.keep_checkpoints, self.trainable_only)
+                                rng_states, self.record, args.keep_checkpoints, self.trainable_only,
+                                {name: state.state_dict() for name, state in self.extras.items()})
             self.accelerator.wait_for_everyone()
         if self.hook is not None:
             self.hook(step)
@@ -501,16 +508,19 @@ def trainable_names(model) -> set[str]:
 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, rng_states: list[str], record: dict, keep: int,
-                    trainable_only: bool = False) -> Path:
+                    trainable_only: bool = False, extra_state: dict | None = None) -> Path:
     """<out>_ckpt/step_NNNNNN/: model.safetensors, optimizer.pt, state.json (step, RNG, args,
-    versions, model config). Written as step_NNNNNN.tmp/ and renamed when complete. trainable_only:
-    only the weights that train (LoRA adapters; the frozen base is reloaded from its own folder)."""
+    versions, model config) and <name>.pt per `extra_state` entry. Written as step_NNNNNN.tmp/ and renamed
+    when complete. trainable_only: only the weights that train (LoRA adapters; the frozen base is reloaded
+    from its own folder)."""
     folder = Path(root) / f"step_{step:06d}"
     keys = trainable_names(model) if trainable_only else model.state_dict().keys()
     with atomic_dir(folder) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k in keys},
                   tmp / "model.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        for name, state in (extra_state or {}).items():  # e.g. ema.pt: inside the folder, so complete with it
+            torch.save(state, tmp / f"{name}.pt")
         write_json(tmp / "state.json", dict(record, step=step, rng=rng_states, unet_config=architecture(model.config),
                                             weights="trainable" if trainable_only else "all"))
     for old in sorted(p for p in Path(root).iterdir() if STEP_DIR.match(p.name))[:-keep]:

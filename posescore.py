@@ -23,7 +23,7 @@ Every reward in REWARDS has one signature, so finetune.py's `--reward NAME` swap
         -> (rewards (B,), parts {name: (B,)})      higher is better, differentiable in views
 where batch is the whole (pose, image) pair row (`reward_batch`): joints (B, 55, 3), image (B, 3, H, W)
 in [0, 1], mask (B, H, W) 0/1, the SMPL-X parameters, and anything else pairs.npz holds. The evaluation's
-view joint error (`view_joint_error_px`) is no registry entry, so editing a reward cannot change it.
+view joint error (`view_joint_error`) is no registry entry, so editing a reward cannot change it.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from scipy.stats import spearmanr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from tqdm import tqdm
 
-from prepare_data import (BONE_GROUPS, BONES, NUM_BODY_JOINTS, NUM_VIEWS, POSE_KEYS, VIEW_AZIMUTHS, body_forward,
+from prepare_data import (BONE_GROUPS, views_mask, BONES, NUM_BODY_JOINTS, NUM_VIEWS, POSE_KEYS, VIEW_AZIMUTHS, body_forward,
                           from_uint8, load_body_model, load_split, views_to_latents, views_to_pixels, world_to_views,
                           generate_poses, render_subjects, sample_outfits)
 from plumbing import (UserError, atomic_dir, run_cli, write_json, with_preset, check_device, check_number,
@@ -97,6 +97,10 @@ class TrainArgs:
     so g_skel holds up on generated, softer views"""
     noise: float = 0.05
     """augmentation: the largest std of added Gaussian noise (latents are in [-1, 1])"""
+    mess: float = 0.0
+    """augmentation: strength of `solid_mess` (speckle, blotches, blur up to a blob, colour shifts, pixels
+    missing or added at the limbs; 1 puts each on up to half the views), so the pose reader reads a
+    correct pose drawn messily as correct; 0 = off (the reward's g_skel, as in the paper)"""
     perturb_levels: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
     """validation: std (radians) of the noise added to every body_pose joint for perturbed poses"""
     log_every: int = 50
@@ -124,7 +128,7 @@ class TrainArgs:
             check_number(self, name, 1)
         for name in ("lr", "width", "pos_weight"):
             check_number(self, name, 0, above=True)
-        for name in ("blur", "noise", "seed", "threads"):
+        for name in ("blur", "noise", "mess", "seed", "threads"):
             check_number(self, name, 0)
         if self.init is None and (not self.channels or any(c < 8 or c % 8 for c in self.channels)):
             raise UserError(f"--channels {' '.join(map(str, self.channels))}: each width must be a positive multiple "
@@ -328,17 +332,6 @@ def load_gskel(folder: Path, device="cpu") -> GskelContext:
                         device=torch.device(device))
 
 
-def view_joint_error_px(gskel_ctx: GskelContext, views: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
-    """(B, V) 2D body-joint error in pixels per view: the joints read off g_skel's maps of views
-    (B, V, 6, H, W) (`joints_from_maps`) against the GT joints (B, 55, 3) projected into each view, mean
-    over the 22 body joints. evaluate.py's view joint error (with the pose reader); no reward's entry in
-    REWARDS, so editing a reward cannot change the metric."""
-    check_reward_inputs(views, {"joints": joints}, gskel_ctx)
-    maps = torch.sigmoid(gskel_logits(gskel_ctx.gskel, views.to(gskel_ctx.device)))  # (B, V, K, H, W)
-    error = joints_from_maps(maps) - project_joints(joints.to(gskel_ctx.device, maps.dtype), gskel_ctx.resolution)
-    return error.norm(dim=-1).mean(-1)
-
-
 # --- rewards: one signature, a registry --------------------------------------------------------
 
 MULTIVIEW_KEYS = ("color", "normal", "depth")  # six-view ground truth: never in a reward's batch (DrPose has none)
@@ -438,7 +431,9 @@ def keypoints_reward(views: torch.Tensor, batch: dict, ctx: RewardContext):
     projected GT joints. Reward = -mean 2D distance as a fraction of the image width (0 is
     perfect, about -0.05 is a few pixels off at 32 px); parts per view."""
     joints = check_reward_inputs(views, batch, ctx)
-    error = view_joint_error_px(ctx, views, joints) / ctx.resolution  # (B, V)
+    maps = torch.sigmoid(gskel_logits(ctx.gskel, views.to(ctx.device)))  # (B, V, K, H, W)
+    error = joints_from_maps(maps) - project_joints(joints.to(ctx.device, maps.dtype), ctx.resolution)
+    error = error.norm(dim=-1).mean(-1) / ctx.resolution  # (B, V)
     return -error.mean(1), {f"view_{az:03d}": -error[:, v] for v, az in enumerate(VIEW_AZIMUTHS)}
 
 
@@ -587,6 +582,120 @@ def augment(images: torch.Tensor, blur: float, noise: float, generator: torch.Ge
     return (images * gain + std * jitter).clamp(-1, 1)
 
 
+# --- artefacts of generated views: the judge reads through them, the judge check measures them ------
+# Generated views are right or wrong in pose and, separately, clean or messy in drawing. A fair judge
+# reads the pose through solid mess (isolated speckle, blotches, blur, colour shifts, pixels missing
+# or added at the limbs) and does not reward a pose that is barely drawn (faint: blended towards the
+# background). All act on view latents (..., 6, H, W) in [-1, 1] whose background is 1.
+
+def speckle(views: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
+    """`share` of the pixels replaced by uniform random values, independently per pixel."""
+    hit = torch.rand(views[..., :1, :, :].shape, generator=generator) < share  # (..., 1, H, W)
+    noise = torch.rand(views.shape, generator=generator) * 2 - 1
+    return torch.where(hit.to(views.device), noise.to(views), views)
+
+
+def box_blur(views: torch.Tensor, times: int) -> torch.Tensor:
+    """A 3x3 box blur (edges replicated), `times` times: a blob when repeated."""
+    flat = views.reshape(-1, 1, *views.shape[-2:])
+    for _ in range(times):
+        flat = F.avg_pool2d(F.pad(flat, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return flat.reshape(views.shape)
+
+
+def fade(views: torch.Tensor, amount: float | torch.Tensor) -> torch.Tensor:
+    """Blend towards the background (1) by `amount` in [0, 1]: a faint drawing of the same pose."""
+    return views + amount * (1 - views)
+
+
+def _random_discs(mask: torch.Tensor, count: int, radius: float, generator: torch.Generator) -> torch.Tensor:
+    """(N, H, W) {0, 1} -> (N, H, W) bool: `count` discs per image centred on random pixels of `mask`."""
+    res = mask.shape[-1]
+    weights = mask.flatten(1) + 1e-6  # an empty mask still gets discs, anywhere
+    centres = torch.multinomial(weights, count, replacement=True, generator=generator)  # (N, count)
+    cu, cv = (centres % res).float() + 0.5, (centres // res).float() + 0.5
+    grid = torch.arange(res, dtype=torch.float32) + 0.5
+    d2 = (grid[None, None, None, :] - cu[..., None, None]) ** 2 + (grid[None, None, :, None] - cv[..., None, None]) ** 2
+    return (d2 <= radius ** 2).any(1)  # (N, H, W)
+
+
+def solid_mess(views: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """(N, 6, H, W) -> the same poses drawn messily but solidly, each artefact drawn at random per
+    image: colour shift, blotches of random colour near the figure, figure pixels missing (turned to
+    background) or added (the figure grown by a pixel) near the limbs, blur, isolated speckle.
+    The reader trains under it, so that a correct, messy view reads close to a correct, clean one."""
+    num, device = views.shape[0], views.device
+    out = views.detach().float().cpu()  # drawn on the CPU, where the generator lives
+    mask = views_mask(out)  # (N, H, W) the figure as drawn
+    on = lambda p: (torch.rand(num, generator=generator) < p * strength)  # (N,) which images get it
+    # colour shift: gain and offset per channel
+    gain = 1 + 0.15 * torch.randn(num, 6, 1, 1, generator=generator)
+    offset = 0.1 * torch.randn(num, 6, 1, 1, generator=generator)
+    shifted = out + mask[:, None] * (out * (gain - 1) + offset)  # the figure moves, the background stays
+    out = torch.where(on(0.5)[:, None, None, None], shifted, out)
+    # pixels missing near the limbs: small discs of the figure turned to background
+    gone = _random_discs(mask, 3, 1.0, generator) & on(0.4)[:, None, None]
+    out = torch.where(gone[:, None], torch.ones_like(out), out)
+    # pixels added near the limbs: the figure grown by one pixel (a max-pool of its darkness) in places
+    grown = -F.max_pool2d(-out, 3, stride=1, padding=1)
+    extra = _random_discs(mask, 4, 1.5, generator) & on(0.4)[:, None, None]
+    out = torch.where(extra[:, None], grown, out)
+    # blotches: discs of one random colour near the figure
+    colour = torch.rand(num, 6, 1, 1, generator=generator) * 2 - 1
+    blot = _random_discs(mask, 2, 1.5, generator) & on(0.4)[:, None, None]
+    out = torch.where(blot[:, None], colour.expand_as(out), out)
+    # blur: 0 to 6 passes of a 3x3 box (six passes is a blob)
+    passes = torch.randint(0, 7, (num,), generator=generator) * on(0.5)
+    for k in passes.unique().tolist():
+        out[passes == k] = box_blur(out[passes == k], k)
+    # isolated speckle, up to 12% of the pixels
+    share = 0.12 * torch.rand(num, 1, 1, 1, generator=generator) * on(0.5)[:, None, None, None]
+    hit = torch.rand(num, 1, *views.shape[-2:], generator=generator) < share
+    out = torch.where(hit, torch.rand(out.shape, generator=generator) * 2 - 1, out)
+    return out.clamp(-1, 1).to(device, views.dtype)
+
+
+def ink(views: torch.Tensor) -> torch.Tensor:
+    """(..., 6, H, W) -> (...) how much figure a view draws: the darkness of its encoded normals
+    (1 - smallest channel; 0 on the background, >= 0.21 on any solid surface) summed over pixels,
+    after a 3x3 median that removes isolated speckle. Blur keeps it; fading towards the background
+    scales it down."""
+    darkness = 1 - ((views[..., 3:, :, :] + 1) / 2).amin(-3).clamp(0, 1)  # (..., H, W)
+    flat = F.pad(darkness.reshape(-1, 1, *darkness.shape[-2:]), (1, 1, 1, 1), mode="replicate")
+    median = flat.unfold(2, 3, 1).unfold(3, 3, 1).flatten(-2).median(-1).values  # (M, 1, H, W)
+    return median.sum((-3, -2, -1)).reshape(darkness.shape[:-2])
+
+
+def solidity(views: torch.Tensor, gt_views: torch.Tensor) -> torch.Tensor:
+    """(..., 6, H, W) x2 -> (...) in [0, 1]: the share of the GT render's ink a view draws, capped at 1.
+    A solid drawing of any pose scores about 1; a faint or fuzzy one scores its opacity."""
+    return (ink(views) / ink(gt_views).clamp(min=1e-6)).clamp(max=1)
+
+
+SOLID_SHARE = 0.8  # a view drawing at least this share of the GT's ink is judged by its pose alone
+UNSOLID_PENALTY_PX = 10.0  # the judged error a view with no ink at all pays on top of its reading
+
+
+def judged_error(error_px: torch.Tensor, solid: torch.Tensor) -> torch.Tensor:
+    """The judge's verdict on a view, pose and drawing together: the reader's joint error (px), plus
+    a penalty growing linearly from 0 at SOLID_SHARE of the GT's ink to UNSOLID_PENALTY_PX at none.
+    A faint pose earns nothing for being in the right place, since it is not yet a body."""
+    return error_px + UNSOLID_PENALTY_PX * (1 - solid / SOLID_SHARE).clamp(min=0)
+
+
+def view_joint_error(ctx: GskelContext, views: torch.Tensor, joints: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """The pose reader's 2D error: (N, V, 6, H, W) views and (N, 55, 3) GT joints -> (N, V) mean
+    distance in px between the body joints read off its maps and the GT joints projected into each
+    view. The evaluation metric; no reward of the registry computes it, so editing one cannot move it."""
+    errors = []
+    with torch.no_grad():
+        for i in range(0, len(views), chunk):
+            maps = torch.sigmoid(gskel_logits(ctx.gskel, views[i:i + chunk].to(ctx.device)))  # (B, V, K, H, W)
+            truth = project_joints(joints[i:i + chunk].to(ctx.device, maps.dtype), ctx.resolution)
+            errors.append((joints_from_maps(maps) - truth).norm(dim=-1).mean(-1).cpu())  # (B, V)
+    return torch.cat(errors)
+
+
 # --- training ----------------------------------------------------------------------------------
 
 def warmup_cosine(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -617,6 +726,8 @@ def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, lo
         subject = torch.randint(num, (args.batch_size,), generator=generator)
         view = torch.randint(NUM_VIEWS, (args.batch_size,), generator=generator)
         images = augment(latents[subject, view].to(device), args.blur, args.noise, generator)  # (N, 6, H, W)
+        if args.mess > 0:
+            images = solid_mess(images, generator, args.mess)
         pix = project_joints(joints[subject].to(device), resolution)[torch.arange(args.batch_size), view]
         target = draw_bones(pix, resolution, args.width)  # (N, K, H, W): only the views in the batch
         logits = gskel_apply(gskel, images, view.to(device))

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from tqdm import tqdm
 
@@ -91,6 +92,14 @@ class Args:
     train_data: Path | None = None
     """six-view training subjects (default: <run-dir>/data/scans/train.npz). The supervised ceiling
     trains the base further on <run-dir>/data/drpose_gt/train.npz: the DrPose poses' six-view renders"""
+    replay_data: Path | None = None
+    """six-view subjects mixed into every batch (e.g. <run-dir>/data/scans/train.npz for the ceiling, so it
+    does not forget the scans while it learns the DrPose poses); off by default"""
+    replay_share: float = 0.0
+    """share of each batch drawn from --replay-data (rounded to whole subjects)"""
+    ema_decay: float = 0.0
+    """exponential moving average of the weights (diffusers EMAModel); the saved model is the average.
+    0 = off; e.g. 0.999 for thousands of steps, 0.99 for a few hundred"""
     out: Path | None = None
     """where the model goes (default: <run-dir>/base); checkpoints go to <out>_ckpt/"""
     init: Path | None = None
@@ -140,6 +149,11 @@ class Args:
         check_number(self, "lr", 0, above=True)
         check_number(self, "grad_clip", 0, above=True)
         check_number(self, "cond_drop", 0, high=1)
+        check_number(self, "replay_share", 0, high=1)
+        check_number(self, "ema_decay", 0, high=0.99999)
+        if (self.replay_data is None) != (self.replay_share == 0):
+            raise UserError("--replay-data and --replay-share go together: pass both (e.g. --replay-data "
+                            "runs/demo/data/scans/train.npz --replay-share 0.5) or neither")
         if self.init is None:  # the architecture flags (with --init the model brings its own)
             check_number(self, "attn_levels", 0, high=len(self.channels),
                          fix=f"pass --attn-levels between 0 and the {len(self.channels)} levels of --channels")
@@ -580,6 +594,8 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     # --- data: scan-like training subjects; val for the validation loss and the final numbers ---
     train_path = args.train_data or run_dir / "data/scans/train.npz"
     train = load_multiview(train_path, run_dir)
+    replay = load_multiview(args.replay_data, run_dir) if args.replay_data is not None else None
+    num_replay = round(args.batch_size * args.replay_share) if replay is not None else 0
     val = load_multiview(run_dir / "data/scans/val.npz", run_dir)
     if args.num_eval > 0 and (run_dir / "data/bench/bench.npz").exists():  # refuse a bad bench before training
         load_multiview(run_dir / "data/bench/bench.npz", run_dir, image_key="image")
@@ -606,23 +622,31 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     unet.to(device)
     codec.to(device)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    ema = EMAModel(unet.parameters(), decay=args.ema_decay) if args.ema_decay > 0 else None
     alphas = alphas_cumprod()
     # What must match to resume: the network, the data size, the data order and the devices.
-    expect = dict(resolution=resolution, world=world,
+    expect = dict(resolution=resolution, world=world, ema_decay=args.ema_decay, replay_share=args.replay_share,
                   data=dict(seed=args.seed, batch_size=args.batch_size, subjects=len(train["image"])))
     record = model_record(resolution, codec, args, args.steps)
     generator = torch.Generator().manual_seed(args.seed * 1000 + run.rank)  # noise, t, dropout
     unet, optimizer, step = run.start(unet, optimizer, list(unet.parameters()), generator,
                                       lambda s: warmup_cosine(s, args.steps, args.lr, args.warmup_steps),
-                                      expect, record, postfix=("loss", "val_loss"))
+                                      expect, record, postfix=("loss", "val_loss"),
+                                      extras=dict(ema=ema) if ema is not None else None)
 
     # --- train ---
     unet.train()
     while step < args.steps:
-        row = step_rows(step, len(train["image"]), args.batch_size, world, run.rank, args.seed)
+        row = step_rows(step, len(train["image"]), args.batch_size - num_replay, world, run.rank, args.seed)
         latents, image = batch_latents(train, row, device, codec)  # (B, V, C, h, w), (B, 3, H, W)
+        if num_replay:  # the replayed subjects follow their own fixed order (seed + 1)
+            latents_r, image_r = batch_latents(replay, step_rows(step, len(replay["image"]), num_replay, world,
+                                                                 run.rank, args.seed + 1), device, codec)
+            latents, image = torch.cat([latents, latents_r]), torch.cat([image, image_r])
         loss = diffusion_loss(unet, latents, image, alphas, args.cond_drop, generator)
         grad_norm = run.optimise(loss)
+        if ema is not None:
+            ema.step(unet.parameters())
         step += 1
         if run.end_of_step(step, lambda: dict(loss=round(loss.item(), 5), grad_norm=round(float(grad_norm), 4),
                                               **validation_line(run, step, args, val, alphas, codec))):
@@ -631,6 +655,8 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     # --- evaluate and write base/ ---
     def save(folder: Path) -> None:
         model = run.accelerator.unwrap_model(unet).eval()
+        if ema is not None:  # the model that is saved and evaluated is the average
+            ema.copy_to(model.parameters())
         save_model(folder, model, record)
         if args.num_eval > 0:
             with autocast(device):

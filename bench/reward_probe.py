@@ -62,7 +62,7 @@ def other_sides(views: torch.Tensor) -> torch.Tensor:
 def side_error(views: torch.Tensor, batch: dict, gskel_ctx) -> float:
     """A pose network's mean 2D joint error (px) over the side views 1..5, as evaluate.py reads views."""
     def sides(views, batch, ctx):  # (N,) in a reward's signature, for the chunked loop
-        return posescore.view_joint_error_px(ctx, views, batch["joints"])[:, 1:].mean(1), {}
+        return posescore.view_joint_error(ctx, views, batch["joints"])[:, 1:].mean(1), {}
     return float(posescore.reward_in_chunks(sides, views, batch, gskel_ctx)[0].mean())
 
 

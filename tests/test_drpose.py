@@ -15,6 +15,7 @@ import plumbing
 import pretrain
 import posescore
 import prepare_data as pd
+from test_model import HalfSize, make_split
 
 RES = 16
 
@@ -249,30 +250,6 @@ def test_one_latent_seam_on_both_sampling_paths(run):
     assert not torch.allclose(views, plain, atol=1e-3)  # the decode really ran
 
 
-class HalfSize(pretrain.LatentCodec):
-    """A codec that changes the shape, as a VAE does: views (6, H, W) <-> latents (4, H/2, W/2)
-    through a tiny (frozen, seeded) convolution pair."""
-    name, channels, downsample, clip_range = "half_size", 4, 2, (-3.0, 3.0)
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        self.down = torch.nn.Conv2d(6, 4, 2, stride=2)
-        self.up = torch.nn.ConvTranspose2d(4, 6, 2, stride=2)
-        generator = torch.Generator().manual_seed(seed)  # its own weights from its own seed, global RNG untouched
-        with torch.no_grad():
-            for param in self.parameters():
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-
-    def encode(self, views):  # (..., 6, H, W) -> (..., 4, H/2, W/2)
-        return self.down(views.flatten(0, -4)).unflatten(0, views.shape[:-3])
-
-    def decode(self, latents):  # (..., 4, h, w) -> (..., 6, 2h, 2w) in [-1, 1]
-        return torch.tanh(self.up(latents.flatten(0, -4))).unflatten(0, latents.shape[:-3])
-
-    def config(self):
-        return {"name": self.name, "seed": 0}
-
-
 def test_a_codec_that_changes_shape_runs_the_sampler_a_drpose_step_and_the_realism_penalty():
     """6 x 32 x 32 views <-> 4 x 16 x 16 latents: the U-Net is built on the codec's latents, the sampler's
     noise and clip come from it, and DrPose's chain, reward and realism penalty see decoded views."""
@@ -438,6 +415,22 @@ def test_realism_weight_trains_and_logs_the_penalty_and_zero_changes_nothing(run
     assert all(np.isfinite(x["realism"]) and x["realism"] > 0 for x in lines)
     c = load_file(with_realism / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_data_anchor_adds_the_diffusion_loss_on_scans_and_never_reads_the_drpose_gt(run, tmp_path):
+    """--anchor-weight: the ordinary diffusion loss on data/scans/train.npz joins the loss; data/drpose_gt/
+    (the ceiling's six-view GT of the DrPose poses) is never opened, even when it is there."""
+    make_split(run / "data/scans", "train", 4, res=RES, seed=3)
+    (run / "data/drpose_gt").mkdir()
+    (run / "data/drpose_gt/train.npz").write_bytes(b"not an npz: reading it would fail")
+    plain = ft.drpose(tiny_args(run, out=tmp_path / "plain", steps=2))
+    anchored = ft.drpose(tiny_args(run, out=tmp_path / "anchored", steps=2, anchor_weight=1.0))
+    lines = [json.loads(x) for x in (anchored / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(x["anchor"]) and x["anchor"] > 0 for x in lines)
+    a, b = (load_file(f / "diffusion_pytorch_model.safetensors") for f in (plain, anchored))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    rewards, kl, anchor = torch.tensor([0.2, 0.4]), torch.tensor([1.0, 3.0]), torch.tensor(0.5)
+    assert ft.drpose_loss(rewards, kl, 0.1, anchor=anchor, anchor_weight=2.0).item() == pytest.approx(0.7 + 0.2 + 1.0)
 
 
 # --- the run scaffold (plumbing.TrainingRun), as DrPose meets it --------------------------------------

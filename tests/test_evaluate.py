@@ -270,15 +270,15 @@ def test_posescore_is_used_when_present(tmp_path, monkeypatch):
     assert "PoseScore" in (run / "eval" / "results.md").read_text()
 
 
-def fake_posescore(view_joint_error_px):
-    """A posescore module whose pose reader reads `view_joint_error_px(ctx, views, joints)` (B, V) px;
+def fake_posescore(view_joint_error):
+    """A posescore module whose pose reader reads `view_joint_error(ctx, views, joints)` (B, V) px;
     its `keypoints` reward is broken, so a metric that still read it would fail."""
     def broken(views, batch, ctx):
         raise AssertionError("the evaluation read the keypoints reward")
 
     fake = types.ModuleType("posescore")
     fake.load_gskel = lambda folder, device: types.SimpleNamespace(folder=Path(folder).name, resolution=RES)
-    fake.view_joint_error_px = view_joint_error_px
+    fake.view_joint_error = view_joint_error
     fake.REWARDS = {"keypoints": broken}
     fake.reward_in_chunks, fake.reward_batch = posescore.reward_in_chunks, posescore.reward_batch
     return fake
@@ -286,7 +286,7 @@ def fake_posescore(view_joint_error_px):
 
 def test_view_joint_error_uses_the_pose_reader_in_pixels(tmp_path, monkeypatch):
     """The pose reader's folder is loaded with posescore.load_gskel and read by
-    posescore.view_joint_error_px (pixels per view, averaged over the views), never by a reward of the
+    posescore.view_joint_error (pixels per view, averaged over the views), never by a reward of the
     registry; evaluate reports the GT's too."""
     run = make_run(tmp_path)
     (run / "pose_reader").mkdir()

@@ -15,9 +15,32 @@ from pretrain import (Args, alphas_cumprod, build_unet, ddim_step, ddim_timestep
                       model_output, predict, sample_views, train_base, set_view_attention, unet_config)
 from prepare_data import NUM_VIEWS, VIEW_AZIMUTHS
 from plumbing import UserError
-from test_drpose import HalfSize
 
 RES = 16
+
+
+class HalfSize(pretrain.LatentCodec):
+    """A codec that changes the shape, as a VAE does: views (6, H, W) <-> latents (4, H/2, W/2)
+    through a tiny (frozen, seeded) convolution pair."""
+    name, channels, downsample, clip_range = "half_size", 4, 2, (-3.0, 3.0)
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.down = torch.nn.Conv2d(6, 4, 2, stride=2)
+        self.up = torch.nn.ConvTranspose2d(4, 6, 2, stride=2)
+        generator = torch.Generator().manual_seed(seed)  # its own weights from its own seed, global RNG untouched
+        with torch.no_grad():
+            for param in self.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+    def encode(self, views):  # (..., 6, H, W) -> (..., 4, H/2, W/2)
+        return self.down(views.flatten(0, -4)).unflatten(0, views.shape[:-3])
+
+    def decode(self, latents):  # (..., 4, h, w) -> (..., 6, 2h, 2w) in [-1, 1]
+        return torch.tanh(self.up(latents.flatten(0, -4))).unflatten(0, latents.shape[:-3])
+
+    def config(self):
+        return {"name": self.name, "seed": 0}
 
 
 def tiny_unet(seed=0):

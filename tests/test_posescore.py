@@ -184,7 +184,7 @@ def test_keypoint_reward_shares_the_signature_and_prefers_the_true_pose(trained,
     assert set(parts) == {f"view_{a:03d}" for a in pd.VIEW_AZIMUTHS}
     assert (true_r > moved_r).float().mean() >= 0.8
     # evaluate's view joint error is its own function (pixels), which the reward only rescales
-    error = ps.view_joint_error_px(ctx, val["latents"], val["joints_t"])  # (N, V)
+    error = ps.view_joint_error(ctx, val["latents"], val["joints_t"])  # (N, V)
     assert error.shape == (len(val["latents"]), pd.NUM_VIEWS) and (error > 0).all()
     assert torch.allclose(true_r, -error.mean(1) / RES, atol=1e-6)
 

@@ -1,0 +1,130 @@
+"""The judge (pose reader + solidity) and the supervised ceiling's levers (replay, EMA): would each fail
+if it were wrong?"""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import posescore
+from posescore import box_blur, fade, judged_error, solid_mess, solidity, speckle
+from pretrain import train_base
+from prepare_data import views_mask
+from plumbing import UserError
+from test_model import Killed, make_split, tiny_args, weights
+
+
+def figure(count=4, res=32, seed=0):
+    """(N, V, 6, H, W) view latents: a solid figure (a vertical bar plus an arm) on the white background."""
+    g = torch.Generator().manual_seed(seed)
+    views = torch.ones(count, 6, 6, res, res)
+    for i in range(count):
+        x = int(torch.randint(10, 20, (1,), generator=g))
+        views[i, :, :, 6:26, x:x + 4] = -0.6  # a dark body: normal channels well below the mask threshold
+        views[i, :, :, 10:12, x:x + 10] = -0.2  # an arm, two pixels thick
+    return views
+
+
+def test_solidity_keeps_blur_and_speckle_and_scales_with_fading():
+    gt = figure()
+    assert torch.allclose(solidity(gt, gt), torch.ones(4, 6))
+    g = torch.Generator().manual_seed(0)
+    assert solidity(box_blur(gt, 6), gt).min() > 0.9  # a blob still draws the body's ink
+    assert solidity(speckle(gt, 0.1, g), gt).min() > 0.9  # the median removes isolated pixels
+    faint = solidity(fade(gt, 0.7), gt)
+    assert torch.allclose(faint, torch.full_like(faint, 0.3), atol=0.02)  # a 70% fade keeps 30% of the ink
+    assert solidity(torch.ones_like(gt), gt).max() == 0  # nothing drawn
+
+
+def test_judged_error_penalises_only_views_below_the_solid_share():
+    error = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    solid = torch.tensor([1.0, posescore.SOLID_SHARE, posescore.SOLID_SHARE / 2, 0.0])
+    judged = judged_error(error, solid)
+    assert judged[0] == judged[1] == 1.0
+    assert judged[2] == pytest.approx(1 + posescore.UNSOLID_PENALTY_PX / 2)
+    assert judged[3] == pytest.approx(1 + posescore.UNSOLID_PENALTY_PX)
+
+
+def test_solid_mess_is_reproducible_messy_and_keeps_the_figure_solid():
+    gt = figure(count=64).flatten(0, 1)  # (N, 6, H, W)
+    a = solid_mess(gt, torch.Generator().manual_seed(3))
+    b = solid_mess(gt, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == gt.shape and a.min() >= -1 and a.max() <= 1
+    changed = (a - gt).abs().flatten(1).amax(1) > 0.05
+    assert 0.5 < changed.float().mean() < 1.0  # most views get some mess, not all
+    assert solidity(a, gt).mean() > 0.9  # mess, not fading
+    strong = solid_mess(gt, torch.Generator().manual_seed(3), strength=2.0)
+    assert (strong - gt).abs().mean() > (a - gt).abs().mean()
+
+
+def test_view_joint_error_is_the_reader_error_not_a_reward(monkeypatch):
+    """The evaluation metric reads joints off the reader's maps; editing a registry reward cannot move it."""
+    torch.manual_seed(0)
+    gskel = posescore.build_gskel(32, (8, 16)).eval()
+    ctx = posescore.RewardContext(gskel=gskel, resolution=32, width=1.0, device=torch.device("cpu"))
+    views, joints = figure(count=2), torch.randn(2, 55, 3) * 0.3
+    before = posescore.view_joint_error(ctx, views, joints)
+    assert before.shape == (2, 6) and (before > 0).all()
+    monkeypatch.setitem(posescore.REWARDS, "keypoints", lambda *a: (torch.zeros(2), {}))
+    assert torch.equal(posescore.view_joint_error(ctx, views, joints), before)
+    # and it is the distance between the joints read off the maps and the projected GT joints
+    maps = torch.sigmoid(posescore.gskel_logits(gskel, views))
+    truth = posescore.project_joints(joints, 32)
+    expect = (posescore.joints_from_maps(maps) - truth).norm(dim=-1).mean(-1)
+    assert torch.allclose(before, expect, atol=1e-5)
+
+
+def test_mess_augmentation_is_a_reader_training_flag():
+    with pytest.raises(UserError, match="--mess"):
+        posescore.TrainArgs(mess=-1.0).resolved()
+
+
+@pytest.fixture
+def ceiling_world(tmp_path):
+    make_split(tmp_path / "data/scans", "train", 8, seed=0)
+    make_split(tmp_path / "data/scans", "val", 2, seed=1)
+    make_split(tmp_path / "data/drpose_gt", "train", 6, seed=5)
+    return tmp_path
+
+
+def replay_args(run_dir, **kw):
+    flags = dict(train_data=run_dir / "data/drpose_gt/train.npz", replay_data=run_dir / "data/scans/train.npz",
+                 replay_share=0.5, ema_decay=0.9)
+    return tiny_args(run_dir, **(flags | kw))
+
+
+def test_replay_and_ema_change_training_and_resume_exactly(ceiling_world, tmp_path):
+    straight = train_base(replay_args(ceiling_world))
+    plain = train_base(tiny_args(ceiling_world, train_data=ceiling_world / "data/drpose_gt/train.npz",
+                                 out=tmp_path / "plain"))
+    a, p = weights(straight), weights(plain)
+    assert any(not torch.equal(a[k], p[k]) for k in a)  # replay and EMA do something
+    assert (ceiling_world / "base_ckpt/step_000002/ema.pt").exists()
+    record = json.loads((straight / "model_config.json").read_text())
+    assert record["train_args"]["replay_share"] == 0.5 and record["train_args"]["ema_decay"] == 0.9
+
+    other = tmp_path / "other"
+    shutil.copytree(ceiling_world / "data", other / "data")
+
+    def kill(step):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_base(replay_args(other), hook=kill)
+    resumed = weights(train_base(replay_args(other, resume=True)))
+    assert all(torch.equal(a[k], resumed[k]) for k in a)  # the average resumes too
+    with pytest.raises(UserError, match="ema_decay differs"):
+        train_base(replay_args(other, steps=6, resume=True, ema_decay=0.5))
+
+
+def test_replay_flags_go_together(ceiling_world):
+    with pytest.raises(UserError, match="--replay-data and --replay-share"):
+        tiny_args(ceiling_world, replay_share=0.5).resolved()
+    with pytest.raises(UserError, match="--ema-decay"):
+        tiny_args(ceiling_world, ema_decay=1.0).resolved()
+
+
+def test_views_mask_sees_the_test_figure():
+    assert views_mask(figure(count=1))[0, 0].sum() > 50
