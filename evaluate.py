@@ -586,7 +586,7 @@ def split_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             row += ["n/a" if gaps[t] is None else f"{100 * gaps[t]:.0f}%" for t in others]
         rows.append(row)
     for name, entry in results["splits"].items():
-        row = [f"bench {name}", str(entry["count"])]
+        row = [name, str(entry["count"])]
         row += ["n/a" if entry["models"][t].get(GAP_METRIC) is None else f"{entry['models'][t][GAP_METRIC]:.3f}"
                 for t in tags]
         if has_gap:
@@ -837,6 +837,9 @@ def main(args: Args) -> dict:
         # --- the judge's other rows: held-out scans (in-distribution) and the DrPose poses' GT ---
         models = {tag: args.run_dir / tag for tag in args.models if (args.run_dir / tag).is_dir()}
         for name in args.judge_sets:
+            if not (args.run_dir / JUDGE_SETS[name]).exists():  # e.g. a run made with --no-ceiling has no drpose_gt
+                print(f"judge set {name} skipped: {args.run_dir / JUDGE_SETS[name]} not found")
+                continue
             judge_rows[name] = judge_set(args.run_dir, args.run_dir / JUDGE_SETS[name], models, reader,
                                          args.judge_count, args.seed, args.device)
 

@@ -271,14 +271,16 @@ def test_posescore_is_used_when_present(tmp_path, monkeypatch):
 
 
 def fake_posescore(view_joint_error):
-    """A posescore module whose pose reader reads `view_joint_error(ctx, views, joints)` (B, V) px;
-    its `keypoints` reward is broken, so a metric that still read it would fail."""
+    """A posescore module whose pose reader reads `view_joint_error(ctx, views, joints)` (B, V) px, for the
+    view joint error and the judge (every view drawn solidly, the real penalty rule); its `keypoints`
+    reward is broken, so a metric that still read it would fail."""
     def broken(views, batch, ctx):
         raise AssertionError("the evaluation read the keypoints reward")
 
     fake = types.ModuleType("posescore")
     fake.load_gskel = lambda folder, device: types.SimpleNamespace(folder=Path(folder).name, resolution=RES)
     fake.view_joint_error = view_joint_error
+    fake.solidity, fake.judged_error = (lambda views, gt: torch.ones(views.shape[:2])), posescore.judged_error
     fake.REWARDS = {"keypoints": broken}
     fake.reward_in_chunks, fake.reward_batch = posescore.reward_in_chunks, posescore.reward_batch
     return fake
@@ -359,13 +361,13 @@ def test_split_table_gap_closed_and_views_only_samples(tmp_path, monkeypatch):
     (run / "pose_reader").mkdir()
 
     error["gt"] = [1.0, 1.0, 1.0]
-    order = iter(["base", "drpose", "ceiling", "gt"])  # network_scores reads the models in order, then the GT
+    # The view joint error reads the models in order, then the GT; the judge reads them again in the same order.
+    order = iter(["base", "drpose", "ceiling", "gt"] * 2)
 
     def fake_error(gskel_ctx, views, joints):  # the made-up error of the model being read, px per view
         return torch.tensor(error[next(order)][: len(views)])[:, None].expand(-1, V)
 
-    fake = fake_posescore(fake_error)
-    monkeypatch.setattr(evaluate, "posescore", fake)
+    monkeypatch.setattr(evaluate, "posescore", fake_posescore(fake_error))
     results = run_eval(run, models=("base", "drpose", "ceiling"), max_grids=2)
 
     assert results["models"]["base"]["chamfer_cm"]["count"] == 2  # subjects 0 and 2 were fitted
