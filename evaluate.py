@@ -11,8 +11,10 @@ runs/<name>/recon/<model>/ (what reconstruct.py wrote), and writes runs/<name>/e
     metrics.png         every metric side by side, one bar per model
     reward_curve.png    the fine-tuning reward per step (from drpose/metrics.jsonl, when present)
     scatter.png         per subject: first model (x) vs each other model (y)
+    splits.png          the pose reader's view joint error per split and model
     grids/NNNNN.png     per subject: input, GT / model views, GT and model meshes front and side
-    report.html         all of the above, offline (relative paths only)
+    report.html         all of the above, offline (relative paths only), opening with the table per split
+                        and a verdict computed from it
 
 Protocol (also written into results.json):
 - Geometry. Both meshes are already in the same centred world frame (the front view is the world
@@ -335,7 +337,7 @@ def score_model(args: Args, bench: dict, recon: dict, count: int, tag: str) -> d
     gt_color, gt_normal = from_uint8(bench["color"][:count]), from_uint8(bench["normal"][:count])
     pred_masks = views_mask(torch.from_numpy(recon["latents"][:count])).numpy()  # (N, V, H, W)
     rows = []
-    for i in tqdm(range(count), desc=f"evaluate {tag}", leave=False):
+    for i in tqdm(range(count), desc=f"evaluate {tag}", leave=False, disable=None):  # a bar on a terminal only
         # One Generator per subject: base and drpose meet identical GT samples, global RNG untouched.
         rng = np.random.default_rng([args.seed, i])
         row = dict.fromkeys(("chamfer_cm", "p2s_cm", "normal_consistency", "fscore", "mpjpe_mm", "pa_mpjpe_mm"), np.nan)
@@ -774,33 +776,171 @@ def plot_grid(path: Path, index: int, bench: dict, recons: dict, title: str) -> 
 
 # --- the report ------------------------------------------------------------------------------------
 
+IN_DISTRIBUTION = "val"  # the judge set of held-out scans: a fine-tune that gains on the bench and loses here is damage
+
+# What each figure shows and what to look for, under it in report.html (file name -> caption).
+CAPTIONS = {
+    "reward_curve.png": "DrPose's reward per training step, and on fixed bench inputs with fixed noise against the "
+                        "base's (dashed). Look for the fixed-input curve rising above the dashed line: DrPose raises "
+                        "its reward. A rising reward alone says nothing about the pose; the table above reads that.",
+    "splits.png": "The judge's error per row of the table above, one bar per model (lower is better); the dashed "
+                  "line is the GT renders' error on the bench, the best a generator can get. Look for DrPose's bar "
+                  "below the base's on the bench splits, and not above it on the held-out scans.",
+    "metrics.png": "Every metric, one bar per model (mean, std over subjects as the error bar). Look for PoseScore, "
+                   "the reward, moving together with the judged error and MPJPE: a reward gain without a pose "
+                   "gain is the reward being gamed.",
+    "scatter.png": "Per subject, the first model (x) against each other model (y); the grey line is y = x. Look for "
+                   "points on the better side of the line (below it where lower is better): a consistent gain puts "
+                   "most subjects there, noise scatters them on both sides.",
+    "grids": "Each subject: the input image, then GT and every model's mesh from the front and the side; below, the "
+             "six colour and normal views of the GT and of each model. Look at the side views (az 90, 270): do they "
+             "follow the input's pose, or fall back to an upright standing figure? Blurred, faint or speckled "
+             "views raise PoseScore without a better pose.",
+}
+
+
+def judge_rows(results: dict) -> list[tuple[str, int, dict, dict]]:
+    """The judge per row, in-distribution first: the judge sets (held-out scans, DrPose poses), then the bench
+    splits. Each row: (label, subjects, {model: judged error or None}, {fine-tune: gap closed or None})."""
+    tags = list(results["models"])
+    others = [t for t in tags if t not in ("base", "ceiling")]
+    rows = []
+    sets = results.get("judge_sets", {})
+    for name in sorted(sets, key=lambda n: n != IN_DISTRIBUTION):
+        values = {t: sets[name]["models"].get(t, {}).get("judged_px") for t in tags}
+        base, ceiling = values.get("base"), values.get("ceiling")
+        gaps = {t: gap_closed(base, values[t], ceiling) if None not in (base, ceiling, values[t]) else None
+                for t in others}
+        rows.append((JUDGE_SET_LABELS.get(name, name), sets[name]["count"], values, gaps))
+    for name, entry in results["splits"].items():
+        gaps = entry.get("gap_closed", {})
+        rows.append((f"bench {name}", entry["count"], {t: entry["models"][t].get(GAP_METRIC) for t in tags},
+                     {t: gaps.get(t) for t in others}))
+    return rows
+
+
+def headline_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """The report's first table: per row of judge_rows, each model's judged error and each fine-tune's gap closed."""
+    tags = list(results["models"])
+    others = [t for t in tags if t not in ("base", "ceiling")]
+    has_gap = "base" in tags and "ceiling" in tags and bool(others)
+    header = ["", "subjects", *tags] + ([f"{t}: gap closed" for t in others] if has_gap else [])
+    rows = []
+    for label, count, values, gaps in judge_rows(results):
+        row = [label, str(count)] + ["n/a" if values[t] is None else f"{values[t]:.3f}" for t in tags]
+        if has_gap:
+            row += ["no gap: ceiling not better than base" if gaps[t] is None else f"{100 * gaps[t]:.0f}%"
+                    for t in others]
+        rows.append(row)
+    return header, rows
+
+
+def _names(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def verdict_sentence(results: dict) -> str:
+    """One sentence from the numbers: per row of judge_rows, does each fine-tuned model read a better pose than
+    the base (the judged error), how its reward moved, and where the ceiling leaves a gap."""
+    rows = [(label, values) for label, _, values, _ in judge_rows(results) if values.get("base") is not None]
+    if not rows:
+        return ("No verdict: it needs a base model and the judge (evaluate `--models base ...` on a run with "
+                "pose_reader/).")
+    clauses = []
+    for tag in [t for t in results["models"] if t not in ("base", "ceiling")]:
+        read = {label: (values[tag], values["base"]) for label, values in rows if values[tag] is not None}
+        better, worse = [n for n, (v, b) in read.items() if v < b], [n for n, (v, b) in read.items() if v > b]
+        on = lambda names: "every row" if len(names) == len(read) else _names(names)  # noqa: E731
+        how = " and ".join(filter(None, [better and f"a better pose than the base on {on(better)}", worse and (
+            f"a worse one on {on(worse)}" if better else f"a worse pose than the base on {on(worse)}")])) or \
+            "the same pose as the base"
+        numbers = ", ".join(f"{n} {v:.3f} against {b:.3f}" for n, (v, b) in read.items())
+        reward = results["change"].get(tag, {}).get("posescore", {}).get("relative")
+        reward = "" if reward is None else \
+            f", while its reward, PoseScore, {'rises' if reward > 0 else 'falls'} {abs(100 * reward):.1f}%"
+        if read:
+            clauses.append(f"{tag} reads {how} (judged error, px: {numbers}){reward}")
+    if "ceiling" in results["models"]:
+        above = [label for label, values in rows if values["ceiling"] is not None
+                 and values["ceiling"] < values["base"]]
+        clauses.append(f"the supervised ceiling beats the base on {_names(above)}" if above else
+                       "the supervised ceiling beats the base nowhere, so there is no gap to close")
+    return "Verdict: " + "; ".join(clauses) + "." if clauses else "No verdict: only the base was evaluated."
+
+
+def plot_splits(path: Path, results: dict) -> bool:
+    """Bars of the judged error per row of judge_rows and per model, the GT renders' on the bench as a line.
+    False, and nothing written, where no model has it."""
+    rows, tags = judge_rows(results), list(results["models"])
+    if not any(v is not None for _, _, values, _ in rows for v in values.values()):
+        return False
+    fig = Figure(figsize=(2 + 1.6 * len(rows), 3.2))
+    ax = fig.subplots()
+    width = 0.8 / len(tags)
+    for k, tag in enumerate(tags):
+        ax.bar(np.arange(len(rows)) + k * width, [np.nan if values[tag] is None else values[tag]
+                                                  for _, _, values, _ in rows], width, label=tag, color=f"C{k}")
+    if GAP_METRIC in results["gt_reference"]:
+        ax.axhline(results["gt_reference"][GAP_METRIC]["mean"], color="gray", ls="--", label="GT renders (bench)")
+    ax.set_xticks(np.arange(len(rows)) + width * (len(tags) - 1) / 2,
+                  [label.replace(" (", "\n(") for label, *_ in rows], fontsize=7)
+    ax.set_ylabel(metric_label(GAP_METRIC, results))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return True
+
+
 def write_report(path: Path, results: dict, figures: dict[str, str], grids: list[tuple[str, str]]) -> None:
-    """report.html: protocol, table, plots and grids, every reference relative to eval/."""
+    """report.html, every reference relative to eval/: the headline table per split and a verdict computed from
+    it, then the reward curve, the per-split plot (splits.png, drawn here), the subject grids, every metric and
+    the protocol. Every image has a caption saying what to look for."""
     esc = html.escape
 
     def html_table(header, rows) -> str:
         return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
                 + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
 
-    table = html_table(*table_rows(results)) + "<h2>Per bench split</h2>" + html_table(*split_rows(results))
-    protocol = "".join(f"<li><b>{esc(k)}</b>: {esc(str(v))}</li>" for k, v in results["protocol"].items())
+    def figure(name: str, title: str, caption: str) -> str:
+        return (f"<figure><img src='{esc(name)}' alt='{esc(title)}'><figcaption>{esc(caption)}</figcaption>"
+                "</figure>")
+
+    gt = results["gt_reference"].get(GAP_METRIC)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>DrPose evaluation</title><style>"
         "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}</style></head><body>",
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}"
+        "figcaption{color:#444;font-size:90%;margin-bottom:1.5em}</style></head><body>",
         f"<h1>DrPose evaluation: {esc(results['run_dir'])}</h1>",
-        f"<p>{results['subjects']} of {results['bench_subjects']} bench subjects; models "
-        f"{esc(', '.join(results['models']))}; changes are relative to {esc(results['reference'])}. "
-        "Raw numbers: <a href='results.json'>results.json</a>, <a href='results.md'>results.md</a>.</p>",
-        table, f"<h2>Protocol</h2><ul>{protocol}</ul>",
+        f"<h2>Result</h2><p>The pose the generated views show, judged on the side views by the pose reader (a "
+        f"network trained apart from the reward): {esc(metric_label(GAP_METRIC, results))}, lower is better"
+        + (f"; the GT renders of the bench read {gt['mean']:.3f}" if gt else "") + ". Gap closed = (base - model) / "
+        "(base - ceiling), the share of the way from the base to the supervised ceiling.</p>",
+        html_table(*headline_rows(results)),
+        f"<p><b>{esc(verdict_sentence(results))}</b></p>",
     ]
-    for title, name in figures.items():
-        parts.append(f"<h2>{esc(title)}</h2><img src='{esc(name)}' alt='{esc(title)}'>")
-    if "Fine-tuning reward" not in figures:
+    if IN_DISTRIBUTION not in results.get("judge_sets", {}):
+        parts.append("<p>No in-distribution row: these results hold no judge of held-out scans (`--judge-sets`).</p>")
+    shown = [(title, name) for title, name in figures.items() if name == "reward_curve.png"]
+    if not shown:
         parts.append("<p>No fine-tuning reward curve: drpose/metrics.jsonl not found or without reward.</p>")
-    parts.append("<h2>Subjects</h2>")
-    parts += [f"<h3>{esc(title)}</h3><img src='{esc(name)}' alt='{esc(title)}'>" for title, name in grids]
-    parts.append("</body></html>\n")
+    if plot_splits(path.parent / "splits.png", results):
+        shown.append(("Per split", "splits.png"))
+    rest = [(title, name) for title, name in figures.items() if name != "reward_curve.png"]
+    for title, name in shown:
+        parts.append(f"<h2>{esc(title)}</h2>" + figure(name, title, CAPTIONS.get(name, "")))
+    if grids:
+        parts.append(f"<h2>Subjects</h2><p>{esc(CAPTIONS['grids'])}</p>")
+        parts += [figure(name, title, f"{title}: GT rows first, then each model's.") for title, name in grids]
+    parts.append(f"<h2>Every metric</h2><p>{results['subjects']} of {results['bench_subjects']} bench subjects; "
+                 f"changes are relative to {esc(results['reference'])}. Raw numbers: "
+                 "<a href='results.json'>results.json</a>, <a href='results.md'>results.md</a>.</p>")
+    parts.append(html_table(*table_rows(results)))
+    for title, name in rest:
+        parts.append(f"<h3>{esc(title)}</h3>" + figure(name, title, CAPTIONS.get(name, title)))
+    protocol = "".join(f"<li><b>{esc(k)}</b>: {esc(str(v))}</li>" for k, v in results["protocol"].items())
+    parts += [f"<h2>Protocol</h2><ul>{protocol}</ul>", "</body></html>\n"]
     with atomic_write(path) as tmp:
         tmp.write_text("\n".join(parts))
 

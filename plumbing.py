@@ -387,7 +387,8 @@ class TrainingRun:
         self.lr_at, self.trainable_only, self.postfix, self.extras = lr_at, trainable_only, postfix, extras or {}
         self.record = dict(record, resume_key=expect)
         self.step, self.first_step, self.loop_start, self.tick = step, step, time.time(), time.time()
-        self.bar = tqdm(total=self.args.steps, initial=step, desc=self.desc, disable=not self.is_main)
+        self.bar = tqdm(total=self.args.steps, initial=step, desc=self.desc,
+                        disable=None if self.is_main else True)  # None: a bar on a terminal only
         return model, optimizer, step
 
     def optimise(self, loss: torch.Tensor) -> torch.Tensor:

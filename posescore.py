@@ -721,7 +721,7 @@ def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, lo
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: warmup_cosine(s, args.steps, 1.0, warmup))
     pos_weight = torch.tensor(args.pos_weight, device=device)
     start, num = time.time(), latents.shape[0]
-    bar = tqdm(range(args.steps), desc="g_skel", leave=False)
+    bar = tqdm(range(args.steps), desc="g_skel", leave=False, disable=None)  # a bar on a terminal only
     for step in bar:
         subject = torch.randint(num, (args.batch_size,), generator=generator)
         view = torch.randint(NUM_VIEWS, (args.batch_size,), generator=generator)

@@ -65,6 +65,10 @@ class Args:
     """a motion file or a folder tree of them (.npz, .npy, .pkl), with --pose-source files"""
     pose_layout: Literal["auto", "amass-smplh", "amass-smplx", "motionx", "smpl72", "aistpp"] = "auto"
     """the files' layout (POSE_LAYOUTS); auto tells them apart by file type, keys and width"""
+    pose_columns: str | None = None
+    """any other packed array: its columns per SMPL-X part, e.g. global_orient=0:3,body_pose=3:66[,hands=absolute]"""
+    pose_keys: str | None = None
+    """nested files: key paths per part, e.g. body_pose=person_data.0.smpl_pose (poses=KEY: the packed array)"""
     up: Literal["auto", "y", "z", "-y"] = "auto"
     """the files' world up axis; auto: the layout's, else the first of y, z, -y the body stands upright in"""
     fps: float | None = None
@@ -98,6 +102,11 @@ class Args:
         """The preset's values for every field left unset (an explicit flag always wins), checked."""
         table = PRESETS[self.preset]
         return with_preset(self, table).check()
+
+    @property
+    def pose_map(self) -> tuple[dict, dict]:
+        """--pose-columns and --pose-keys, parsed: ({part: (start, stop)}, {part: key path})."""
+        return parse_pose_map(self.pose_columns, "--pose-columns"), parse_pose_map(self.pose_keys, "--pose-keys")
 
     def check(self) -> "Args":
         """Every flag, before any work (one line and exit status 2 for the first bad one)."""
@@ -625,7 +634,7 @@ POSE_LAYOUTS = {
     "smpl72": PoseLayout("SMPL", (".npz", ".npy"), "poses", 72, dict(_ROOT_BODY), (), "trans",
                          ("fps", "mocap_framerate", "mocap_frame_rate"), None, "y", "none"),
     "aistpp": PoseLayout("AIST++", (".pkl",), "smpl_poses", 72, dict(_ROOT_BODY),  # smpl_trans / smpl_scaling: metres
-                         ("smpl_poses", "smpl_trans", "smpl_scaling"), "smpl_trans", (), 60.0, "y", "none"),
+                         ("smpl_poses", "smpl_trans"), "smpl_trans", (), 60.0, "y", "none"),  # no scaling: metres
 }
 MOTION_SUFFIXES = (".npz", ".npy", ".pkl")
 SKIPPED_MOTION_FILES = ("shape.npz", "*_stagei.npz", ".*")  # AMASS per-subject shape files; hidden files
@@ -641,13 +650,15 @@ GENERATED_FPS = 30.0  # their nominal rate (1.6 s of motion): the default spacin
 def _width_hint(width: int) -> str:
     """Which layouts have a pose array `width` wide, or the widths there are."""
     names = [n for n, layout in POSE_LAYOUTS.items() if layout.width == width]
+    other = "; any other layout: name its columns with --pose-columns"
     if names:
         return f"a {width}-wide pose array is " + " or ".join(
             f"{n} (a {'/'.join(POSE_LAYOUTS[n].suffixes)} file" +
-            (f" with keys {', '.join(POSE_LAYOUTS[n].required)})" if POSE_LAYOUTS[n].required else ")") for n in names)
+            (f" with keys {', '.join(POSE_LAYOUTS[n].required)})" if POSE_LAYOUTS[n].required else ")")
+            for n in names) + other
     known = sorted({layout.width for layout in POSE_LAYOUTS.values()})
     return "known widths: " + ", ".join(f"{w} ({'/'.join(n for n, l in POSE_LAYOUTS.items() if l.width == w)})"
-                                        for w in known)
+                                        for w in known) + other
 
 
 def _checked(path: Path, array, width: int, what: str) -> np.ndarray:
@@ -672,7 +683,7 @@ def _read_motion_file(path: Path) -> dict:
         raise UserError(f"{path}: motion files are {', '.join(MOTION_SUFFIXES)}")
     data = read_arrays(path, "re-export it, or drop it from --pose-files")
     if not isinstance(data, dict):
-        raise UserError(f"{path} holds a {type(data).__name__}, not a dict of arrays; expected an AIST++ pickle")
+        raise UserError(f"{path} holds a {type(data).__name__}, not a dict; name its arrays with --pose-keys")
     return data
 
 
@@ -683,8 +694,9 @@ def _detect_layout(path: Path, arrays: dict) -> str:
         candidates = [n for n in candidates if POSE_LAYOUTS[n].pose_key in arrays or
                       (n == "smpl72" and {"global_orient", "body_pose"} <= set(arrays))]
         if not candidates:
-            raise UserError(f"{path} holds keys {sorted(arrays)}, none of them a known pose array "
-                            "(poses, smpl_poses, global_orient + body_pose); see --pose-layout")
+            raise UserError(f"{path} holds keys {some(sorted(map(str, arrays)))}, none of them a known pose array "
+                            "(poses, smpl_poses, global_orient + body_pose); see --pose-layout, or name the arrays "
+                            "with --pose-keys (e.g. global_orient=KEY,body_pose=KEY; packed: poses=KEY --pose-columns)")
     if len(candidates) == 1:
         return candidates[0]
     pose = arrays.get("", arrays.get("poses"))
@@ -696,11 +708,13 @@ def _detect_layout(path: Path, arrays: dict) -> str:
     return matching[0]
 
 
-def load_motion(path: Path, layout: str = "auto") -> dict:
-    """One motion file as it is: POSE_KEYS arrays (frames, ...) in the file's own world and hand
-    convention, plus path, layout, fps (None when unknown), up (the layout's) and hands."""
+def load_motion(path: Path, layout: str = "auto", columns: dict | None = None, keys: dict | None = None) -> dict:
+    """One motion file as it is: POSE_KEYS arrays (frames, ...) in the file's own world and hand convention, plus
+    path, layout, fps (None when unknown), up (the layout's) and hands; `columns`, `keys`: see _load_mapped."""
     path = Path(path)
     arrays = _read_motion_file(path)
+    if columns or keys:
+        return _load_mapped(path, arrays, columns or {}, keys or {})
     name = _detect_layout(path, arrays) if layout == "auto" else layout
     spec = POSE_LAYOUTS[name]
     missing = [k for k in spec.required if k not in arrays]
@@ -712,14 +726,10 @@ def load_motion(path: Path, layout: str = "auto") -> dict:
     elif spec.pose_key in arrays:
         poses = arrays[spec.pose_key]
     elif name == "smpl72" and {"global_orient", "body_pose"} <= set(arrays):
-        orient = _checked(path, np.reshape(arrays["global_orient"], (-1, 3)), 3, "'global_orient'")
-        body = np.asarray(arrays["body_pose"])
-        body = body.reshape(len(body), -1) if body.ndim > 1 else body[None]
-        if body.shape[1] == 63:  # already SMPL-X's 21 body joints
-            body = np.concatenate([body, np.zeros((len(body), 6))], 1)
+        orient, body = (_part(path, arrays[key], key, repr(key)) for key in ("global_orient", "body_pose"))
         if len(orient) != len(body):
             raise UserError(f"{path}: 'global_orient' has {len(orient)} frames, 'body_pose' {len(body)}")
-        poses = np.concatenate([orient, body], 1)
+        poses = np.concatenate([orient, body, np.zeros((len(body), 6))], 1)
     else:
         raise UserError(f"{path} lacks {spec.family} keys ['{spec.pose_key}'] (or global_orient + body_pose)")
     poses = _checked(path, poses, spec.width, f"'{spec.pose_key or 'the array'}'")
@@ -730,7 +740,7 @@ def load_motion(path: Path, layout: str = "auto") -> dict:
         clip["transl"] = _checked(path, arrays[spec.trans_key], 3, f"'{spec.trans_key}'")
         if len(clip["transl"]) != frames:
             raise UserError(f"{path}: '{spec.trans_key}' has {len(clip['transl'])} frames, the poses {frames}")
-        if name == "aistpp":  # AIST++ translations are in the units of its scaled SMPL fit
+        if name == "aistpp" and "smpl_scaling" in arrays:  # AIST++ translations are in its scaled SMPL fit's units
             clip["transl"] = clip["transl"] / read_scalar(path, arrays, "smpl_scaling", "AIST++'s scale of smpl_trans")
     if "betas" in arrays and "betas" not in spec.columns:
         betas = arrays["betas"]  # (10,), (16,), or per frame: the first frame's
@@ -743,7 +753,86 @@ def load_motion(path: Path, layout: str = "auto") -> dict:
                             "drop it")
     fps_key = next((key for key in spec.fps_keys if key in arrays), None)
     fps = spec.fps if fps_key is None else read_scalar(path, arrays, fps_key, "frames per second; or pass --fps")
-    return dict(clip, path=path, layout=name, fps=fps, up=spec.up, hands=spec.hands)
+    return dict(clip, path=path, layout=name, fps=fps, up=spec.up, hands=spec.hands,
+                unscaled=name == "aistpp" and "smpl_scaling" not in arrays)
+
+
+# Layouts POSE_LAYOUTS does not know, described by flags: --pose-columns names the columns of one packed
+# (frames, width) array per SMPL-X part, --pose-keys the key path of each part in a nested dict or pickle.
+MAPPED_WIDTHS = dict(global_orient=(3,), body_pose=(63, 69), left_hand_pose=(45,), right_hand_pose=(45,),
+                     transl=(3,), betas=tuple(range(1, 17)))  # body_pose 69: SMPL's 23 joints (_part)
+
+
+def parse_pose_map(text: str | None, flag: str) -> dict:
+    """--pose-columns 'part=start:stop,...' (and hands=absolute|relative) -> {part: (start, stop)};
+    --pose-keys 'part=key.path,...' (and poses=, the array the columns index) -> {part: key path}."""
+    extra = ("hands",) if flag == "--pose-columns" else ("poses",)
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        part, _, value = (s.strip() for s in item.partition("="))
+        if flag == "--pose-columns" and part in MAPPED_WIDTHS:
+            start, _, stop = value.partition(":")
+            fits = start.isdigit() and stop.isdigit() and int(stop) - int(start) in MAPPED_WIDTHS[part]
+            value = (int(start), int(stop)) if fits else None
+        elif part == "hands":
+            value = value if value in ("absolute", "relative") else None
+        if part not in (*MAPPED_WIDTHS, *extra) or not value or part in out:
+            raise UserError(f"{flag}: cannot read {item!r}; give PART=VALUE once per part of "
+                            f"{', '.join((*MAPPED_WIDTHS, *extra))} (column spans: 3, body_pose 63 or 69, hands 45)")
+        out[part] = value
+    return out
+
+
+def _key_path(path: Path, data, dotted: str):
+    """The value at a dotted key path of a nested file: dict keys, list indices and numeric dict keys."""
+    node = data
+    for step in dotted.split("."):
+        found = [k for k in (step, int(step) if step.isdigit() else None) if isinstance(node, dict) and k in node]
+        if found or (isinstance(node, (list, tuple)) and step.isdigit() and int(step) < len(node)):
+            node = node[found[0] if found else int(step)]
+            continue
+        there = f"keys {some(sorted(map(str, node)))}" if isinstance(node, dict) else f"a {type(node).__name__}"
+        raise UserError(f"{path}: --pose-keys path {dotted!r} stops at {step!r} ({there} there); fix --pose-keys")
+    return node
+
+
+def _part(path: Path, value, part: str, what: str) -> np.ndarray:
+    """One SMPL-X part of a file as (frames, width), from (frames, ...); body_pose from 63 columns or from SMPL's 69
+    (23 joints: SMPL-X's 21 body joints, then SMPL's two hand joints, which are dropped)."""
+    value = np.reshape(value, (len(value), -1)) if np.ndim(value) > 1 else value
+    wide = 69 if part == "body_pose" and np.shape(value)[-1:] == (69,) else MAPPED_WIDTHS[part][0]
+    return _checked(path, value, wide, what)[:, :MAPPED_WIDTHS[part][0]]
+
+
+def _load_mapped(path: Path, arrays: dict, columns: dict, keys: dict) -> dict:
+    """One file through --pose-columns / --pose-keys, as load_motion returns it (up y until checked)."""
+    parts = {part: (_key_path(path, arrays, key), key) for part, key in keys.items() if part in MAPPED_WIDTHS}
+    spans = {part: span for part, span in columns.items() if part in MAPPED_WIDTHS}
+    if spans:
+        packed = _key_path(path, arrays, keys["poses"]) if "poses" in keys else arrays.get("", arrays.get("poses"))
+        reach = max(stop for _, stop in spans.values())
+        if np.ndim(packed) != 2 or np.shape(packed)[1] < reach:  # None: no 'poses' key
+            raise UserError(f"{path}: --pose-columns reaches column {reach} of a (frames, width) array, the file's is "
+                            f"{np.shape(packed)}; fix --pose-columns, or name the array with --pose-keys poses=KEY")
+        parts.update({part: (np.asarray(packed)[:, slice(*span)], f"columns {span[0]}:{span[1]}")
+                      for part, span in spans.items()})
+    clip = {}
+    for part in sorted(parts, key=list(MAPPED_WIDTHS).index):  # global_orient first (the frames), betas last
+        value, what = parts[part]
+        frames = len(clip.get("global_orient", ()))
+        if part == "betas":  # per file or per frame: the first frame's, as for the known layouts
+            value = _checked(path, np.reshape(value, (1, -1))[:, :10], min(np.size(value), 10), repr(what))[0]
+            clip["betas"] = np.repeat(np.pad(value, (0, 10 - len(value)))[None], frames, 0)
+            continue
+        value = _part(path, value, part, repr(what))
+        if frames and len(value) != frames:
+            raise UserError(f"{path}: {what!r} has {len(value)} frames, global_orient {frames}; fix --pose-keys")
+        clip[part] = value.reshape((len(value),) + POSE_KEYS[part])
+    frames = len(clip["global_orient"])
+    clip = {key: clip.get(key, np.zeros((frames,) + shape)) for key, shape in POSE_KEYS.items()}
+    fps = next((read_scalar(path, arrays, k, "frames per second") for k in ("fps", *_AMASS_FPS) if k in arrays), None)
+    return dict(clip, path=path, layout="mapped", fps=fps, up="y", hands=columns.get("hands", "relative"),
+                unscaled=False)
 
 
 def load_y_up(path: Path, layout: str) -> dict:
@@ -753,13 +842,13 @@ def load_y_up(path: Path, layout: str) -> dict:
     return dict(clip, global_orient=_up_to_y(clip["global_orient"], clip["up"]))
 
 
-def load_pose_files(layout: str, path: Path) -> list[dict]:
+def load_pose_files(layout: str, path: Path, columns: dict | None = None, keys: dict | None = None) -> list[dict]:
     """Every motion file of a file or folder tree (sorted by path), read by `load_motion`; in a folder,
     AMASS's per-subject shape files and hidden files are skipped."""
     if path is None or not Path(path).exists():
         raise UserError(f"--pose-files {path} does not exist; pass a motion file or a folder of them")
     path = Path(path)
-    suffixes = MOTION_SUFFIXES if layout == "auto" else POSE_LAYOUTS[layout].suffixes
+    suffixes = MOTION_SUFFIXES if layout == "auto" or columns or keys else POSE_LAYOUTS[layout].suffixes
     files = [path] if path.is_file() else sorted(
         f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
         and not any(fnmatch(f.name, pattern) for pattern in SKIPPED_MOTION_FILES))
@@ -767,7 +856,7 @@ def load_pose_files(layout: str, path: Path) -> list[dict]:
         raise UserError(f"{path} holds no {'/'.join(suffixes)} files for --pose-layout {layout}")
     # disable=None: a bar on a terminal only, so a refusal stays one line in logs and pipes
     with tqdm(files, desc="read motion files", unit="file", leave=False, disable=None) as bar:  # closed before an error prints
-        return [load_motion(f, layout) for f in bar]
+        return [load_motion(f, layout, columns, keys) for f in bar]
 
 
 def _up_to_y(global_orient: np.ndarray, up: str) -> np.ndarray:
@@ -834,7 +923,8 @@ def temporal_neighbours(length: int, frame: int, count: int, frames_per_step: fl
 def read_pose_inputs(args: Args, body) -> list[dict]:
     """The motion files of --pose-files, every one read and checked (layout, values, frame rate, up axis)
     before anything is written; clips too short for the neighbours are left out."""
-    clips = [check_motion(body, clip, args.up) for clip in load_pose_files(args.pose_layout, args.pose_files)]
+    clips = [check_motion(body, clip, args.up) for clip in load_pose_files(args.pose_layout, args.pose_files,
+                                                                            *args.pose_map)]
     spacing = f"--neighbour-spacing {args.neighbour_spacing:.3f} s"
     kept, short = [], []
     for clip in clips:
@@ -854,7 +944,10 @@ def read_pose_inputs(args: Args, body) -> list[dict]:
     if not kept:
         raise UserError(f"{args.pose_files}: every clip is too short for --neighbours {args.neighbours} at {spacing}; "
                         "pass smaller values")
-    rotated = [c["path"] for c in kept if c["up"] != POSE_LAYOUTS[c["layout"]].up]
+    unscaled = [c["path"] for c in kept if c["unscaled"]]
+    if unscaled:
+        print(f"poses: {len(unscaled)} AIST++ files carry no smpl_scaling; smpl_trans taken as metres: {some(unscaled)}")
+    rotated = [c["path"] for c in kept if c["up"] != getattr(POSE_LAYOUTS.get(c["layout"]), "up", "y")]  # mapped: y
     print(f"poses: {len(kept)} files ({dict(Counter(c['layout'] for c in kept))}), "
           f"{sum(len(c['body_pose']) for c in kept)} frames, up axis {dict(Counter(c['up'] for c in kept))}"
           + (f"; not the layout's own up axis: {some(rotated)}" if rotated else ""))
@@ -974,7 +1067,7 @@ def _render_in_batches(body, poses: dict, outfits: dict, args: Args, desc: str, 
     """Render all subjects with a progress bar; returns uint8 images and float32 geometry."""
     regions = vertex_regions(body)
     parts: dict[str, list] = {}
-    for start in tqdm(range(0, len(poses["body_pose"]), batch_size), desc=desc, unit="batch", leave=False):
+    for start in tqdm(range(0, len(poses["body_pose"]), batch_size), desc=desc, unit="batch", leave=False, disable=None):
         chunk = slice(start, start + batch_size)
         out = render_subjects(body, {k: v[chunk] for k, v in poses.items() if k in POSE_KEYS},
                               {k: v[chunk] for k, v in outfits.items()}, args.resolution, args.device,
@@ -1179,7 +1272,14 @@ def check_args(args: Args) -> None:
     if args.pose_source == "files" and args.pose_files is None:
         raise UserError("--pose-source files needs --pose-files PATH; pass a motion file or a folder of them")
     given = dict(pose_files=args.pose_files is not None, fps=args.fps is not None,
-                 pose_layout=args.pose_layout != "auto", up=args.up != "auto")
+                 pose_layout=args.pose_layout != "auto", up=args.up != "auto",
+                 pose_columns=args.pose_columns is not None, pose_keys=args.pose_keys is not None)
+    columns, keys = args.pose_map  # a flag that does not parse is refused here
+    if (columns or keys) and args.pose_layout != "auto":
+        raise UserError("--pose-columns / --pose-keys describe the layout themselves; drop --pose-layout")
+    if (columns or keys) and not {"global_orient", "body_pose"} <= set(columns) | set(keys):
+        raise UserError("--pose-columns / --pose-keys must place global_orient and body_pose; add them")
+
     file_flags = ["--" + name.replace("_", "-") for name, flag in given.items() if flag]
     if args.pose_source == "generated" and file_flags:
         raise UserError(f"{', '.join(file_flags)} apply to motion files only; add --pose-source files --pose-files "

@@ -424,7 +424,7 @@ def sample_views(unet, cond_image: torch.Tensor, num_steps: int = 20, guidance: 
         noise = torch.randn(shape, generator=generator, device=gen_device)
     x = noise.to(cond_image.device, cond_image.dtype)  # (B, V, C, h, w)
     steps = ddim_timesteps(num_steps, len(alphas))
-    for i, t in enumerate(tqdm(steps, desc="sampling", leave=False, disable=not progress)):
+    for i, t in enumerate(tqdm(steps, desc="sampling", leave=False, disable=None if progress else True)):
         pred = predict(unet, x, t, cond_image, guidance, alphas)
         if clip:
             pred = clip_prediction(pred, x, t, alphas, codec.clip_range)

@@ -481,7 +481,7 @@ def fit_body(body, maps: torch.Tensor, mask: torch.Tensor, args: Args, width: fl
     Loss: BCE with the target maps as targets and the body's maps S(theta) as predictions, so each
     target pixel pulls the nearest bone line with a force that grows with distance (-log S is the
     squared distance over 2 width^2) and the loss is least at S = target; plus the silhouette term
-    (weight 0.1: the skeleton decides the pose, the silhouette the girth); plus weak priors on
+    (weight SIL_W = 0.05: the skeleton decides the pose, the silhouette the girth); plus weak priors on
     pose, shape and scale. Returns params {name: tensor (1, ...)} and world joints (55, 3)."""
     res = maps.shape[-1]
     weights = torch.tensor(args.view_weights, dtype=torch.float32)
@@ -765,7 +765,6 @@ def main(args: Args) -> Path:
 
 
 def reconstruct_all(args: Args) -> Path:
-
     if args.input is not None and args.input.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
         load_image(args.input, MIN_IMAGE_SIDE, args.mask)  # refuse a bad image before loading any model
     generate = not args.oracle and args.views_from is None
@@ -810,7 +809,7 @@ def reconstruct_all(args: Args) -> Path:
     steps = args.ddim_steps or sampling.get("num_steps", 20)
     guidance = args.guidance if args.guidance is not None else sampling.get("guidance", 1.5)
     timings, stages = [], []
-    for i in tqdm(range(count), desc=f"reconstruct {output_tag(args)}"):
+    for i in tqdm(range(count), desc=f"reconstruct {output_tag(args)}", disable=None):  # a bar on a terminal only
         folder = out / f"{i:05d}"
         fit = i % args.fit_every == 0
         if all((folder / name).exists() for name in VIEW_FILES + (FIT_FILES if fit else ())):

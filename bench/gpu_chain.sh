@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One job of a long DrPose run carried across short jobs (a cluster's time limit, a lent GPU's 10
-# minutes) on machines that keep nothing between jobs. Run it once per job, from the repo root:
+# One job of a long DrPose run carried across short jobs (a cluster's time limit, a GPU booked
+# 10 minutes at a time) on machines that keep nothing between jobs. Run it once per job, from the
+# repo root:
 #
 #   RUN=runs/full CHAIN_IN=prev CHAIN_OUT=next JOB_MINUTES=8 bash bench/gpu_chain.sh --preset full --device cuda
 #

@@ -1,5 +1,5 @@
 """evaluate.py: every metric against an independent computation, then end to end on a fake run
-folder laid out exactly as CONTRACT.md says reconstruct.py and prepare_data.py write it."""
+folder laid out as reconstruct.py and prepare_data.py write it (recon/<model>/NNNNN/, data/bench/)."""
 
 import json
 import re
@@ -382,3 +382,77 @@ def test_split_table_gap_closed_and_views_only_samples(tmp_path, monkeypatch):
     text = (run / "eval" / "results.md").read_text()
     assert "| dynamic | 2 |" in text and "25%" in text and "-25%" in text
     assert "[2 subjects]" in text  # 3D rows say how many subjects they average
+
+
+# --- the report: headline table, verdict, captions -------------------------------------------------
+
+def _results(errors: dict, posescore_change: float = 0.12) -> dict:
+    """A results dict as evaluate.main writes it, with only the judge's metric and PoseScore:
+    errors = row -> model -> judged error (px); row `val` is a judge set, the others bench splits."""
+    tags = list(next(iter(errors.values())))
+    counts = {"val": 4, "dynamic": 3, "extreme": 2}
+    splits, sets = {}, {}
+    for name, by_model in errors.items():
+        if name == "val":
+            sets[name] = dict(count=counts[name], models={t: {"judged_px": v} for t, v in by_model.items()})
+            continue
+        entry = dict(count=counts[name], models={t: {evaluate.GAP_METRIC: v, "posescore": -0.05}
+                                                 for t, v in by_model.items()})
+        if "ceiling" in by_model:
+            entry["gap_closed"] = {t: evaluate.gap_closed(by_model["base"], v, by_model["ceiling"])
+                                   for t, v in by_model.items() if t not in ("base", "ceiling")}
+        splits[name] = entry
+    stat = dict(mean=4.0, std=1.0, count=5, per_subject=[4.0] * 5)
+    return dict(run_dir="runs/x", models={t: {evaluate.GAP_METRIC: stat, "posescore": stat} for t in tags},
+                reference="base", subjects=5, bench_subjects=5, categories=[""] * 5, splits=splits, judge_sets=sets,
+                change={t: {"posescore": dict(absolute=0.006, relative=posescore_change, verdict="better")}
+                        for t in tags[1:]},
+                gt_reference={evaluate.GAP_METRIC: dict(mean=1.27, std=0.1)}, protocol=dict(std="population"),
+                metrics={})
+
+
+def test_report_opens_with_the_headline_table_and_a_verdict_from_the_numbers(tmp_path):
+    results = _results({"dynamic": dict(base=4.0, drpose=3.5, ceiling=3.0), "extreme": dict(base=5.0, drpose=5.2, ceiling=4.0),
+                        "val": dict(base=2.0, drpose=1.9, ceiling=2.1)})
+    (tmp_path / "reward_curve.png").write_bytes(b"")
+    evaluate.write_report(tmp_path / "report.html", results, {"Fine-tuning reward": "reward_curve.png"},
+                          [("subject 00000 crouch", "grids/00000.png")])
+    page = (tmp_path / "report.html").read_text()
+    first = page[page.index("<table>"):page.index("</table>")]
+    rows = re.findall(r"<tr>(.*?)</tr>", first)
+    assert re.findall(r"<th>(.*?)</th>", rows[0]) == ["", "subjects", "base", "drpose", "ceiling", "drpose: gap closed"]
+    cells = [re.findall(r"<td>(.*?)</td>", row) for row in rows[1:]]
+    in_distribution = evaluate.JUDGE_SET_LABELS["val"]
+    assert cells[0] == [in_distribution, "4", "2.000", "1.900", "2.100",
+                        "no gap: ceiling not better than base"]  # the in-distribution row comes first
+    assert cells[1] == ["bench dynamic", "3", "4.000", "3.500", "3.000", "50%"]
+    assert cells[2][0] == "bench extreme" and cells[2][-1] == "-20%"
+    assert (f"drpose reads a better pose than the base on {in_distribution} and bench dynamic and a worse one on "
+            "bench extreme (judged error, px: ") in page
+    assert "PoseScore, rises 12.0%" in page and "ceiling beats the base on bench dynamic and bench extreme" in page
+    order = [page.index(s) for s in ("<table>", "Verdict:", "reward_curve.png", "splits.png", "grids/00000.png",
+                                     "Every metric", "Protocol")]
+    assert order == sorted(order)
+    figures = re.findall(r"<figure>(.*?)</figure>", page)
+    assert len(figures) == len(re.findall(r"<img ", page)) == 3
+    for fig in figures:
+        assert len(re.search(r"<figcaption>(.*?)</figcaption>", fig).group(1)) > 20
+    assert "Look for" in page[page.index("splits.png"):]
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "splits.png").ndim == 3
+    assert "No in-distribution row" not in page
+
+
+def test_report_verdict_when_the_fine_tune_loses_everywhere_and_there_is_no_gap(tmp_path):
+    results = _results({"dynamic": dict(base=3.9, drpose=4.5, ceiling=4.5), "extreme": dict(base=5.0, drpose=5.2, ceiling=5.1)})
+    sentence = evaluate.verdict_sentence(results)
+    assert sentence.startswith("Verdict: drpose reads a worse pose than the base on every row (judged error, px: "
+                               "bench dynamic 4.500 against 3.900, bench extreme 5.200 against 5.000)")
+    assert sentence.endswith("the supervised ceiling beats the base nowhere, so there is no gap to close.")
+    evaluate.write_report(tmp_path / "report.html", results, {}, [])
+    page = (tmp_path / "report.html").read_text()
+    assert "No in-distribution row" in page and "No fine-tuning reward curve" in page
+    assert "no gap: ceiling not better than base" in page
+    only_base = _results({"dynamic": dict(base=3.9)})
+    assert evaluate.verdict_sentence(only_base) == "No verdict: only the base was evaluated."

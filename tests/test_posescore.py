@@ -1,6 +1,6 @@
 """posescore.py: skeleton maps, g_skel training, PoseScore's behaviour and the reward registry.
 
-One toy run folder (body model, scans, bench; 24 px renders made by prepare_data's renderer) is
+One toy run folder (body model, scans, bench; 16 px renders made by prepare_data's renderer) is
 built once; g_skel is trained on it through the real `train` path in about 15 s on 2 CPU cores.
 """
 
@@ -90,7 +90,7 @@ def test_skeleton_maps_land_on_the_projected_bones(val):
         on_bone = maps[:, :, k][torch.arange(3)[:, None], torch.arange(pd.NUM_VIEWS), row, col]
         # a pixel centre is at most 0.71 px from the midpoint: exp(-0.5 / 2) = 0.78
         assert (on_bone > 0.75).all(), k
-    # far from every bone nothing is drawn: the top-left corner is empty at 24 px
+    # far from every bone nothing is drawn: the top-left corner is empty at 16 px
     assert maps[..., 0, 0].max() < 1e-3
     # joints read back off exact maps land on the projected joints
     assert (ps.joints_from_maps(maps) - pix).norm(dim=-1).mean() < 0.3

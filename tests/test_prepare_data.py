@@ -296,9 +296,19 @@ TINY = ["--resolution", "16", "--num-scans", "6", "--num-val-scans", "2", "--num
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    subprocess.run([sys.executable, "prepare_data.py", "--run-dir", str(run), *TINY], cwd=ROOT, check=True,
-                   capture_output=True)
+    result = subprocess.run([sys.executable, "prepare_data.py", "--run-dir", str(run), *TINY], cwd=ROOT, check=True,
+                            capture_output=True, text=True)
+    (run.parent / "prepare_data.log").write_text(result.stdout + result.stderr)  # beside the run, not in it
     return run
+
+
+def test_a_piped_log_has_summary_lines_and_no_progress_bars(tiny_run):
+    """`make demo > log 2>&1`: bars only on a terminal, so a pipe gets the stage's few summary lines."""
+    log = (tiny_run.parent / "prepare_data.log").read_text()
+    assert "\r" not in log and "it/s" not in log and "batch/s" not in log
+    lines = log.splitlines()
+    assert len(lines) < 20 and lines[-1].startswith("done in")
+    assert any(line.startswith("bench: ") for line in lines)
 
 
 def test_datasets_have_manifests_keys_and_no_multiview_in_drpose(tiny_run):

@@ -1,4 +1,4 @@
-"""Real inputs as researchers have them (issue 15): motion files of every layout in POSE_LAYOUTS,
+"""Real inputs as researchers have them: motion files of every layout in POSE_LAYOUTS,
 checked for values, axes and frame rate before anything is written; real SMPL-X folders; photos
 without alpha accepted only on a plain background.
 
@@ -194,7 +194,7 @@ def _malformed(layout: str, case: str, folder: Path) -> Path | None:
     if case == "nan":
         return write_motion(layout, path, p, nan=True)
     if case == "missing_key":
-        drop = dict(motionx=None, smpl72="poses", aistpp="smpl_scaling").get(layout, "trans")
+        drop = dict(motionx=None, smpl72="poses", aistpp="smpl_trans").get(layout, "trans")
         return write_motion(layout, path, p, drop=drop) if drop else None
     if case == "gender":
         return write_motion(layout, path, p, gender="robot") if layout not in ("motionx", "aistpp") else None
@@ -352,6 +352,151 @@ def test_pose_layout_flag_names_every_layout():
     hints = typing.get_type_hints(pd.Args)
     assert set(typing.get_args(hints["pose_layout"])) == {"auto", *pd.POSE_LAYOUTS}
     assert set(typing.get_args(hints["up"])) == {"auto", *pd.UP_AXES} and set(pd.UP_AXES) == set(pd.UP_TO_Y)
+
+
+# --- the files people have that no layout describes: AIST++ without its scale, wider packed arrays, ---
+# --- nested video-estimation output; each loads upright through a documented flag ---------------------
+
+def stock_joints(body_dir: Path, p: dict, up: str, hands: np.ndarray | None = None, flat: bool = False,
+                 betas: np.ndarray | None = None) -> np.ndarray:
+    """(frames, 55, 3) joints by stock smplx from parameters as a file stores them, rotated y-up after."""
+    import smplx
+
+    model = smplx.create(str(body_dir / "SMPLX_NEUTRAL.npz"), model_type="smplx", use_pca=False, num_betas=10,
+                         num_expression_coeffs=10, flat_hand_mean=flat)
+    n = len(p["root"])
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+    hands = np.zeros((n, 90)) if hands is None else hands
+    betas = np.zeros(10) if betas is None else betas
+    with torch.no_grad():
+        out = model(global_orient=t(p["root"]), body_pose=t(p["body"]), left_hand_pose=t(hands[:, :45]),
+                    right_hand_pose=t(hands[:, 45:]), betas=t(np.repeat(betas[None], n, 0)), transl=t(p["trans"]),
+                    jaw_pose=torch.zeros(n, 3), leye_pose=torch.zeros(n, 3), reye_pose=torch.zeros(n, 3),
+                    expression=torch.zeros(n, 10))
+    joints = out.joints[:, :pd.NUM_JOINTS].double().numpy()
+    return Rotation.from_euler("x", pd.UP_TO_Y[up][0], degrees=True).apply(joints.reshape(-1, 3)).reshape(joints.shape)
+
+
+def test_aistpp_without_scaling_loads_with_translation_in_metres(body, body_dir, tmp_path, capsys):
+    p = _file_params("y", seed=21)
+    poses = np.concatenate([p["root"], p["body"], p["smpl_hands"]], 1)
+    for name in ("a.pkl", "b.pkl"):
+        with open(tmp_path / name, "wb") as fh:
+            pickle.dump(dict(smpl_poses=poses, smpl_trans=p["trans"]), fh, protocol=2)  # no smpl_scaling
+    clips = pd.read_pose_inputs(pd.Args(pose_source="files", pose_files=tmp_path, neighbours=2), body)
+    assert [c["up"] for c in clips] == ["y", "y"] and np.allclose(clips[0]["transl"], p["trans"])
+    assert np.abs(our_joints(body, clips[0]) - stock_joints(body_dir, p, "y")).max() < 1e-4
+    printed = [line for line in capsys.readouterr().out.splitlines() if "smpl_scaling" in line]
+    assert len(printed) == 1 and "2 AIST++ files" in printed[0] and "metres" in printed[0]  # once, not per file
+
+
+@pytest.mark.parametrize("joints", [21, 23])
+def test_smpl_files_with_global_orient_and_body_pose_keys(joints, body, body_dir, tmp_path):
+    p = _file_params("y", seed=25)
+    body_pose = np.concatenate([p["body"], p["smpl_hands"]], 1)[:, :3 * joints].reshape(-1, joints, 3)
+    np.savez(tmp_path / "est.npz", global_orient=p["root"][:, None], body_pose=body_pose, trans=p["trans"])
+    clip = pd.check_motion(body, pd.load_motion(tmp_path / "est.npz"))
+    assert clip["layout"] == "smpl72" and np.abs(our_joints(body, clip) - stock_joints(body_dir, p, "y")).max() < 1e-4
+
+
+def _packed(p: dict) -> np.ndarray:
+    """A packed SMPL-X array no layout knows (175 wide): transl 0:3, 6 other columns, root 9:12, body 12:75,
+    hands 75:165, expression 165:175."""
+    n = len(p["root"])
+    return np.concatenate([p["trans"], np.ones((n, 6)), p["root"], p["body"], p["hands"], np.zeros((n, 10))], 1)
+
+
+PACKED_COLUMNS = ("transl=0:3,global_orient=9:12,body_pose=12:75,left_hand_pose=75:120,right_hand_pose=120:165,"
+                  "hands=absolute")
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".npz"])
+def test_a_packed_array_of_unknown_width_loads_through_pose_columns(suffix, body, body_dir, tmp_path):
+    p = _file_params("z", seed=22)
+    path = tmp_path / f"packed{suffix}"
+    np.save(path, _packed(p)) if suffix == ".npy" else np.savez(path, motion=_packed(p), mocap_frame_rate=np.array(120.))
+    with pytest.raises(pd.UserError, match="--pose-columns") as err:  # the refusal names the flag that loads it
+        pd.load_motion(path)
+    assert "\n" not in str(err.value)
+    flags = dict(pose_source="files", pose_files=path, pose_columns=PACKED_COLUMNS, fps=30.0 if suffix == ".npy" else None,
+                 pose_keys=None if suffix == ".npy" else "poses=motion", neighbours=2)
+    clip = pd.read_pose_inputs(pd.Args(**flags), body)[0]
+    assert clip["layout"] == "mapped" and clip["up"] == "z" and clip["fps"] == (30.0 if suffix == ".npy" else 120.0)
+    expected = stock_joints(body_dir, p, "z", hands=p["hands"], flat=True)  # AMASS-style absolute hands
+    assert np.abs(our_joints(body, clip) - expected).max() < 1e-4
+
+
+def _estimator_output(p: dict) -> dict:
+    """Video-estimation output: per person, SMPL's body without the root (69 = 23 joints: SMPL-X's 21 body
+    joints, then SMPL's two hand joints), the root and the translation under their own keys; camera frame."""
+    return {"person_data": {0: dict(smpl_pose=np.concatenate([p["body"], p["smpl_hands"]], 1), root_orient=p["root"],
+                                    cam_trans=p["trans"], frame_ids=np.arange(len(p["root"])))}}
+
+
+ESTIMATOR_KEYS = "global_orient=person_data.0.root_orient,body_pose=person_data.0.smpl_pose,transl=person_data.0.cam_trans"
+
+
+def test_nested_estimator_output_loads_through_pose_keys(body, body_dir, tmp_path):
+    p = _file_params("-y", seed=23)
+    path = tmp_path / "track.pkl"
+    with open(path, "wb") as fh:
+        pickle.dump(_estimator_output(p), fh, protocol=2)
+    with pytest.raises(pd.UserError, match="--pose-keys") as err:
+        pd.load_motion(path)
+    assert "person_data" in str(err.value) and "\n" not in str(err.value)
+    assert f"--pose-keys {ESTIMATOR_KEYS} " in (ROOT / "README.md").read_text()  # the documented example
+    clip = pd.check_motion(body, pd.load_motion(path, keys=pd.parse_pose_map(ESTIMATOR_KEYS, "--pose-keys")))
+    assert clip["up"] == "-y"  # detected, not given
+    assert np.abs(our_joints(body, clip) - stock_joints(body_dir, p, "-y")).max() < 1e-4
+    for keys, message in ((ESTIMATOR_KEYS.replace("person_data.0", "person_data.1"), "stops at '1'"),
+                          (ESTIMATOR_KEYS.replace("cam_trans", "frame_ids"), "expected \\(frames, 3\\)")):
+        with pytest.raises(pd.UserError, match=message) as err:
+            pd.load_motion(path, keys=pd.parse_pose_map(keys, "--pose-keys"))
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_files_through_pose_keys_run_end_to_end(tmp_path, fast_main):
+    run, call = fast_main
+    path = tmp_path / "track.pkl"
+    with open(path, "wb") as fh:
+        pickle.dump(_estimator_output(_file_params("-y", seed=24)), fh, protocol=2)
+    call(pose_source="files", pose_files=path, pose_keys=ESTIMATOR_KEYS, fps=30.0, neighbours=2)
+    manifest = pd.read_manifest(run / "data" / "drpose", "")
+    assert manifest["pose_files"]["layouts"] == ["mapped"]
+
+
+def test_the_readmes_pose_columns_examples_read_their_layouts_files_as_the_layouts_do(tmp_path):
+    """The README's two --pose-columns examples are the Motion-X and AMASS SMPL-X layouts written as columns."""
+    examples = [line.strip(" \\") for line in (ROOT / "README.md").read_text().splitlines()
+                if line.lstrip().startswith("--pose-")]
+    layout_of = {"motionx": "--pose-columns global_orient=0:3,body_pose=3:66,left_hand_pose=66:111",
+                 "amass-smplx": "--pose-columns global_orient=0:3,body_pose=3:66,left_hand_pose=75:120"}
+    for layout, start in layout_of.items():
+        at = next(i for i, line in enumerate(examples) if line.startswith(start))
+        columns = pd.parse_pose_map(examples[at].split(" ", 1)[1], "--pose-columns")
+        after = examples[at + 1] if at + 1 < len(examples) else ""  # its --pose-keys continuation line, if any
+        keys = pd.parse_pose_map(after.split(" ", 1)[1] if after.startswith("--pose-keys") else None, "--pose-keys")
+        path = write_motion(layout, tmp_path / f"clip{SUFFIX[layout]}", _file_params(pd.POSE_LAYOUTS[layout].up, seed=26))
+        mapped, known = pd.load_motion(path, columns=columns, keys=keys), pd.load_motion(path, layout)
+        assert mapped["hands"] == known["hands"] and mapped["fps"] == known["fps"]
+        for key in pd.POSE_KEYS:
+            assert np.allclose(mapped[key], known[key]), (layout, key)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(pose_columns="global_orient=0:3,body_pose=3:60"), "--pose-columns: cannot read 'body_pose=3:60'"),
+    (dict(pose_columns="global_orient=0:3,body_pose=3:66,jaw=66:69"), "--pose-columns: cannot read 'jaw=66:69'"),
+    (dict(pose_columns="global_orient=0:3,body_pose=3:66,hands=flat"), "cannot read 'hands=flat'"),
+    (dict(pose_keys="global_orient=a.b"), "must place global_orient and body_pose"),
+    (dict(pose_keys="global_orient=a,body_pose=b", pose_layout="smpl72"), "drop --pose-layout"),
+    (dict(pose_keys="body_pose=a,body_pose=b"), "--pose-keys: cannot read 'body_pose=b'"),
+])
+def test_bad_pose_map_flags_are_refused_when_parsed(flags, message, tmp_path):
+    with pytest.raises(pd.UserError, match=message) as err:
+        pd.Args(run_dir=tmp_path / "run", pose_source="files", pose_files=tmp_path, **flags).resolved()
+    assert "\n" not in str(err.value)
+    with pytest.raises(pd.UserError, match="apply to motion files only"):  # not with generated poses
+        pd.Args(run_dir=tmp_path / "run", pose_keys="global_orient=a,body_pose=b").resolved()
 
 
 # --- real SMPL-X folders --------------------------------------------------------------------------

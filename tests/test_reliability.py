@@ -1,4 +1,4 @@
-"""Reliability (issue 16): bad input is refused in one line with exit status 2 and nothing written;
+"""Reliability: bad input is refused in one line with exit status 2 and nothing written;
 kill -9 and resume in a new process (another hash seed, another spelling of the run folder) ends
 bitwise equal to an uninterrupted run; a non-finite loss or gradient stops training at its step.
 

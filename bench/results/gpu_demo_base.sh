@@ -6,7 +6,7 @@
 set -euo pipefail
 SCANS=${SCANS:-3000}; VAL=${VAL:-100}; DEV=${DEV:-cuda}; DATA_DEV=${DATA_DEV:-cpu}; BUDGET_S=${BUDGET_S:-300}
 PROBE=${PROBE:-200}; MAXSTEPS=${MAXSTEPS:-30000}; RUN=${RUN:-runs/gpu_demo}
-DEADLINE_S=${DEADLINE_S:-500}  # whole script must end inside the 10-minute device call
+DEADLINE_S=${DEADLINE_S:-500}  # whole script must end inside a 10-minute job limit
 nvidia-smi --query-gpu=name --format=csv 2>/dev/null || echo "no nvidia-smi"
 python3 -c "import torch, diffusers, smplx, tyro, trimesh, mannequin; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available())"
 t0=$(date +%s)
