@@ -304,6 +304,20 @@ def read_arrays(path: Path, fix: str):
         raise UserError(f"{path} is not a readable {suffix} file ({type(err).__name__}); {fix}") from None
 
 
+def key_path(path: Path, data, dotted: str, flag: str):
+    """The value at a dotted key path (given by `flag`) of a nested file read by `read_arrays`: dict keys,
+    list indices and numeric dict keys; a path that stops is refused in one line naming where."""
+    node = data
+    for step in dotted.split("."):
+        found = [k for k in (step, int(step) if step.isdigit() else None) if isinstance(node, dict) and k in node]
+        if found or (isinstance(node, (list, tuple)) and step.isdigit() and int(step) < len(node)):
+            node = node[found[0] if found else int(step)]
+            continue
+        there = f"keys {some(sorted(map(str, node)))}" if isinstance(node, dict) else f"a {type(node).__name__}"
+        raise UserError(f"{path}: {flag} path {dotted!r} stops at {step!r} ({there} there); fix {flag}")
+    return node
+
+
 def read_scalar(path: Path, arrays: dict, key: str, positive: str | None = None):
     """The one value of a file's key (read by `read_arrays`); with `positive` (what it is), a float > 0."""
     value = arrays[key]

@@ -43,8 +43,8 @@ from smplx.lbs import batch_rigid_transform, batch_rodrigues
 from tqdm import tqdm
 
 from plumbing import (SPARSE_PICKLE, RefusedPickle, UserError, atomic_dir, atomic_write, check_device, check_number,
-                      check_output, check_pickles, contact_sheet, read_arrays, read_manifest, read_npz, read_scalar,
-                      run_cli, save_npz, some, with_preset, write_json)
+                      check_output, check_pickles, contact_sheet, key_path, read_arrays, read_manifest, read_npz,
+                      read_scalar, run_cli, save_npz, some, with_preset, write_json)
 
 
 @dataclass
@@ -783,19 +783,6 @@ def parse_pose_map(text: str | None, flag: str) -> dict:
     return out
 
 
-def _key_path(path: Path, data, dotted: str):
-    """The value at a dotted key path of a nested file: dict keys, list indices and numeric dict keys."""
-    node = data
-    for step in dotted.split("."):
-        found = [k for k in (step, int(step) if step.isdigit() else None) if isinstance(node, dict) and k in node]
-        if found or (isinstance(node, (list, tuple)) and step.isdigit() and int(step) < len(node)):
-            node = node[found[0] if found else int(step)]
-            continue
-        there = f"keys {some(sorted(map(str, node)))}" if isinstance(node, dict) else f"a {type(node).__name__}"
-        raise UserError(f"{path}: --pose-keys path {dotted!r} stops at {step!r} ({there} there); fix --pose-keys")
-    return node
-
-
 def _part(path: Path, value, part: str, what: str) -> np.ndarray:
     """One SMPL-X part of a file as (frames, width), from (frames, ...); body_pose from 63 columns or from SMPL's 69
     (23 joints: SMPL-X's 21 body joints, then SMPL's two hand joints, which are dropped)."""
@@ -806,10 +793,10 @@ def _part(path: Path, value, part: str, what: str) -> np.ndarray:
 
 def _load_mapped(path: Path, arrays: dict, columns: dict, keys: dict) -> dict:
     """One file through --pose-columns / --pose-keys, as load_motion returns it (up y until checked)."""
-    parts = {part: (_key_path(path, arrays, key), key) for part, key in keys.items() if part in MAPPED_WIDTHS}
+    parts = {part: (key_path(path, arrays, key, "--pose-keys"), key) for part, key in keys.items() if part in MAPPED_WIDTHS}
     spans = {part: span for part, span in columns.items() if part in MAPPED_WIDTHS}
     if spans:
-        packed = _key_path(path, arrays, keys["poses"]) if "poses" in keys else arrays.get("", arrays.get("poses"))
+        packed = key_path(path, arrays, keys["poses"], "--pose-keys") if "poses" in keys else arrays.get("", arrays.get("poses"))
         reach = max(stop for _, stop in spans.values())
         if np.ndim(packed) != 2 or np.shape(packed)[1] < reach:  # None: no 'poses' key
             raise UserError(f"{path}: --pose-columns reaches column {reach} of a (frames, width) array, the file's is "
