@@ -26,6 +26,7 @@ import tyro
 
 import evaluate
 import finetune
+import plumbing
 import posescore
 import prepare_data as pd
 import pretrain
@@ -38,12 +39,12 @@ TINY_DATA = ["--resolution", "16", "--num-scans", "6", "--num-val-scans", "2", "
              "--no-ceiling"]
 TINY_BASE = ["--steps", "4", "--batch-size", "2", "--lr", "1e-3", "--warmup-steps", "1", "--channels", "8", "16",
              "--layers-per-block", "1", "--attn-levels", "1", "--heads", "2", "--token-dim", "16",
-             "--checkpoint-every", "2", "--log-every", "1", "--val-every", "2", "--num-eval", "0", "--eval-steps", "2",
+             "--checkpoint-every", "2", "--log-every", "1", "--val-every", "2", "--num-eval", "0", "--ddim-steps", "2",
              "--device", "cpu"]
 TINY_DRPOSE = ["--steps", "4", "--batch-size", "2", "--lr", "1e-2", "--warmup-steps", "1", "--lora-rank", "4",
-               "--num-steps", "3", "--grad-steps", "2", "--early-stop-max", "1", "--log-every", "1", "--num-eval", "0",
+               "--ddim-steps", "3", "--grad-steps", "2", "--early-stop-max", "1", "--log-every", "1", "--num-eval", "0",
                "--checkpoint-every", "2", "--device", "cpu"]
-TINY_RECON = ["--model", "base", "--count", "2", "--sample-steps", "2", "--fit-steps", "2", "--carve-steps", "1"]
+TINY_RECON = ["--model", "base", "--count", "2", "--ddim-steps", "2", "--fit-steps", "2", "--carve-steps", "1"]
 MAINS = {"prepare_data": (pd.main, pd.Args), "posescore": (posescore.main, posescore.Command),
          "pretrain": (pretrain.main, pretrain.Args), "finetune": (finetune.main, finetune.Args),
          "reconstruct": (reconstruct.main, reconstruct.Args), "evaluate": (evaluate.main, evaluate.Args)}
@@ -269,13 +270,13 @@ CASES = {
     "base/checkpoint-every-0": Case("pretrain", R + ["--checkpoint-every", "0"], "--checkpoint-every 0"),
     "base/keep-checkpoints-0": Case("pretrain", R + ["--keep-checkpoints", "0"], "--keep-checkpoints 0"),
     "base/cond-drop-above-1": Case("pretrain", R + ["--cond-drop", "1.5"], "--cond-drop 1.5"),
-    "base/eval-steps-0": Case("pretrain", R + ["--eval-steps", "0"], "--eval-steps 0"),
+    "base/ddim-steps-0": Case("pretrain", R + ["--ddim-steps", "0"], "--ddim-steps 0"),
     "base/init-missing": Case("pretrain", R + ["--init", "{run}/nothing", "--steps", "0"], "--init"),
     "base/init-weights-truncated": Case("pretrain", R + ["--init", "{run}/base", "--steps", "0"], "base: cannot load",
                                         lambda run: truncate(run / "base" / "diffusion_pytorch_model.safetensors"),
                                         subprocess=True),
-    "base/init-config-garbage": Case("pretrain", R + ["--init", "{run}/base", "--steps", "0"], "drpose_config.json",
-                                     lambda run: garbage(run / "base" / "drpose_config.json")),
+    "base/init-config-garbage": Case("pretrain", R + ["--init", "{run}/base", "--steps", "0"], "model_config.json",
+                                     lambda run: garbage(run / "base" / "model_config.json")),
     "base/scans-truncated": Case("pretrain", R + TINY_BASE, "train.npz is not a readable npz",
                                  lambda run: truncate(run / SCANS)),
     "base/scans-joints-22": Case("pretrain", R + TINY_BASE, "train.npz.*'joints'",
@@ -291,7 +292,7 @@ CASES = {
     "drpose/lora-rank-negative": Case("finetune", R + ["--lora-rank", "-1"], "--lora-rank -1.*0 to fine-tune every"),
     "drpose/batch-size-0": Case("finetune", R + ["--batch-size", "0"], "--batch-size 0"),
     "drpose/steps-0": Case("finetune", R + ["--steps", "0"], "--steps 0"),
-    "drpose/num-steps-0": Case("finetune", R + ["--num-steps", "0"], "--num-steps 0"),
+    "drpose/ddim-steps-0": Case("finetune", R + ["--ddim-steps", "0"], "--ddim-steps 0"),
     "drpose/grad-steps-0": Case("finetune", R + ["--grad-steps", "0"], "--grad-steps 0"),
     "drpose/early-stop-negative": Case("finetune", R + ["--early-stop-max", "-1"], "--early-stop-max -1"),
     "drpose/kl-weight-negative": Case("finetune", R + ["--kl-weight", "-1"], "--kl-weight -1"),
@@ -311,9 +312,9 @@ CASES = {
     "drpose/base-weights-truncated": Case("finetune", R + TINY_DRPOSE, "base: cannot load",
                                           lambda run: truncate(run / "base" / "diffusion_pytorch_model.safetensors")),
     "drpose/base-config-without-resolution": Case(
-        "finetune", R + TINY_DRPOSE, "drpose_config.json lacks a valid resolution",
-        lambda run: edit_json(run / "base" / "drpose_config.json", resolution=None)),
-    "drpose/reward-gskel-missing": Case("finetune", R + TINY_DRPOSE + ["--posescore-dir", "{run}/nothing"],
+        "finetune", R + TINY_DRPOSE, "model_config.json lacks a valid resolution",
+        lambda run: edit_json(run / "base" / "model_config.json", resolution=None)),
+    "drpose/reward-gskel-missing": Case("finetune", R + TINY_DRPOSE + ["--reward-dir", "{run}/nothing"],
                                         "holds no trained g_skel"),
     "drpose/reward-gskel-config-garbage": Case("finetune", R + TINY_DRPOSE, "posescore/posescore_config.json",
                                                lambda run: garbage(run / "posescore" / "posescore_config.json")),
@@ -333,7 +334,7 @@ CASES = {
     # reconstruct: flags, the model, the reader, given views, the output folder's recipe
     "recon/count-negative": Case("reconstruct", R + ["--count", "-1"], "--count -1"),
     "recon/count-0": Case("reconstruct", R + ["--count", "0"], "--count 0"),
-    "recon/sample-steps-0": Case("reconstruct", R + ["--sample-steps", "0"], "--sample-steps 0"),
+    "recon/ddim-steps-0": Case("reconstruct", R + ["--ddim-steps", "0"], "--ddim-steps 0"),
     "recon/fit-steps-negative": Case("reconstruct", R + ["--fit-steps", "-1"], "--fit-steps -1"),
     "recon/carve-steps-negative": Case("reconstruct", R + ["--carve-steps", "-1"], "--carve-steps -1"),
     "recon/guidance-negative": Case("reconstruct", R + ["--guidance", "-1"], "--guidance -1"),
@@ -526,8 +527,8 @@ def test_architecture_ignores_private_keys_and_order():
     config = dict(pretrain.unet_config(RES, (8, 16), 1, 1, 2, 16))
     a = dict(config, _use_default_values=["b", "a"], _name_or_path="/x/base")
     b = dict(reversed(list(config.items())), _use_default_values=["a", "b"], _name_or_path="runs/x/base")
-    assert pretrain.architecture(a) == pretrain.architecture(b) == pretrain.architecture(config)
-    assert pretrain.architecture(dict(config, layers_per_block=2)) != pretrain.architecture(config)
+    assert plumbing.architecture(a) == plumbing.architecture(b) == plumbing.architecture(config)
+    assert plumbing.architecture(dict(config, layers_per_block=2)) != plumbing.architecture(config)
 
 
 def test_reconstruct_rerun_through_another_spelling_keeps_its_samples(world, tmp_path):
@@ -560,7 +561,7 @@ def test_pretrain_stops_at_a_nan_loss_with_the_last_good_checkpoint(world, tmp_p
     with pytest.raises(pd.UserError, match=r"pretrain stopped at step 3: loss nan.*step_000002"):
         train_single_thread(pretrain.train_base, args)
     ckpt = tmp_path / "run/base_ckpt"
-    assert pretrain.latest_checkpoint(ckpt).name == "step_000002" and not (tmp_path / "run/base").exists()
+    assert plumbing.latest_checkpoint(ckpt).name == "step_000002" and not (tmp_path / "run/base").exists()
     good = world / "base_ckpt/step_000002/model.safetensors"
     assert same_weights(ckpt / "step_000002/model.safetensors", good)  # the last good one, intact
 
@@ -595,7 +596,7 @@ def test_drpose_stops_at_a_nan_loss_or_gradient_with_the_last_good_checkpoint(wo
     with pytest.raises(pd.UserError, match=rf"drpose stopped at step 3: {message}.*step_000002"):
         train_single_thread(finetune.drpose, args)
     ckpt = tmp_path / "run/drpose_ckpt"
-    assert pretrain.latest_checkpoint(ckpt).name == "step_000002" and not (tmp_path / "run/drpose").exists()
+    assert plumbing.latest_checkpoint(ckpt).name == "step_000002" and not (tmp_path / "run/drpose").exists()
     assert same_weights(ckpt / "step_000002/model.safetensors", world / "drpose_ckpt/step_000002/model.safetensors")
 
 
