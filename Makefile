@@ -33,17 +33,17 @@ $(RUN)/posescore/posescore_config.json: $(RUN)/data/bench/manifest.json
 # bench/results/gpu_demo_base.sh; see pretrained/demo_base/README.md) and only evaluates it
 # (--steps 0). `make demo FROM_SCRATCH=1` trains it here instead.
 BASE_INIT := $(if $(FROM_SCRATCH),,--init pretrained/demo_base --steps 0)
-$(RUN)/base/drpose_config.json: $(RUN)/data/bench/manifest.json
+$(RUN)/base/model_config.json: $(RUN)/data/bench/manifest.json
 	$(PYTHON) pretrain.py --preset $(PRESET) --run-dir $(RUN) $(if $(filter demo,$(PRESET)),$(BASE_INIT),)
 
-$(RUN)/drpose/drpose_config.json: $(RUN)/base/drpose_config.json $(RUN)/posescore/posescore_config.json
+$(RUN)/drpose/model_config.json: $(RUN)/base/model_config.json $(RUN)/posescore/posescore_config.json
 	$(PYTHON) finetune.py --preset $(PRESET) --run-dir $(RUN)
 
 # The supervised ceiling, the yardstick DrPose is judged by (not a method): the base fine-tuned with its
 # own diffusion loss on six-view renders of the DrPose poses (data/drpose_gt/, the 3D data DrPose does
 # without), with DrPose's sample budget (steps x batch of finetune.py's preset).
 CEILING_BUDGET := $(if $(filter demo,$(PRESET)),--steps 100 --batch-size 4,--steps 1500 --batch-size 16)
-$(RUN)/ceiling/drpose_config.json: $(RUN)/base/drpose_config.json
+$(RUN)/ceiling/model_config.json: $(RUN)/base/model_config.json
 	$(PYTHON) pretrain.py --preset $(PRESET) --run-dir $(RUN) --init $(RUN)/base --out $(RUN)/ceiling \
 		--train-data $(RUN)/data/drpose_gt/train.npz $(CEILING_BUDGET) --lr 5e-4 --warmup-steps 10 --num-eval 0
 
@@ -54,7 +54,7 @@ READER_INIT := $(if $(FROM_SCRATCH),,--init pretrained/demo_reader --steps 0)
 $(RUN)/pose_reader/posescore_config.json: $(RUN)/data/bench/manifest.json
 	$(PYTHON) posescore.py train --preset $(PRESET) --run-dir $(RUN) --out $(RUN)/pose_reader --train-on any --seed 1 $(if $(filter demo,$(PRESET)),$(READER_INIT),)
 
-$(RUN)/recon/%/manifest.json: $(RUN)/%/drpose_config.json $(RUN)/pose_reader/posescore_config.json
+$(RUN)/recon/%/manifest.json: $(RUN)/%/model_config.json $(RUN)/pose_reader/posescore_config.json
 	$(PYTHON) reconstruct.py --preset $(PRESET) --run-dir $(RUN) --model $*
 
 demo: $(RUN)/recon/base/manifest.json $(RUN)/recon/drpose/manifest.json $(RUN)/recon/ceiling/manifest.json

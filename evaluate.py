@@ -55,13 +55,16 @@ from typing import Literal
 
 import numpy as np
 import torch
+import trimesh
 from matplotlib.figure import Figure
+from scipy.spatial import cKDTree
+from skimage.metrics import structural_similarity
 from tqdm import tqdm
 
 from prepare_data import (NUM_BODY_JOINTS, ORTHO_HALF_EXTENT, VIEW_AZIMUTHS, from_uint8, latents_to_views,
-                          load_split, read_manifest, view_rotations, views_mask, views_to_latents)
-from plumbing import (SEED_MAX, UserError, atomic_write, run_cli, write_json, with_preset, check_device, check_name,
-                      check_number, guard_output, provenance, read_npz_key)
+                          load_split, view_rotations, views_mask, views_to_latents)
+from plumbing import (SEED_MAX, UserError, atomic_write, check_device, check_name, check_number, guard_output,
+                      provenance, read_manifest, read_npz_key, run_cli, with_preset, write_json)
 import posescore
 from pretrain import load_model, psnr, sample_views
 
@@ -166,16 +169,12 @@ def recon_command(run_dir: Path, tag: str) -> str:
 
 def sample_surface(mesh, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Area-uniform surface samples (P, 3) and their face normals (P, 3)."""
-    import trimesh
-
     points, faces = trimesh.sample.sample_surface(mesh, count, seed=rng)
     return np.asarray(points), np.asarray(mesh.face_normals)[faces]
 
 
 def _nearest(queries: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distance (Q,) and index (Q,) of each query's nearest point."""
-    from scipy.spatial import cKDTree
-
     dist, index = cKDTree(points).query(queries)
     return dist, index
 
@@ -187,8 +186,6 @@ def chamfer_cm(pred: np.ndarray, gt: np.ndarray) -> float:
 
 def point_to_surface_cm(points: np.ndarray, mesh) -> float:
     """Mean exact distance (cm) from points (P, 3) to the surface of `mesh`."""
-    import trimesh
-
     _, dist, _ = trimesh.proximity.closest_point(mesh, points)
     return 100 * float(np.mean(dist))
 
@@ -270,8 +267,6 @@ def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
 
 def ssim(pred: np.ndarray, gt: np.ndarray) -> float:
     """Mean SSIM over views of (V, 3, H, W) images in [0, 1]."""
-    from skimage.metrics import structural_similarity
-
     return float(np.mean([structural_similarity(p, g, channel_axis=0, data_range=1.0)
                           for p, g in zip(pred.astype(np.float64), gt.astype(np.float64))]))
 
@@ -332,8 +327,6 @@ def load_recon(run_dir: Path, tag: str, bench: dict) -> dict:
 
 
 def load_mesh(path: Path, made_by: str):
-    import trimesh
-
     try:
         mesh = trimesh.load(path, force="mesh", process=False)
     except Exception as err:  # a truncated or foreign file means the same to a user
@@ -373,14 +366,24 @@ def score_model(args: Args, bench: dict, recon: dict, count: int, tag: str) -> d
     return {name: np.array([row[name] for row in rows]) for name in rows[0]}
 
 
-# What a g_skel network reads off the generated views: metric -> (folder under the run, reward in
-# posescore.REWARDS, reward -> metric). PoseScore uses the reward's own network, so it measures what
-# DrPose optimised; the view joint error uses the pose reader, a network trained apart (broad poses
-# in any orientation, another seed), so it measures pose without being the target (keypoints'
-# reward is minus the error as a fraction of the width: times -resolution is pixels).
+def posescore_metric(views, batch, ctx):
+    """PoseScore with the reward's own network: what DrPose optimised (the paper's reward function
+    itself, not whatever the registry holds under its name)."""
+    return posescore.posescore_reward(views, batch, ctx)[0], {}
+
+
+def view_joint_error_metric(views, batch, gskel_ctx):
+    """The pose reader's 2D joint error in pixels, mean over the six views (posescore.view_joint_error)."""
+    return posescore.view_joint_error(gskel_ctx, views, batch["joints"]).mean(1), {}
+
+
+# What a g_skel network reads off the generated views: metric -> (folder under the run, how it is loaded,
+# the metric in a reward's signature). The view joint error uses the pose reader, a network trained apart
+# (broad poses in any orientation, another seed), so it measures pose without being the target.
 NETWORK_METRICS = {
-    "posescore": ("posescore", "posescore", lambda reward, ctx: reward),
-    "view_joint_error_px": ("pose_reader", "keypoints", lambda reward, ctx: -reward * ctx.resolution),
+    "posescore": ("posescore", lambda folder, device: posescore.load_reward_context(folder, device), posescore_metric),
+    "view_joint_error_px": ("pose_reader", lambda folder, device: posescore.load_gskel(folder, device),
+                            view_joint_error_metric),
 }
 
 
@@ -390,19 +393,18 @@ def network_scores(args: Args, latents: dict[str, np.ndarray], bench: dict, coun
     if not args.network_metrics:
         return {}
     gt_latents = views_to_latents(from_uint8(bench["color"][:count]), from_uint8(bench["normal"][:count]))
-    joints = torch.from_numpy(bench["joints"][:count]).float()
+    batch = posescore.reward_batch(bench, slice(0, count), args.device)  # the pair rows: joints, image, ...
     out = {}
-    for metric, (name, reward, to_metric) in NETWORK_METRICS.items():
+    for metric, (name, load, fn) in NETWORK_METRICS.items():
         folder = args.run_dir / name
         if not folder.exists():
             print(f"{METRICS[metric][0]} skipped: {folder} not found (see README, stages)")
             continue
-        ctx = posescore.load_reward_context(folder, args.device)
+        ctx = load(folder, args.device)
         out[metric] = {}
         for tag, views in list(latents.items()) + [("gt", gt_latents.numpy())]:
-            rewards, _ = posescore.reward_in_chunks(posescore.REWARDS[reward], torch.as_tensor(views).float().to(args.device),
-                                                    joints.to(args.device), ctx)  # chunks of 16: a full bench fits
-            out[metric][tag] = to_metric(rewards.float().numpy(), ctx)
+            values, _ = posescore.reward_in_chunks(fn, torch.as_tensor(views).float().to(args.device), batch, ctx)
+            out[metric][tag] = values.float().numpy()  # chunks of 16: a full bench fits
     return out
 
 
@@ -430,11 +432,12 @@ JUDGE_SET_LABELS = {"val": "val (held-out scans: in-distribution)", "drpose_gt":
 def generate_set(model_dir: Path, images: torch.Tensor, seed: int, device, chunk: int = 16) -> torch.Tensor:
     """A model's views of images (N, 3, H, W) in [0, 1] -> (N, V, 6, H, W), with the model's own
     sampling settings and noise from its own generator (seed), so every model sees the same noise."""
-    unet, config = load_model(model_dir, device)
+    model = load_model(model_dir, device)
     generator = torch.Generator().manual_seed(seed + 12345)
-    sampling = config["sampling"]
-    out = [sample_views(unet.eval(), images[i:i + chunk].to(device), sampling["num_steps"], sampling["guidance"],
-                        generator).float().cpu() for i in range(0, len(images), chunk)]
+    sampling = model.config["sampling"]
+    out = [sample_views(model.unet, images[i:i + chunk].to(device), sampling["num_steps"], sampling["guidance"],
+                        generator, alphas=model.alphas, codec=model.codec).float().cpu()
+           for i in range(0, len(images), chunk)]
     return torch.cat(out)
 
 
@@ -631,22 +634,17 @@ def write_markdown(path: Path, results: dict) -> str:
 # --- plots -----------------------------------------------------------------------------------------
 
 def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
 
 
 def plot_metrics(path: Path, results: dict) -> None:
     """One small panel per metric, one bar (mean, std as error bar) per model."""
-    import matplotlib.pyplot as plt
-
     tags = list(results["models"])
     names = [n for n in METRICS if n in results["models"][tags[0]]]
     cols = 4
-    fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(3 * cols, 2.4 * math.ceil(len(names) / cols)),
-                             squeeze=False)
+    fig = Figure(figsize=(3 * cols, 2.4 * math.ceil(len(names) / cols)))
+    axes = fig.subplots(math.ceil(len(names) / cols), cols, squeeze=False)
     for ax, name in zip(axes.flat, names):
         means = [results["models"][t][name]["mean"] or 0.0 for t in tags]
         stds = [results["models"][t][name]["std"] or 0.0 for t in tags]
@@ -662,13 +660,11 @@ def plot_metrics(path: Path, results: dict) -> None:
 
 def plot_scatter(path: Path, results: dict) -> None:
     """Per subject, the reference model (x) against every other model (y); below/above y = x wins."""
-    import matplotlib.pyplot as plt
-
     ref = results["reference"]
     names = [n for n in METRICS if n in results["models"][ref]]
     cols = 4
-    fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(3 * cols, 2.8 * math.ceil(len(names) / cols)),
-                             squeeze=False)
+    fig = Figure(figsize=(3 * cols, 2.8 * math.ceil(len(names) / cols)))
+    axes = fig.subplots(math.ceil(len(names) / cols), cols, squeeze=False)
     def per_subject(tag: str, name: str) -> np.ndarray:  # null (no 3D fit) -> NaN, which plots skip
         return np.array([np.nan if v is None else v for v in results["models"][tag][name]["per_subject"]], float)
 
@@ -754,8 +750,6 @@ def render_mesh(mesh, view: int, size: int = 128, samples: int = 60000, seed: in
 def plot_grid(path: Path, index: int, bench: dict, recons: dict, title: str) -> None:
     """Row 0: input image, then GT and every model's mesh (front, side). Then colour and normal
     views: GT, then each model."""
-    import matplotlib.pyplot as plt
-
     views = len(VIEW_AZIMUTHS)
     meshes = [("GT", bench["meshes"][index])]
     meshes += [(tag, r["meshes"][index]) for tag, r in recons.items()
@@ -765,8 +759,8 @@ def plot_grid(path: Path, index: int, bench: dict, recons: dict, title: str) -> 
         color, normal = latents_to_views(torch.from_numpy(recon["latents"][index:index + 1]))
         image_rows += [(f"{tag} colour", color[0].numpy()), (f"{tag} normal", normal[0].numpy())]
     cols = 1 + max(views, 2 * len(meshes))
-    fig, axes = plt.subplots(1 + len(image_rows), cols, figsize=(1.3 * cols, 1.4 * (1 + len(image_rows))),
-                             squeeze=False)
+    fig = Figure(figsize=(1.3 * cols, 1.4 * (1 + len(image_rows))))
+    axes = fig.subplots(1 + len(image_rows), cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     axes[0, 0].imshow(bench["image"][index].transpose(1, 2, 0))
@@ -965,9 +959,9 @@ def main(args: Args) -> dict:
     args = args.resolved()
     bench = load_bench(args.run_dir)
     recons = {tag: load_recon(args.run_dir, tag, bench) for tag in args.models}
-    for folder, _, _ in NETWORK_METRICS.values():  # refuse a damaged network before any scoring
+    for folder, load, _ in NETWORK_METRICS.values():  # refuse a damaged network before any scoring
         if args.network_metrics and (args.run_dir / folder).exists():
-            posescore.load_reward_context(args.run_dir / folder, args.device)
+            load(args.run_dir / folder, args.device)
     count = min(len(r["joints"]) for r in recons.values())  # compare on the subjects every model has
     if count < len(bench["joints"]):
         print(f"note: evaluating the first {count} of {len(bench['joints'])} bench subjects")
@@ -981,7 +975,7 @@ def main(args: Args) -> dict:
     reader_dir = args.run_dir / "pose_reader"
     judge_rows = {}
     if args.network_metrics and reader_dir.exists():
-        reader = posescore.load_reward_context(reader_dir, args.device)
+        reader = posescore.load_gskel(reader_dir, args.device)
         gt = views_to_latents(from_uint8(bench["color"][:count]), from_uint8(bench["normal"][:count]))
         joints = torch.from_numpy(bench["joints"][:count]).float()
         for tag, recon in recons.items():

@@ -1,10 +1,13 @@
 """Plumbing every stage shares, and no method: one-line user errors, the CLI, presets, flag checks,
-output-folder guards and locks, atomic files and folders, json and npz hand-offs. The stages import it;
-it imports no stage."""
+output-folder guards and locks, atomic files and folders, json and npz hand-offs, the run scaffold of the two trainers (start or resume,
+end of step, save; checkpoint folders) and the CUDA speed-ups of no-grad calls. The stages import it; it
+imports no stage."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import copy
 import dataclasses
 import datetime
 import fcntl
@@ -13,15 +16,24 @@ import io
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import subprocess
 import sys
+import time
+import zipfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import tyro
+from PIL import Image
+from accelerate import Accelerator
+from accelerate.utils import broadcast, gather_object
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 
 class UserError(Exception):
@@ -90,6 +102,13 @@ def cli_error_line(box: str) -> str:
     return f"{message}; check the flags and their values with --help"
 
 
+
+
+def some(items: list) -> str:
+    """The first three of `items` for a one-line message, then '...' if there are more."""
+    return ", ".join(str(i) for i in items[:3]) + (" ..." if len(items) > 3 else "")
+
+
 def with_preset(args, table: dict):
     """A copy of a stage's Args with the preset's value for every field left unset (None)."""
     return dataclasses.replace(args, **{k: v for k, v in table.items() if getattr(args, k) is None})
@@ -145,7 +164,9 @@ RUN_FOLDER = "run folder"  # a run folder holds the stages' folders; it is no st
 STAGE_MARKERS = (  # (file, a key it holds or None, stage, one of several in a folder)
     ("prepare_data.json", None, RUN_FOLDER, False),
     ("posescore_config.json", None, "posescore", False),
-    ("drpose_config.json", "drpose", "finetune", False),
+    ("model_config.json", "drpose", "finetune", False),
+    ("model_config.json", None, "pretrain", False),
+    ("drpose_config.json", "drpose", "finetune", False),  # the model config's name before model_config.json
     ("drpose_config.json", None, "pretrain", False),
     ("state.json", "drpose", "finetune", True),  # a checkpoint step_NNNNNN/
     ("state.json", None, "pretrain", True),
@@ -454,6 +475,41 @@ def read_json(path: Path, made_by: str) -> dict:
     return obj
 
 
+def read_manifest(folder: Path, made_by: str) -> dict:
+    """The manifest.json of a data folder, or a one-line error saying which command makes it."""
+    return read_json(Path(folder) / "manifest.json", made_by)
+
+
+def read_npz(path: Path, expect_keys, made_by: str, count: int | None = None) -> dict:
+    """Every array of an npz hand-off, with `expect_keys`, all of one length (`count` when given, its
+    manifest's); any failure is one line naming the file and the command that makes it."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} is missing; make it with `{made_by}`")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as err:  # zipfile, pickle or value errors all mean the same to a user
+        raise UserError(f"{path} is not a readable npz ({type(err).__name__}); re-run `{made_by}`") from None
+    missing = [k for k in expect_keys if k not in arrays]
+    if missing:
+        raise UserError(f"{path} lacks keys {missing}; re-run `{made_by}`")
+    if not arrays or len({len(v) if v.ndim else -1 for v in arrays.values()}) != 1:
+        raise UserError(f"{path} has no arrays, or arrays of different lengths; re-run `{made_by}`")
+    if count is not None and len(next(iter(arrays.values()))) != count:
+        raise UserError(f"{path} holds a different count than its manifest.json; re-run `{made_by}`")
+    return arrays
+
+
+def contact_sheet(path: Path, rows: list[np.ndarray]) -> None:
+    """A png grid: each row is (V, 3, H, W) uint8 views laid side by side."""
+    strips = [np.concatenate(list(row.transpose(0, 2, 3, 1)), axis=1) for row in rows]
+    width = max(s.shape[1] for s in strips)
+    strips = [np.pad(s, ((0, 0), (0, width - s.shape[1]), (0, 0)), constant_values=255) for s in strips]
+    with atomic_write(path) as tmp:
+        Image.fromarray(np.concatenate(strips, axis=0)).save(tmp, format="png")
+
+
 def read_npz_key(path: Path, key: str, made_by: str, shape: tuple | None = None) -> np.ndarray:
     """One finite float32 array of a small npz hand-off (a sample's views.npz, joints.npz), checked
     against `shape` (None entries match any size); any failure is one line naming the file."""
@@ -476,3 +532,435 @@ def read_npz_key(path: Path, key: str, made_by: str, shape: tuple | None = None)
     if not np.isfinite(array).all():
         raise UserError(f"{path}: '{key}' has NaN or Inf; re-run `{made_by}`")
     return array.astype(np.float32)
+
+
+# --- files that may hold pickles: numpy arrays and plain containers only ---------------------------
+# Model pickles (a .pkl, or an .npz's object arrays, which smplx loads with allow_pickle=True) and
+# motion .pkl files are unpickled with numpy arrays and plain containers only: a pickle naming any
+# other global (os.system, ...) is refused when that name is looked up, before anything can call it.
+
+class RefusedPickle(pickle.UnpicklingError):
+    """A pickle naming a global that PlainUnpickler does not allow."""
+
+
+class PlainUnpickler(pickle.Unpickler):
+    ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
+                ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}
+
+    def __init__(self, file, extra=frozenset()):
+        super().__init__(file, encoding="latin1")  # latin1: numpy arrays pickled by Python 2
+        self.allowed = self.ALLOWED | set(extra)
+
+    def find_class(self, module, name):
+        if (module, name) not in self.allowed:
+            raise RefusedPickle(f"it names {module}.{name}, which is not a numpy array or plain container")
+        return super().find_class(module, name)
+
+
+# What an official SMPL-X .pkl holds besides arrays: scipy sparse matrices, pickled by Python 2.
+SPARSE_PICKLE = {(m, n) for m in ("scipy.sparse.csc", "scipy.sparse._csc", "scipy.sparse.csr", "scipy.sparse._csr")
+                 for n in ("csc_matrix", "csr_matrix")}
+SPARSE_PICKLE |= {("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor"), ("__builtin__", "object"),
+                  ("builtins", "object")}
+
+
+def check_pickles(path: Path, extra=frozenset()) -> None:
+    """Unpickle the pickled parts of a .pkl or an .npz with PlainUnpickler (raises RefusedPickle), so that
+    a loader that unpickles them after (smplx) meets only what this allowed."""
+    if path.suffix == ".pkl":
+        with open(path, "rb") as fh:
+            PlainUnpickler(fh, extra).load()
+        return
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.namelist():
+            with archive.open(member) as fh:
+                version = np.lib.format.read_magic(fh)
+                _, _, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0(fh))
+                if dtype.hasobject:
+                    PlainUnpickler(fh).load()
+
+
+def read_arrays(path: Path, fix: str):
+    """An .npy, .npz or .pkl file's contents: {'': array} for an .npy, {key: array} for an .npz (object
+    arrays read as None, never unpickled), whatever PlainUnpickler gives for a .pkl. Any failure is one
+    line naming the file, ending in `fix`."""
+    suffix = Path(path).suffix.lower()
+    try:
+        if suffix == ".npy":
+            return {"": np.load(path, allow_pickle=False)}
+        if suffix == ".pkl":
+            with open(path, "rb") as fh:
+                return PlainUnpickler(fh).load()
+        data = {}
+        with np.load(path, allow_pickle=False) as npz:
+            for key in npz.files:
+                try:
+                    data[key] = npz[key]
+                except ValueError as err:
+                    if "allow_pickle" not in str(err):
+                        raise
+                    data[key] = None  # a pickled object: not ours to run
+        return data
+    except RefusedPickle as err:
+        raise UserError(f"{path} was refused: {err}; only pickles of numpy arrays and plain containers are read") \
+            from None
+    except Exception as err:  # truncated zip or pickle, bad header, object .npy ...
+        raise UserError(f"{path} is not a readable {suffix} file ({type(err).__name__}); {fix}") from None
+
+
+def key_path(path: Path, data, dotted: str, flag: str):
+    """The value at a dotted key path (given by `flag`) of a nested file read by `read_arrays`: dict keys,
+    list indices and numeric dict keys; a path that stops is refused in one line naming where."""
+    node = data
+    for step in dotted.split("."):
+        found = [k for k in (step, int(step) if step.isdigit() else None) if isinstance(node, dict) and k in node]
+        if found or (isinstance(node, (list, tuple)) and step.isdigit() and int(step) < len(node)):
+            node = node[found[0] if found else int(step)]
+            continue
+        there = f"keys {some(sorted(map(str, node)))}" if isinstance(node, dict) else f"a {type(node).__name__}"
+        raise UserError(f"{path}: {flag} path {dotted!r} stops at {step!r} ({there} there); fix {flag}")
+    return node
+
+
+def read_scalar(path: Path, arrays: dict, key: str, positive: str | None = None):
+    """The one value of a file's key (read by `read_arrays`); with `positive` (what it is), a float > 0."""
+    value = arrays[key]
+    if value is None or np.size(value) != 1:
+        held = "a pickled object" if value is None else f"shape {np.shape(value)}"
+        raise UserError(f"{path}: key '{key}' should hold one value, not {held}")
+    value = np.asarray(value).reshape(-1)[0]
+    value = value.decode() if isinstance(value, bytes) else value
+    if positive is None:
+        return value
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (np.isfinite(value) and value > 0):
+        raise UserError(f"{path}: '{key}' is {arrays[key]!r}; expected a positive number ({positive})")
+    return value
+
+
+def jsonable(obj):
+    """`obj` as plain json types (paths and other objects as strings)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+# --- the run scaffold of both trainers: start or resume, end of step, save --------------------------
+# pretrain.train_base and finetune.drpose differ in their step and agree on everything around it, which
+# lives here once: --resume (refused before anything loads when there is nothing to resume), a fresh run
+# deleting its own stale step_* folders, the NaN guard, the log line, --max-minutes, checkpoints, the
+# final folder written atomically with the metrics log.
+
+class TrainingRun:
+    """One training run of `stage` writing `out/` and checkpoints to `<out>_ckpt/step_NNNNNN/`.
+
+    `args` needs steps, resume, max_minutes, log_every, checkpoint_every, keep_checkpoints and device.
+    Building it refuses a --resume with nothing to resume (before the caller loads anything) and starts
+    the accelerator; `start` resumes or starts fresh, `optimise` is the optimiser step with the NaN guard,
+    `end_of_step` logs, checkpoints and keeps the time budget, `finish` writes `out/`. `hook(step)` runs
+    after every step and its checkpoint (tests use it to kill a run)."""
+
+    def __init__(self, stage: str, out: Path, args, hook: Callable[[int], None] | None = None, desc: str | None = None):
+        self.stage, self.out, self.args, self.hook, self.started = stage, Path(out), args, hook, time.time()
+        self.desc = desc or stage
+        self.ckpt_root = checkpoint_root(out)
+        self.metrics_path = self.ckpt_root / "metrics.jsonl"
+        if args.resume and latest_checkpoint(self.ckpt_root) is None:
+            raise UserError(f"--resume: no complete checkpoint under {self.ckpt_root}; drop --resume to train from "
+                            f"step 0 (which replaces {self.out} when done)")
+        self.use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=not self.use_cuda, mixed_precision="bf16" if self.use_cuda else "no")
+        self.device, self.rank = self.accelerator.device, self.accelerator.process_index
+        self.world, self.is_main = self.accelerator.num_processes, self.accelerator.is_main_process
+
+    def start(self, model, optimizer, params: list, generator: torch.Generator, lr_at: Callable[[int], float],
+              expect: dict, record: dict, trainable_only: bool = False, postfix: tuple[str, ...] = ("loss",),
+              extras: dict | None = None):
+        """Resume from the newest checkpoint (weights, optimizer, this process's RNG) or start fresh, then
+        hand model and optimizer to accelerate. `expect`: what must match to resume (a checkpoint that
+        differs is refused in one line); `record`: what every checkpoint stores besides; `lr_at(step)`: the
+        learning rate; `extras`: more state by name (e.g. an EMA of the weights: anything with state_dict /
+        load_state_dict), saved as <name>.pt in every checkpoint and restored on resume. Returns (model,
+        optimizer, step) with model and optimizer prepared."""
+        step = 0
+        found = latest_checkpoint(self.ckpt_root) if self.args.resume else None
+        if found is not None:
+            step, rng_states = load_checkpoint(found, model, optimizer, expect)
+            if step > self.args.steps:
+                raise UserError(f"{found} is past --steps {self.args.steps}; raise --steps or pass another --out")
+            for name, state in (extras or {}).items():
+                state.load_state_dict(torch.load(found / f"{name}.pt", map_location="cpu", weights_only=True))
+                state.to(self.device)
+            generator.set_state(rng_from_str(rng_states[self.rank]))
+            self.accelerator.print(f"resumed from {found} (step {step})")
+        elif self.is_main and self.ckpt_root.exists():
+            # A fresh run replaces its own old checkpoints, so a later --resume cannot mix the two runs.
+            for old in (p for p in self.ckpt_root.glob("step_*") if p.is_dir()):
+                shutil.rmtree(old)
+        if self.is_main:
+            truncate_log(self.metrics_path, step)  # drop lines a killed run logged after its last checkpoint
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        self.model, self.optimizer, self.params, self.generator = model, optimizer, params, generator
+        self.lr_at, self.trainable_only, self.postfix, self.extras = lr_at, trainable_only, postfix, extras or {}
+        self.record = dict(record, resume_key=expect)
+        self.step, self.first_step, self.loop_start, self.tick = step, step, time.time(), time.time()
+        self.bar = tqdm(total=self.args.steps, initial=step, desc=self.desc,
+                        disable=None if self.is_main else True)  # None: a bar on a terminal only
+        return model, optimizer, step
+
+    def optimise(self, loss: torch.Tensor) -> torch.Tensor:
+        """Backward, gradient clip, the NaN guard, then the optimiser step at `lr_at(step)`. Returns the
+        gradient norm before clipping."""
+        self.lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        grad_norm = self.accelerator.clip_grad_norm_(self.params, self.args.grad_clip)
+        check_finite(self.stage, self.step + 1, loss, grad_norm, self.ckpt_root)
+        self.optimizer.step()
+        return grad_norm
+
+    def end_of_step(self, step: int, log_line: Callable[[], dict]) -> bool:
+        """After the optimiser step that made it `step`: a log line every --log-every steps (tqdm postfix +
+        metrics.jsonl; `log_line()` gives the trainer's numbers), a checkpoint every --checkpoint-every
+        steps, at the end and when --max-minutes is about to run out. Returns True to stop early."""
+        args, self.step = self.args, step
+        self.bar.update(1)
+        if step % args.log_every == 0 or step == args.steps:
+            line = dict(step=step, **log_line(), lr=self.lr,
+                        sec_per_step=round((time.time() - self.tick) / args.log_every, 4))
+            self.bar.set_postfix({k: line[k] for k in self.postfix if k in line})
+            if self.is_main:
+                append_log(self.metrics_path, line)
+            self.tick = time.time()
+        stop = step < args.steps and out_of_time(self.started, args.max_minutes, self.loop_start,
+                                                 step - self.first_step, self.accelerator)
+        if step % args.checkpoint_every == 0 or step == args.steps or stop:
+            rng_states = gather_object([rng_to_str(self.generator.get_state())])
+            if self.is_main:
+                save_checkpoint(self.ckpt_root, step, self.accelerator.unwrap_model(self.model), self.optimizer,
+                                rng_states, self.record, args.keep_checkpoints, self.trainable_only,
+                                {name: state.state_dict() for name, state in self.extras.items()})
+            self.accelerator.wait_for_everyone()
+        if self.hook is not None:
+            self.hook(step)
+        return stop
+
+    def finish(self, step: int, save: Callable[[Path], None]) -> Path:
+        """Write `out/` (through `save(tmp_folder)`, with the metrics log) and return it; a run stopped
+        by --max-minutes writes nothing and returns its checkpoint folder."""
+        self.bar.close()
+        if step < self.args.steps:
+            self.accelerator.print(f"--max-minutes {self.args.max_minutes}: stopped at step {step}; "
+                                   "continue with --resume")
+            return self.ckpt_root / f"step_{step:06d}"
+        if self.is_main:
+            with atomic_dir(self.out) as tmp:
+                save(tmp)
+                if self.metrics_path.exists():
+                    shutil.copy(self.metrics_path, tmp / "metrics.jsonl")
+        self.accelerator.wait_for_everyone()
+        return self.out
+
+
+def step_rows(step: int, num: int, batch: int, world: int, rank: int, seed: int) -> torch.Tensor:
+    """(batch,) indices this process trains on at `step`: its slice of the global batch of the step's
+    epoch permutation, a pure function of (seed, epoch), so a resumed run replays the same data order
+    without saving a data-loader state."""
+    per_epoch = num // (batch * world)
+    perm = torch.randperm(num, generator=torch.Generator().manual_seed(seed * 100003 + step // per_epoch))
+    return perm[: per_epoch * batch * world].reshape(per_epoch, world, batch)[step % per_epoch, rank]
+
+
+def out_of_time(start: float, max_minutes: float | None, loop_start: float, steps_done: int, accelerator) -> bool:
+    """True when one more step would end past the job's wall-clock budget (minutes since `start`), at
+    the mean time per step since `loop_start`. Process 0 decides for all."""
+    if max_minutes is None or steps_done == 0:
+        return False
+    now = time.time()
+    late = now + (now - loop_start) / steps_done - start > 60 * max_minutes
+    if accelerator.num_processes > 1:  # every process must stop at the same step
+        late = bool(broadcast(torch.tensor([late], device=accelerator.device), from_process=0).item())
+    return late
+
+
+def append_log(path: Path, line: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(line) + "\n")
+
+
+def truncate_log(path: Path, step: int) -> None:
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (for the parts accelerate does not wrap, e.g. sampling); none on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# --- checkpoints: one folder per step, written atomically ---------------------------------------------
+
+STEP_DIR = re.compile(r"^step_(\d{6})$")
+
+
+def checkpoint_root(out: Path) -> Path:
+    """Where a trainer writing the model folder `out` keeps its checkpoints: <out>_ckpt/."""
+    return Path(str(out) + "_ckpt")
+
+
+def rng_to_str(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def rng_from_str(text: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
+
+
+def architecture(config) -> dict:
+    """The fields of a diffusers config that make the network, sorted, without diffusers' private
+    bookkeeping ('_' keys: `_name_or_path` is a path, `_use_default_values` is in hash-seed order)."""
+    return {k: v for k, v in sorted(jsonable(dict(config or {})).items()) if not k.startswith("_")}
+
+
+def trainable_names(model) -> set[str]:
+    return {name for name, param in model.named_parameters() if param.requires_grad}
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, rng_states: list[str], record: dict, keep: int,
+                    trainable_only: bool = False, extra_state: dict | None = None) -> Path:
+    """<out>_ckpt/step_NNNNNN/: model.safetensors, optimizer.pt, state.json (step, RNG, args,
+    versions, model config) and <name>.pt per `extra_state` entry. Written as step_NNNNNN.tmp/ and renamed
+    when complete. trainable_only: only the weights that train (LoRA adapters; the frozen base is reloaded
+    from its own folder)."""
+    folder = Path(root) / f"step_{step:06d}"
+    keys = trainable_names(model) if trainable_only else model.state_dict().keys()
+    with atomic_dir(folder) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k in keys},
+                  tmp / "model.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        for name, state in (extra_state or {}).items():  # e.g. ema.pt: inside the folder, so complete with it
+            torch.save(state, tmp / f"{name}.pt")
+        write_json(tmp / "state.json", dict(record, step=step, rng=rng_states, unet_config=architecture(model.config),
+                                            weights="trainable" if trainable_only else "all"))
+    for old in sorted(p for p in Path(root).iterdir() if STEP_DIR.match(p.name))[:-keep]:
+        shutil.rmtree(old)
+    return folder
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete step_*/ folder (a .tmp folder from a killed write is ignored)."""
+    done = [p for p in Path(root).glob("step_*") if STEP_DIR.match(p.name) and (p / "state.json").exists()]
+    return max(done, key=lambda p: p.name) if done else None
+
+
+def load_checkpoint(folder: Path, model, optimizer, expect: dict) -> tuple[int, list[str]]:
+    """Restore weights and optimizer in place; return (step, RNG states). A checkpoint made with a
+    different network or a different `expect` (data, world size, ...) is refused in one line."""
+    fix = f"delete {folder.parent} or pass another --out"
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        weights = load_file(folder / "model.safetensors")
+        opt_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{folder} is unreadable ({type(err).__name__}); {fix}") from None
+    state = state if isinstance(state, dict) else {}
+    step, rng = state.get("step"), state.get("rng")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or STEP_DIR.match(folder.name) is None \
+            or int(STEP_DIR.match(folder.name).group(1)) != step:
+        raise UserError(f"{folder}/state.json: step {step!r} is not the folder's step number; {fix}")
+    if not isinstance(rng, list) or not rng or not all(isinstance(r, str) for r in rng):
+        raise UserError(f"{folder}/state.json: 'rng' is not a list of generator states; {fix}")
+    check_finite_weights(weights.items(), folder / "model.safetensors",
+                         f"delete {folder} to resume from the one before")
+    if architecture(state.get("unet_config")) != architecture(model.config):
+        raise UserError(f"{folder} is incompatible: it holds a different network (unet_config); {fix}")
+    for key, want in jsonable(expect).items():
+        if jsonable(state.get("resume_key", {})).get(key) != want:
+            raise UserError(f"{folder} is incompatible: its {key} differs from this run's; {fix}")
+    partial = state.get("weights") == "trainable"
+    if partial and set(weights) != trainable_names(model):
+        raise UserError(f"{folder} holds other trainable weights than this model's (adapter rank or targets); {fix}")
+    try:
+        model.load_state_dict(weights, strict=not partial)
+        optimizer.load_state_dict(opt_state)
+    except Exception as err:
+        raise UserError(f"{folder} does not fit this model ({type(err).__name__}); {fix}") from None
+    return step, rng
+
+
+def check_finite(stage: str, step: int, loss: torch.Tensor, grad_norm, ckpt_root: Path) -> None:
+    """The NaN guard, called between backward and the optimizer step: a non-finite loss or gradient
+    norm stops the run with the step named, before the weights take the bad step, so the newest
+    checkpoint stays the last good one. (One device sync per step.)"""
+    if bool(torch.isfinite(loss.detach()).all() & torch.isfinite(torch.as_tensor(grad_norm)).all()):
+        return
+    last = latest_checkpoint(ckpt_root) if Path(ckpt_root).exists() else None
+    raise UserError(f"{stage} stopped at step {step}: loss {float(loss.detach()):.4g}, gradient norm {float(grad_norm):.4g} "
+                    f"(not finite); nothing was written past the last good checkpoint ({last or 'none yet'}); "
+                    "lower --lr (and --resume) or check the inputs")
+
+
+# --- speed on CUDA: no-grad calls replayed from CUDA graphs, a bf16 frozen copy ----------------------
+
+def frozen_bf16(model):
+    """A frozen copy of `model` whose convolution and linear weights are bf16, what autocast casts them
+    to at every call anyway (so under autocast it gives the float32 model's outputs without the
+    casts); norms and embeddings stay float32."""
+    frozen = copy.deepcopy(model).requires_grad_(False).eval()
+    for module in frozen.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            module.to(torch.bfloat16)
+    return frozen
+
+
+class GraphedCall:
+    """`fn(model, *inputs)` without grad, replayed from a CUDA graph: a network call's hundreds of kernel
+    launches become one. Called like `fn(module, *inputs)`; the first call per input shapes, non-tensor
+    inputs and autocast state captures a graph (after two warm-up calls) of `fn(self.model, ...)`; a call
+    with any tensor input off the GPU runs `fn(module, *inputs)` eagerly. Weights are read at replay, so
+    in-place optimizer steps are seen; `model` is the unwrapped network that `module` runs. Tensor inputs
+    that change between calls (a timestep) must be tensors, never Python numbers, or each value captures
+    its own graph."""
+
+    def __init__(self, fn: Callable, model, pool=None):
+        self.fn, self.model, self.graphs, self.pool = fn, model, {}, pool or torch.cuda.graph_pool_handle()
+
+    def __call__(self, module, *inputs):
+        tensors = [x for x in inputs if torch.is_tensor(x)]
+        if not tensors or not all(x.is_cuda for x in tensors):
+            return self.fn(module, *inputs)
+        key = tuple((x.shape, x.dtype) if torch.is_tensor(x) else x for x in inputs) + (
+            torch.is_autocast_enabled("cuda"),)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(inputs)
+        graph, static, out = self.graphs[key]
+        for buffer, value in zip(static, tensors):
+            buffer.copy_(value)
+        graph.replay()
+        return out.clone()
+
+    def capture(self, inputs: tuple):
+        static = [x.detach().clone() for x in inputs if torch.is_tensor(x)]
+        buffers = iter(static)
+        call_inputs = [next(buffers) if torch.is_tensor(x) else x for x in inputs]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(stream):
+            for _ in range(2):  # lazy initialisation (cuDNN/cuBLAS handles, cached constants) stays out
+                self.fn(self.model, *call_inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # autocast caches its bf16 casts of trainable weights: clear it, so that the graph holds the
+        # casts (redone at each replay, from the current weights) rather than a cached tensor.
+        torch.clear_autocast_cache()
+        with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):
+            out = self.fn(self.model, *call_inputs)
+        torch.clear_autocast_cache()
+        return graph, static, out

@@ -17,15 +17,21 @@ Writes `posescore/` under the run folder (or --out): the U-Net (`save_pretrained
 error, true-vs-perturbed pose accuracy on val scans and on bench hard poses), `metrics.jsonl`
 (one line per log step: step, loss, lr, seconds) and `maps.png` (views | target | predicted maps).
 
-Every reward in REWARDS has one signature, so finetune.py's `--reward NAME` swaps it:
-    fn(views (B, V, 6, H, W) in [-1, 1], batch {"joints": (B, 55, 3), ...}, ctx: RewardContext)
+Every reward in REWARDS has one signature, so finetune.py's `--reward NAME` swaps it (or
+`--reward module:function` / `path/to/file.py:function` takes one from the user's own code):
+    fn(views (B, V, 6, H, W) in [-1, 1], batch, ctx: RewardContext)
         -> (rewards (B,), parts {name: (B,)})      higher is better, differentiable in views
+where batch is the whole (pose, image) pair row (`reward_batch`): joints (B, 55, 3), image (B, 3, H, W)
+in [0, 1], mask (B, H, W) 0/1, the SMPL-X parameters, and anything else pairs.npz holds. The evaluation's
+view joint error (`view_joint_error`) is no registry entry, so editing a reward cannot change it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
+import importlib.util
 import json
 import math
 import time
@@ -33,10 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Callable, Literal, Union
 
+import diffusers
+import imageio.v3 as iio
 import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
+from diffusers import UNet2DModel
+from scipy.spatial.transform import Rotation
+from scipy.stats import spearmanr
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from tqdm import tqdm
 
 from prepare_data import (BONE_GROUPS, views_mask, BONES, NUM_BODY_JOINTS, NUM_VIEWS, POSE_KEYS, VIEW_AZIMUTHS, body_forward,
@@ -156,10 +168,10 @@ class ScoreArgs:
     (default: <run-dir>/data/bench/bench.npz; ignored when --views-dir is a dataset npz)"""
     run_dir: Path = Path("runs/demo")
     """the run folder holding posescore/"""
-    posescore_dir: Path | None = None
-    """g_skel folder (default: <run-dir>/posescore)"""
+    reward_dir: Path | None = None
+    """the reward's g_skel folder (default: <run-dir>/posescore)"""
     reward: str = "posescore"
-    """a name in posescore.REWARDS"""
+    """a name in posescore.REWARDS, or module:function / path/to/file.py:function"""
     lpips_weights: Path | None = None
     """optional perceptual term: a TorchScript LPIPS module (see `load_perceptual`); off by default"""
     out: Path | None = None
@@ -173,8 +185,7 @@ class ScoreArgs:
     def check(self) -> "ScoreArgs":
         """Every flag, before any work (one line and exit status 2 for the first bad one)."""
         check_number(self, "batch_size", 1, high=MAX_BATCH)
-        if self.reward not in REWARDS:
-            raise UserError(f"--reward {self.reward} is not one of {sorted(REWARDS)}; pass one of them")
+        resolve_reward(self.reward)
         check_device(self.device)
         if self.out is not None:
             guard_output_file(self.out, "--out")
@@ -271,8 +282,6 @@ def build_gskel(resolution: int, channels: tuple[int, ...]):
     """A small diffusers U-Net: one view latent (6, H, W) + view index -> K bone logits.
     The timestep is always 0 (nothing is noised); the view index enters as a class embedding,
     which is what lets one network tell a side view's left arm from a front view's."""
-    from diffusers import UNet2DModel
-
     return UNet2DModel(
         sample_size=resolution, in_channels=6, out_channels=NUM_BONES, block_out_channels=tuple(channels),
         layers_per_block=1, down_block_types=("DownBlock2D",) * len(channels),
@@ -297,10 +306,8 @@ def gskel_logits(gskel, views: torch.Tensor) -> torch.Tensor:
     return logits.unflatten(0, (batch, num_views))
 
 
-def load_gskel(folder: Path, device="cpu"):
-    """(g_skel frozen in eval mode, config dict) from a posescore/ folder."""
-    from diffusers import UNet2DModel
-
+def load_gskel_network(folder: Path, device="cpu"):
+    """(g_skel frozen in eval mode, config dict) from a g_skel folder (posescore/, pose_reader/)."""
     folder = Path(folder)
     config_path = folder / "posescore_config.json"
     made_by = f"python posescore.py train --run-dir {folder.parent} --out {folder}"
@@ -322,27 +329,65 @@ def load_gskel(folder: Path, device="cpu"):
     return gskel.to(device).eval().requires_grad_(False), config
 
 
-# --- rewards: one signature, a registry --------------------------------------------------------
-
 @dataclass
-class RewardContext:
-    """What every reward may use besides the views and the batch. Frozen; built once per run."""
+class GskelContext:
+    """A frozen g_skel and what reading its maps needs: the reward's network, or the pose reader."""
 
     gskel: torch.nn.Module
     """the frozen skeleton-map U-Net (eval mode, no grad on its weights)"""
     resolution: int
-    """view resolution H = W the rewards expect"""
+    """view resolution H = W it reads"""
     width: float
     """skeleton-map line width (Gaussian sigma, px) g_skel was trained with"""
     device: torch.device
     """where g_skel lives"""
+
+
+def load_gskel(folder: Path, device="cpu") -> GskelContext:
+    """The frozen g_skel of a folder (posescore/, or pose_reader/: what reconstruction and evaluation read
+    poses with, never a reward)."""
+    gskel, config = load_gskel_network(folder, device)
+    return GskelContext(gskel=gskel, resolution=config["resolution"], width=config["width"],
+                        device=torch.device(device))
+
+
+# --- rewards: one signature, a registry --------------------------------------------------------
+
+MULTIVIEW_KEYS = ("color", "normal", "depth")  # six-view ground truth: never in a reward's batch (DrPose has none)
+
+
+def reward_batch(arrays: dict, rows=None, device=None) -> dict:
+    """The `batch` every reward gets: the (pose, image) pair rows of a data file as tensors on `device`,
+    keyed as in pairs.npz: image (B, 3, H, W) as float in [0, 1], mask (B, H, W) as float 0/1, joints (B, 55, 3),
+    the SMPL-X parameters, outfits, and whatever else the file holds. A six-view file (bench.npz, scans)
+    gives the same row: its multi-view GT and text columns are left out, its mask is the front view's.
+    `arrays`: numpy arrays by key (other entries are skipped); `rows`: indices or a slice (default: all)."""
+    batch = {}
+    for key, value in arrays.items():
+        if not isinstance(value, np.ndarray) or key in MULTIVIEW_KEYS or value.dtype.kind not in "biuf":
+            continue  # not an array column (a path, a count), six-view GT or text
+        value = torch.as_tensor(value)
+        value = (value if rows is None else value[rows]).to(device)
+        if key == "mask" and value.ndim == 4:
+            value = value[:, 0]  # (B, V, H, W) -> the front view's (B, H, W), as in pairs.npz
+        if key == "image":
+            value = value.float() / 255  # uint8 -> [0, 1], what the sampler is conditioned on
+        batch[key] = value.float() if value.is_floating_point() or key == "mask" else value
+    return batch
+
+
+@dataclass
+class RewardContext(GskelContext):
+    """What every reward may use besides the views and the batch: the reward's g_skel (the fields of
+    GskelContext) and an optional perceptual term. Frozen; built once per run."""
+
     perceptual: Callable | None = None
     """optional LPIPS-style distance (N, 3, H, W) x2 in [-1, 1] -> (N,) or (N, 1, 1, 1); None = off"""
     perceptual_weight: float = 1.0
     """weight of the perceptual term in PoseScore when `perceptual` is set"""
 
 
-def check_reward_inputs(views: torch.Tensor, batch: dict, ctx: RewardContext) -> torch.Tensor:
+def check_reward_inputs(views: torch.Tensor, batch: dict, ctx: GskelContext) -> torch.Tensor:
     """Refuse malformed inputs in one line; return the joints tensor (B, 55 or 22, 3)."""
     res = ctx.resolution
     if not torch.is_tensor(views) or views.ndim != 5 or tuple(views.shape[1:]) != (NUM_VIEWS, 6, res, res):
@@ -458,13 +503,47 @@ def load_perceptual(path: Path, device="cpu") -> Callable:
     return module
 
 
-def load_reward_context(posescore_dir: Path, device="cpu", lpips_weights: Path | None = None,
+def load_reward_context(reward_dir: Path, device="cpu", lpips_weights: Path | None = None,
                         perceptual_weight: float = 1.0) -> RewardContext:
-    """The frozen g_skel of a posescore/ folder, ready for any reward in REWARDS."""
-    gskel, config = load_gskel(posescore_dir, device)
+    """The frozen g_skel of a reward folder (posescore/), ready for any reward in REWARDS."""
+    gskel_ctx = load_gskel(reward_dir, device)
     perceptual = load_perceptual(lpips_weights, device) if lpips_weights is not None else None
-    return RewardContext(gskel=gskel, resolution=config["resolution"], width=config["width"],
-                         device=torch.device(device), perceptual=perceptual, perceptual_weight=perceptual_weight)
+    return RewardContext(**vars(gskel_ctx), perceptual=perceptual, perceptual_weight=perceptual_weight)
+
+
+def resolve_reward(spec: str) -> Callable:
+    """A reward by name in REWARDS, or from the user's own code: `module:function` (an importable
+    module) or `path/to/file.py:function`. Anything that does not resolve is refused in one line."""
+    if spec in REWARDS:
+        return REWARDS[spec]
+    if ":" not in spec:
+        raise UserError(f"--reward {spec} is not in posescore.REWARDS {sorted(REWARDS)}; pass one of them, or "
+                        "module:function or path/to/file.py:function for a reward of your own")
+    return _import_reward(spec)
+
+
+@functools.lru_cache(maxsize=None)
+def _import_reward(spec: str) -> Callable:
+    """`module:function` or `path/to/file.py:function`, imported once per process (a file's module state,
+    e.g. a cache, is the same object on every call)."""
+    where, name = spec.rsplit(":", 1)
+    try:
+        if where.endswith(".py"):
+            if not Path(where).is_file():
+                raise UserError(f"--reward {spec}: {where} does not exist; pass path/to/file.py:function")
+            module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except UserError:
+        raise
+    except Exception as err:  # the user's module failed to import: say so in one line
+        raise UserError(f"--reward {spec}: importing {where} failed ({type(err).__name__}: {err}); fix it or "
+                        "pass path/to/file.py:function") from None
+    if not callable(getattr(module, name, None)):
+        raise UserError(f"--reward {spec}: {where} has no function {name}; pass module:function")
+    return getattr(module, name)
 
 
 def maps_to_rgb(maps: torch.Tensor) -> torch.Tensor:
@@ -477,18 +556,18 @@ def maps_to_rgb(maps: torch.Tensor) -> torch.Tensor:
 # --- data: views and joints to train on --------------------------------------------------------
 
 def load_view_latents(path: Path, keys=("joints",)) -> dict:
-    """A dataset npz -> latents (N, V, 6, H, W) in [-1, 1], joints (N, 55, 3) and the raw arrays."""
+    """A dataset npz -> latents (N, V, 6, H, W) in [-1, 1], joints (N, 55, 3), the rows as a reward
+    batch (`reward_batch`) and the raw arrays."""
     arrays = load_split(path, expect_keys=("color", "normal", *keys))
     latents = views_to_latents(from_uint8(arrays["color"]), from_uint8(arrays["normal"]))
-    return dict(arrays, latents=latents, joints_t=torch.from_numpy(arrays["joints"]).float())
+    return dict(arrays, latents=latents, joints_t=torch.from_numpy(arrays["joints"]).float(),
+                batch=reward_batch(arrays))
 
 
 def render_broad(run_dir: Path, count: int, resolution: int, seed: int, device, any_orientation: bool = False) -> dict:
     """`count` broad poses in training-hue outfits, rendered through prepare_data's own path
     (the one that made data/scans/): latents (count, V, 6, H, W) and joints (count, 55, 3).
     any_orientation: each body turned to a uniformly random orientation (Haar measure on SO(3))."""
-    from scipy.spatial.transform import Rotation
-
     rng = np.random.default_rng(seed + 1)  # not the scans' stream: new poses
     poses, outfits = generate_poses("broad", count, rng), sample_outfits(count, rng, held_out=False)
     if any_orientation:
@@ -623,7 +702,7 @@ def judged_error(error_px: torch.Tensor, solid: torch.Tensor) -> torch.Tensor:
     return error_px + UNSOLID_PENALTY_PX * (1 - solid / SOLID_SHARE).clamp(min=0)
 
 
-def view_joint_error(ctx: RewardContext, views: torch.Tensor, joints: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+def view_joint_error(ctx: GskelContext, views: torch.Tensor, joints: torch.Tensor, chunk: int = 16) -> torch.Tensor:
     """The pose reader's 2D error: (N, V, 6, H, W) views and (N, 55, 3) GT joints -> (N, V) mean
     distance in px between the body joints read off its maps and the GT joints projected into each
     view. The evaluation metric; no reward of the registry computes it, so editing one cannot move it."""
@@ -652,7 +731,7 @@ def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, lo
     torch.manual_seed(args.seed)  # the initial weights
     generator = torch.Generator().manual_seed(args.seed)  # batches and augmentation
     if args.init is not None:
-        gskel, _ = load_gskel(args.init, device)
+        gskel, _ = load_gskel_network(args.init, device)
         gskel = gskel.float().requires_grad_(True).train()
     else:
         gskel = build_gskel(resolution, args.channels).to(device).train()
@@ -708,26 +787,27 @@ def perturbed_joints(body, arrays: dict, levels, seed: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def reward_in_chunks(fn, latents: torch.Tensor, joints: torch.Tensor, ctx: RewardContext, chunk: int = 16):
-    """(N,) rewards and {part: (N,)} of a registry reward over N subjects, without gradients."""
+def reward_in_chunks(fn, latents: torch.Tensor, batch: dict, ctx: RewardContext, chunk: int = 16):
+    """(N,) rewards and {part: (N,)} of a reward over N subjects (`batch`: their pair rows, see
+    `reward_batch`), without gradients."""
     rewards, parts = [], {}
     with torch.no_grad():
         for i in range(0, len(latents), chunk):
-            r, p = fn(latents[i:i + chunk], {"joints": joints[i:i + chunk]}, ctx)
+            r, p = fn(latents[i:i + chunk], {k: v[i:i + chunk] for k, v in batch.items()}, ctx)
             rewards.append(r.cpu())
             for k, v in p.items():
                 parts.setdefault(k, []).append(v.cpu())
     return torch.cat(rewards), {k: torch.cat(v) for k, v in parts.items()}
 
 
-def true_vs_perturbed(fn, latents, true_joints, moved_joints, levels, ctx) -> dict:
-    """How a reward ranks GT renders' own pose against perturbed poses: accuracy (true scores
-    higher) over all (subject, level) pairs, per level, and Spearman rank correlation between
-    perturbation size (0 = true) and reward, per subject then averaged, and pooled."""
-    from scipy.stats import spearmanr
-
-    true_r, _ = reward_in_chunks(fn, latents, true_joints, ctx)  # (N,)
-    moved_r = torch.stack([reward_in_chunks(fn, latents, j, ctx)[0] for j in moved_joints])  # (L, N)
+def true_vs_perturbed(fn, latents, batch, moved_joints, levels, ctx) -> dict:
+    """How a reward ranks GT renders' own pose (`batch`) against perturbed poses (`moved_joints`
+    (L, N, 55, 3) in place of batch['joints']): accuracy (true scores higher) over all (subject,
+    level) pairs, per level, and Spearman rank correlation between perturbation size (0 = true) and
+    reward, per subject then averaged, and pooled."""
+    true_r, _ = reward_in_chunks(fn, latents, batch, ctx)  # (N,)
+    moved_r = torch.stack([reward_in_chunks(fn, latents, dict(batch, joints=j), ctx)[0]
+                           for j in moved_joints])  # (L, N)
     wins = (true_r[None] > moved_r).double()
     table = torch.cat([true_r[None], moved_r]).numpy()  # (L + 1, N)
     sizes = np.array([0.0, *levels])
@@ -738,12 +818,10 @@ def true_vs_perturbed(fn, latents, true_joints, moved_joints, levels, ctx) -> di
                 reward_per_level=dict(zip(map(str, sizes.tolist()), table.mean(1).tolist())))
 
 
-def map_quality(ctx: RewardContext, latents: torch.Tensor, joints: torch.Tensor) -> tuple[dict, torch.Tensor]:
+def map_quality(ctx: GskelContext, latents: torch.Tensor, joints: torch.Tensor) -> tuple[dict, torch.Tensor]:
     """Skeleton-map PSNR / SSIM (skimage, data range 1, per view over all K channels, averaged) and
     the 2D joint error in pixels read off predicted maps (and off the target maps: the reader's
     own floor). Returns the numbers and the predicted maps (N, V, K, H, W)."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
     preds, targets = [], []
     with torch.no_grad():
         for i in range(0, len(latents), 16):
@@ -763,14 +841,12 @@ def map_quality(ctx: RewardContext, latents: torch.Tensor, joints: torch.Tensor)
 
 def validate(ctx: RewardContext, splits: dict, body, args: TrainArgs, folder: Path) -> dict:
     """Every validation number for every split, and maps.png (views | target | predicted)."""
-    import imageio.v3 as iio
-
     results, rows = {}, []
     for name, data in splits.items():
         quality, pred = map_quality(ctx, data["latents"], data["joints_t"])
         moved = perturbed_joints(body, data, args.perturb_levels, args.seed)
         results[name] = dict(quality, **{
-            f"true_vs_perturbed_{reward}": true_vs_perturbed(REWARDS[reward], data["latents"], data["joints_t"],
+            f"true_vs_perturbed_{reward}": true_vs_perturbed(REWARDS[reward], data["latents"], data["batch"],
                                                              moved, args.perturb_levels, ctx)
             for reward in VALIDATED_REWARDS})
         for n in range(min(2, len(pred))):  # two subjects per split: colour | normal | target | predicted
@@ -785,17 +861,19 @@ def validate(ctx: RewardContext, splits: dict, body, args: TrainArgs, folder: Pa
 
 # --- score: a folder of views against their poses ----------------------------------------------
 
-def read_scored_views(args: ScoreArgs) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """latents (N, V, 6, H, W), GT joints (N, 55, 3) and a name per sample, from --views-dir."""
+def read_scored_views(args: ScoreArgs) -> tuple[torch.Tensor, dict, list[str]]:
+    """latents (N, V, 6, H, W), their pair rows (`reward_batch`: GT joints, image, ...) and a name per
+    sample, from --views-dir."""
     if args.views_dir.suffix == ".npz":
         data = load_view_latents(args.views_dir)
-        return data["latents"], data["joints_t"], [f"{i:05d}" for i in range(len(data["latents"]))]
+        return data["latents"], data["batch"], [f"{i:05d}" for i in range(len(data["latents"]))]
     folders = sorted(p for p in args.views_dir.glob("[0-9]" * 5) if (p / "views.npz").exists())
     if not folders:
         raise UserError(f"{args.views_dir} holds no {{i:05d}}/views.npz sample folders; make them with "
                         "`python reconstruct.py` or pass a dataset npz")
     poses_path = args.poses or args.run_dir / "data" / "bench" / "bench.npz"
-    joints = torch.from_numpy(load_split(poses_path, expect_keys=("joints",))["joints"]).float()
+    poses = load_split(poses_path, expect_keys=("joints",))
+    joints = poses["joints"]
     latents = []
     for folder in folders:
         made_by = f"python reconstruct.py --run-dir {args.run_dir}"
@@ -806,14 +884,14 @@ def read_scored_views(args: ScoreArgs) -> tuple[torch.Tensor, torch.Tensor, list
     if max(index) >= len(joints):
         raise UserError(f"{args.views_dir} has sample {max(index):05d} but {poses_path} holds {len(joints)} "
                         "poses; pass the dataset the views were made from with --poses")
-    return torch.stack(latents), joints[index], [f.name for f in folders]
+    return torch.stack(latents), reward_batch(poses, index), [f.name for f in folders]
 
 
 def score(args: ScoreArgs) -> None:
     args.check()
-    ctx = load_reward_context(args.posescore_dir or args.run_dir / "posescore", args.device, args.lpips_weights)
-    latents, joints, names = read_scored_views(args)
-    rewards, parts = reward_in_chunks(REWARDS[args.reward], latents, joints, ctx, args.batch_size)
+    ctx = load_reward_context(args.reward_dir or args.run_dir / "posescore", args.device, args.lpips_weights)
+    latents, batch, names = read_scored_views(args)
+    rewards, parts = reward_in_chunks(resolve_reward(args.reward), latents, batch, ctx, args.batch_size)
     result = dict(reward=args.reward, views=str(args.views_dir), count=len(names), mean=rewards.mean().item(),
                   parts_mean={k: v.mean().item() for k, v in parts.items()},
                   per_sample=[dict(name=n, reward=rewards[i].item(), **{k: v[i].item() for k, v in parts.items()})
@@ -821,7 +899,8 @@ def score(args: ScoreArgs) -> None:
     print(f"{args.reward}: mean {result['mean']:.4f} over {len(names)} samples of {args.views_dir}")
     for key, value in result["parts_mean"].items():
         print(f"  {key:16s} {value:.4f}")
-    out = args.out or (None if args.views_dir.suffix == ".npz" else args.views_dir / f"score_{args.reward}.json")
+    name = Path(args.reward).name.replace(":", "_")  # a name, or file.py:function
+    out = args.out or (None if args.views_dir.suffix == ".npz" else args.views_dir / f"score_{name}.json")
     if out is not None:
         write_json(out, result)
         print(f"wrote {out}")
@@ -844,7 +923,7 @@ def _train(args: TrainArgs) -> None:
     resolution = scans["latents"].shape[-1]
     latents, joints = scans["latents"], scans["joints_t"]
     if args.init is not None:  # the starting weights fix the architecture and the line width
-        init_gskel, init_config = load_gskel(args.init)
+        init_gskel, init_config = load_gskel_network(args.init)
         if init_config["resolution"] != resolution:
             raise UserError(f"{args.init} is a {init_config['resolution']} px g_skel but {data_dir / 'scans'} is "
                             f"{resolution} px; pass an --init made for this preset or leave --init out")
@@ -873,7 +952,7 @@ def _train(args: TrainArgs) -> None:
         gskel.save_pretrained(tmp)
         config = dict(stage="posescore", resolution=resolution, width=args.width, train_seconds=round(train_seconds, 1),
                       subjects=len(latents), args=dataclasses.asdict(args), run=provenance(args),
-                      versions=dict(torch=torch.__version__, diffusers=__import__("diffusers").__version__))
+                      versions=dict(torch=torch.__version__, diffusers=diffusers.__version__))
         write_json(tmp / "posescore_config.json", config)
         # --- validation on held-out scans and on the hard-pose bench ---
         ctx = RewardContext(gskel=gskel, resolution=resolution, width=args.width, device=torch.device(args.device))

@@ -21,11 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pickle
 import shutil
 import tempfile
 import time
-import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -39,14 +37,14 @@ import torch.nn.functional as F
 import trimesh
 from mannequin import Mannequin
 from matplotlib.colors import hsv_to_rgb
-from PIL import Image
 from scipy.linalg import null_space
 from scipy.spatial.transform import Rotation
 from smplx.lbs import batch_rigid_transform, batch_rodrigues
 from tqdm import tqdm
 
-from plumbing import (SEED_MAX, UserError, atomic_dir, atomic_write, check_device, check_number, guard_output,
-                      read_json, run_cli, save_npz, with_preset, write_json)
+from plumbing import (SEED_MAX, SPARSE_PICKLE, RefusedPickle, UserError, atomic_dir, atomic_write, check_device,
+                      check_number, check_pickles, contact_sheet, guard_output, key_path, read_arrays, read_manifest,
+                      read_npz, read_scalar, run_cli, save_npz, some, with_preset, write_json)
 
 
 @dataclass
@@ -131,7 +129,10 @@ class Args:
             check_number(self, name, 1, high=MAX_BENCH)
         check_number(self, "neighbours", 0, high=MAX_NEIGHBOURS)
         check_number(self, "seed", 0, high=SEED_MAX)
-        check_resolution(self.resolution)
+        if self.resolution is not None and (self.resolution < TOKEN_GRID_PX or self.resolution % TOKEN_GRID_PX
+                                            or self.resolution > MAX_RESOLUTION):
+            raise UserError(f"--resolution {self.resolution} must be a positive multiple of {TOKEN_GRID_PX} (the base "
+                            f"model's token grid) and <= {MAX_RESOLUTION}; pass e.g. --resolution 32")
         check_args(self)  # the pose-file flags and how they fit together
         if None not in (self.resolution, self.num_scans, self.num_val_scans, self.num_anchors,
                         self.num_bench_dynamic, self.num_bench_extreme) and self.render_gb > MAX_RENDER_GB:
@@ -184,6 +185,7 @@ VIEW_AZIMUTHS = (0, 45, 90, 180, 270, 315)  # PSHuman's six body views, degrees
 NUM_VIEWS = len(VIEW_AZIMUTHS)
 ORTHO_HALF_EXTENT = 1.1  # metres: every view spans [-1.1, 1.1] m in x and y around the subject
 BACKGROUND = 1.0  # white, for colour and for encoded normals ((1,1,1) is no unit normal)
+TOKEN_GRID_PX = 8  # resolutions are multiples of 8: the base model cuts views into 8 x 8 patch tokens
 
 
 def view_rotations(device=None, dtype=torch.float32, azimuths=VIEW_AZIMUTHS) -> torch.Tensor:
@@ -265,7 +267,6 @@ def _mannequin_rest(shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _joint_regressor(rest_vertices, rest_joints, vertex_dirs, joint_dirs, neighbours=256) -> np.ndarray:
     """(55, N) rows summing to 1 that give the rest joints exactly and follow the shape directions' joints."""
-
     regressor = np.zeros((NUM_JOINTS, len(rest_vertices)))
     for j in range(NUM_JOINTS):
         near = np.argsort(np.linalg.norm(rest_vertices - rest_joints[j], axis=1))[:neighbours]
@@ -289,8 +290,7 @@ def export_mannequin_smplx(path: Path) -> dict:
     figure = Mannequin("wooden")
     rest_vertices, rest_joints = _mannequin_rest(np.zeros(10))
     num_vertices = len(rest_vertices)
-    vertex_dirs = np.zeros((num_vertices, 3, 10))
-    joint_dirs = np.zeros((NUM_JOINTS, 3, 10))
+    vertex_dirs, joint_dirs = np.zeros((num_vertices, 3, 10)), np.zeros((NUM_JOINTS, 3, 10))
     for k in range(10):
         step = MANNEQUIN_SHAPE_STEP * np.eye(10)[k]
         (v_plus, j_plus), (v_minus, j_minus) = _mannequin_rest(step), _mannequin_rest(-step)
@@ -328,52 +328,6 @@ def export_mannequin_smplx(path: Path) -> dict:
                 shape_joint_error_m=float(np.abs(true_joints - arrays["J_regressor"] @ linear_vertices).max()))
 
 
-# Model pickles (a .pkl, or an .npz's object arrays, which smplx loads with allow_pickle=True) and
-# motion .pkl files are unpickled with numpy arrays and plain containers only: a pickle naming any
-# other global (os.system, ...) is refused when that name is looked up, before anything can call it.
-
-class RefusedPickle(pickle.UnpicklingError):
-    """A pickle naming a global that _PlainUnpickler does not allow."""
-
-
-class _PlainUnpickler(pickle.Unpickler):
-    ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
-    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
-                ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}
-
-    def __init__(self, file, extra=frozenset()):
-        super().__init__(file, encoding="latin1")  # latin1: numpy arrays pickled by Python 2
-        self.allowed = self.ALLOWED | set(extra)
-
-    def find_class(self, module, name):
-        if (module, name) not in self.allowed:
-            raise RefusedPickle(f"it names {module}.{name}, which is not a numpy array or plain container")
-        return super().find_class(module, name)
-
-
-# What an official SMPL-X .pkl holds besides arrays: scipy sparse matrices, pickled by Python 2.
-_SPARSE_PICKLE = {(m, n) for m in ("scipy.sparse.csc", "scipy.sparse._csc", "scipy.sparse.csr", "scipy.sparse._csr")
-                  for n in ("csc_matrix", "csr_matrix")}
-_SPARSE_PICKLE |= {("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor"), ("__builtin__", "object"),
-                   ("builtins", "object")}
-
-
-def _check_model_pickles(path: Path) -> None:
-    """Unpickle a model file's pickled parts with _PlainUnpickler (raises RefusedPickle)."""
-    if path.suffix == ".pkl":
-        with open(path, "rb") as fh:
-            _PlainUnpickler(fh, _SPARSE_PICKLE).load()
-        return
-    with zipfile.ZipFile(path) as archive:
-        for member in archive.namelist():
-            with archive.open(member) as fh:
-                version = np.lib.format.read_magic(fh)
-                _, _, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0(fh))
-                if dtype.hasobject:
-                    _PlainUnpickler(fh).load()
-
-
 def body_model_file(folder: Path, gender: str | None = None) -> tuple[Path, str]:
     """The SMPL-X file of a body folder and its gender: what its manifest.json names (a run's body/), else
     SMPLX_<GENDER>.npz or .pkl in the folder or its smplx/ subfolder (the official download; npz first)."""
@@ -402,7 +356,7 @@ def load_body_model(folder: Path, device="cpu", gender: str | None = None):
     """Stock smplx SMPL-X from a body folder; hands relative to its relaxed mean (zero hand pose = relaxed)."""
     found, gender = body_model_file(folder, gender)
     try:
-        _check_model_pickles(found)
+        check_pickles(found, SPARSE_PICKLE)
         body = smplx.create(str(found), model_type="smplx", gender=gender, ext=found.suffix[1:],
                             use_pca=False, flat_hand_mean=False, num_betas=10, num_expression_coeffs=10)
     except RefusedPickle as err:
@@ -429,7 +383,6 @@ def body_forward(body, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
               for k, n in (("left_hand_pose", 45), ("right_hand_pose", 45), ("transl", 3))}
     out = body(**given, betas=params.get("betas", zeros(batch, 10)).reshape(batch, -1), return_verts=True,
                expression=zeros(batch, body.num_expression_coeffs), **{k: zeros(batch, 3) for k in _FACE_POSES})
-
     return out.vertices, out.joints[:, :NUM_JOINTS]
 
 
@@ -489,7 +442,6 @@ def rasterize(pix: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, resol
     side = hi - lo + 1
     span = torch.maximum(side[..., 0], side[..., 1]) * (torch.minimum(side[..., 0], side[..., 1]) > 0)
     # Back faces never own a pixel of a closed mesh (v points down: front faces are clockwise); drop them.
-
     edge1, edge2 = tri_pix[:, :, 1] - tri_pix[:, :, 0], tri_pix[:, :, 2] - tri_pix[:, :, 0]
     span = span * ((edge1[..., 0] * edge2[..., 1] - edge1[..., 1] * edge2[..., 0]) < 0)
     tri_depth = depth[:, faces]  # (M, F, 3)
@@ -587,7 +539,6 @@ POSE_RANGES = {
         **dict.fromkeys((11, 14), [(-0.5, 0.5), (-0.6, 0.6), (-0.3, 0.3)]),  # neck, head
         15: [(-1.0, 1.0), (-1.4, 1.0), (-1.4, 1.3)], 17: [(-0.2, 0.2), (-2.3, 0.0), (-0.2, 0.2)],
         19: [(-0.6, 0.6)] * 3,
-
         "global": [(-0.4, 0.6), (-0.8, 0.8), (-0.4, 0.4)],
         "hands": 0.5, "betas": 1.2,
     },
@@ -657,7 +608,6 @@ def held_out_betas(count: int, rng: np.random.Generator) -> np.ndarray:
 def generate_poses(kind: str, count: int, rng: np.random.Generator) -> dict:
     """`count` poses (float32): a random frame of a fresh 'scan' / 'broad' clip each, or 'hard' templates,
     jittered, on held-out body shapes."""
-
     if kind in POSE_RANGES:
         clips = generate_clips(kind, count, 16, rng)
         frame = rng.integers(0, 16, count)
@@ -677,8 +627,6 @@ def generate_poses(kind: str, count: int, rng: np.random.Generator) -> dict:
     poses = dict(global_orient=_axis_angle_from_euler(euler[:, 0], euler[:, 1], euler[:, 2]), body_pose=body_pose,
                  left_hand_pose=hands[:, :15], right_hand_pose=hands[:, 15:], betas=betas, transl=np.zeros((count, 3)))
     return dict({k: v.astype(np.float32) for k, v in poses.items()}, category=category)
-
-
 
 
 # Motion files. Each layout in circulation is written down once, in POSE_LAYOUTS. Loading is two steps:
@@ -759,53 +707,12 @@ def _checked(path: Path, array, width: int, what: str) -> np.ndarray:
     return array.astype(np.float64)
 
 
-def _scalar(path: Path, arrays: dict, key: str, positive: str | None = None):
-    """The one value of a file's key; with `positive` (what it is), a float > 0."""
-    value = arrays[key]
-    if value is None or np.size(value) != 1:
-        held = "a pickled object" if value is None else f"shape {np.shape(value)}"
-        raise UserError(f"{path}: key '{key}' should hold one value, not {held}")
-    value = np.asarray(value).reshape(-1)[0]
-    value = value.decode() if isinstance(value, bytes) else value
-    if positive is None:
-        return value
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not (np.isfinite(value) and value > 0):
-        raise UserError(f"{path}: '{key}' is {arrays[key]!r}; expected a positive number ({positive})")
-    return value
-
-
 def _read_motion_file(path: Path) -> dict:
-    """A motion file's arrays by key ('' for a bare .npy). Object arrays in an npz are read as None
-    (never unpickled); a .pkl goes through the restricted unpickler."""
-    suffix = path.suffix.lower()
-    if suffix not in MOTION_SUFFIXES:
+    """A motion file's arrays by key ('' for a bare .npy), through plumbing.read_arrays (pickles of
+    numpy arrays and plain containers only; an npz's object arrays read as None, some AMASS files carry dicts)."""
+    if path.suffix.lower() not in MOTION_SUFFIXES:
         raise UserError(f"{path}: motion files are {', '.join(MOTION_SUFFIXES)}")
-    try:
-        if suffix == ".npy":
-            return {"": np.load(path, allow_pickle=False)}
-        if suffix == ".pkl":
-            with open(path, "rb") as fh:
-                data = _PlainUnpickler(fh).load()
-        else:
-            data = {}
-            with np.load(path, allow_pickle=False) as npz:
-                for key in npz.files:
-                    try:
-                        data[key] = npz[key]
-                    except ValueError as err:
-                        if "allow_pickle" not in str(err):
-                            raise
-                        data[key] = None  # a pickled object (some AMASS files carry dicts): not ours to run
-    except RefusedPickle as err:
-        raise UserError(f"{path} was refused: {err}; only pickles of numpy arrays and plain containers are read") \
-            from None
-    except Exception as err:  # truncated zip or pickle, bad header, object .npy ...
-        raise UserError(f"{path} is not a readable {suffix} file ({type(err).__name__}); "
-                        "re-export it, or drop it from --pose-files") from None
+    data = read_arrays(path, "re-export it, or drop it from --pose-files")
     if not isinstance(data, dict):
         raise UserError(f"{path} holds a {type(data).__name__}, not a dict; name its arrays with --pose-keys")
     return data
@@ -818,7 +725,7 @@ def _detect_layout(path: Path, arrays: dict) -> str:
         candidates = [n for n in candidates if POSE_LAYOUTS[n].pose_key in arrays or
                       (n == "smpl72" and {"global_orient", "body_pose"} <= set(arrays))]
         if not candidates:
-            raise UserError(f"{path} holds keys {_some(sorted(map(str, arrays)))}, none of them a known pose array "
+            raise UserError(f"{path} holds keys {some(sorted(map(str, arrays)))}, none of them a known pose array "
                             "(poses, smpl_poses, global_orient + body_pose); see --pose-layout, or name the arrays "
                             "with --pose-keys (e.g. global_orient=KEY,body_pose=KEY; packed: poses=KEY --pose-columns)")
     if len(candidates) == 1:
@@ -865,18 +772,18 @@ def load_motion(path: Path, layout: str = "auto", columns: dict | None = None, k
         if len(clip["transl"]) != frames:
             raise UserError(f"{path}: '{spec.trans_key}' has {len(clip['transl'])} frames, the poses {frames}")
         if name == "aistpp" and "smpl_scaling" in arrays:  # AIST++ translations are in its scaled SMPL fit's units
-            clip["transl"] = clip["transl"] / _scalar(path, arrays, "smpl_scaling", "AIST++'s scale of smpl_trans")
+            clip["transl"] = clip["transl"] / read_scalar(path, arrays, "smpl_scaling", "AIST++'s scale of smpl_trans")
     if "betas" in arrays and "betas" not in spec.columns:
         betas = arrays["betas"]  # (10,), (16,), or per frame: the first frame's
         betas = _checked(path, None if betas is None else np.reshape(betas, (1, -1)), np.size(betas), "'betas'")[0, :10]
         clip["betas"] = np.repeat(np.pad(betas, (0, 10 - len(betas)))[None], frames, 0)
     if "gender" in arrays:
-        gender = str(_scalar(path, arrays, "gender")).strip().lower()
+        gender = str(read_scalar(path, arrays, "gender")).strip().lower()
         if gender not in GENDERS:
             raise UserError(f"{path}: gender is {gender!r}, expected one of {', '.join(GENDERS)}; fix the key or "
                             "drop it")
     fps_key = next((key for key in spec.fps_keys if key in arrays), None)
-    fps = spec.fps if fps_key is None else _scalar(path, arrays, fps_key, "frames per second; or pass --fps")
+    fps = spec.fps if fps_key is None else read_scalar(path, arrays, fps_key, "frames per second; or pass --fps")
     return _checked_angles(dict(clip, path=path, layout=name, fps=fps, up=spec.up, hands=spec.hands,
                                 unscaled=name == "aistpp" and "smpl_scaling" not in arrays))
 
@@ -917,19 +824,6 @@ def parse_pose_map(text: str | None, flag: str) -> dict:
     return out
 
 
-def _key_path(path: Path, data, dotted: str):
-    """The value at a dotted key path of a nested file: dict keys, list indices and numeric dict keys."""
-    node = data
-    for step in dotted.split("."):
-        found = [k for k in (step, int(step) if step.isdigit() else None) if isinstance(node, dict) and k in node]
-        if found or (isinstance(node, (list, tuple)) and step.isdigit() and int(step) < len(node)):
-            node = node[found[0] if found else int(step)]
-            continue
-        there = f"keys {_some(sorted(map(str, node)))}" if isinstance(node, dict) else f"a {type(node).__name__}"
-        raise UserError(f"{path}: --pose-keys path {dotted!r} stops at {step!r} ({there} there); fix --pose-keys")
-    return node
-
-
 def _part(path: Path, value, part: str, what: str) -> np.ndarray:
     """One SMPL-X part of a file as (frames, width), from (frames, ...); body_pose from 63 columns or from SMPL's 69
     (23 joints: SMPL-X's 21 body joints, then SMPL's two hand joints, which are dropped)."""
@@ -940,10 +834,10 @@ def _part(path: Path, value, part: str, what: str) -> np.ndarray:
 
 def _load_mapped(path: Path, arrays: dict, columns: dict, keys: dict) -> dict:
     """One file through --pose-columns / --pose-keys, as load_motion returns it (up y until checked)."""
-    parts = {part: (_key_path(path, arrays, key), key) for part, key in keys.items() if part in MAPPED_WIDTHS}
+    parts = {part: (key_path(path, arrays, key, "--pose-keys"), key) for part, key in keys.items() if part in MAPPED_WIDTHS}
     spans = {part: span for part, span in columns.items() if part in MAPPED_WIDTHS}
     if spans:
-        packed = _key_path(path, arrays, keys["poses"]) if "poses" in keys else arrays.get("", arrays.get("poses"))
+        packed = key_path(path, arrays, keys["poses"], "--pose-keys") if "poses" in keys else arrays.get("", arrays.get("poses"))
         reach = max(stop for _, stop in spans.values())
         if np.ndim(packed) != 2 or np.shape(packed)[1] < reach:  # None: no 'poses' key
             raise UserError(f"{path}: --pose-columns reaches column {reach} of a (frames, width) array, the file's is "
@@ -964,7 +858,7 @@ def _load_mapped(path: Path, arrays: dict, columns: dict, keys: dict) -> dict:
         clip[part] = value.reshape((len(value),) + POSE_KEYS[part])
     frames = len(clip["global_orient"])
     clip = {key: clip.get(key, np.zeros((frames,) + shape)) for key, shape in POSE_KEYS.items()}
-    fps = next((_scalar(path, arrays, k, "frames per second") for k in ("fps", *_AMASS_FPS) if k in arrays), None)
+    fps = next((read_scalar(path, arrays, k, "frames per second") for k in ("fps", *_AMASS_FPS) if k in arrays), None)
     return dict(clip, path=path, layout="mapped", fps=fps, up="y", hands=columns.get("hands", "relative"),
                 unscaled=False)
 
@@ -1054,10 +948,6 @@ def temporal_neighbours(length: int, frame: int, count: int, frames_per_step: fl
     return picked
 
 
-def _some(items: list) -> str:
-    return ", ".join(str(i) for i in items[:3]) + (" ..." if len(items) > 3 else "")
-
-
 def read_pose_inputs(args: Args, body) -> list[dict]:
     """The motion files of --pose-files, every one read and checked (layout, values, frame rate, up axis)
     before anything is written; clips too short for the neighbours are left out."""
@@ -1078,17 +968,17 @@ def read_pose_inputs(args: Args, body) -> list[dict]:
     if short:
         print(f"poses: left out {len(short)} of {len(clips)} files shorter than "
               f"{args.neighbours * args.neighbour_spacing:.2f} s (--neighbours {args.neighbours} x {spacing}): "
-              f"{_some([c['path'] for c in short])}")
+              f"{some([c['path'] for c in short])}")
     if not kept:
         raise UserError(f"{args.pose_files}: every clip is too short for --neighbours {args.neighbours} at {spacing}; "
                         "pass smaller values")
     unscaled = [c["path"] for c in kept if c["unscaled"]]
     if unscaled:
-        print(f"poses: {len(unscaled)} AIST++ files carry no smpl_scaling; smpl_trans taken as metres: {_some(unscaled)}")
+        print(f"poses: {len(unscaled)} AIST++ files carry no smpl_scaling; smpl_trans taken as metres: {some(unscaled)}")
     rotated = [c["path"] for c in kept if c["up"] != getattr(POSE_LAYOUTS.get(c["layout"]), "up", "y")]  # mapped: y
     print(f"poses: {len(kept)} files ({dict(Counter(c['layout'] for c in kept))}), "
           f"{sum(len(c['body_pose']) for c in kept)} frames, up axis {dict(Counter(c['up'] for c in kept))}"
-          + (f"; not the layout's own up axis: {_some(rotated)}" if rotated else ""))
+          + (f"; not the layout's own up axis: {some(rotated)}" if rotated else ""))
     return kept
 
 
@@ -1198,7 +1088,6 @@ def render_subjects(body, params: dict, outfits: dict, resolution: int, device="
     return dict(out, vertices=vertices, joints=joints, transl=-centre)
 
 
-
 # --- the datasets ---------------------------------------------------------------------------------
 
 def _render_in_batches(body, poses: dict, outfits: dict, args: Args, desc: str, azimuths=VIEW_AZIMUTHS,
@@ -1240,15 +1129,6 @@ def _write_meshes(folder: Path, body, vertices: np.ndarray, outfits: dict, prefi
         mesh.export(folder / f"{prefix}{i:05d}.ply")
 
 
-def contact_sheet(path: Path, rows: list[np.ndarray]) -> None:
-    """A png grid: each row is (V, 3, H, W) uint8 views laid side by side."""
-    strips = [np.concatenate(list(row.transpose(0, 2, 3, 1)), axis=1) for row in rows]
-    width = max(s.shape[1] for s in strips)
-    strips = [np.pad(s, ((0, 0), (0, width - s.shape[1]), (0, 0)), constant_values=255) for s in strips]
-    with atomic_write(path) as tmp:
-        Image.fromarray(np.concatenate(strips, axis=0)).save(tmp, format="png")
-
-
 def _sheet_rows(rendered: dict, subjects) -> list[np.ndarray]:
     """Contact-sheet rows of the given subjects: their colour views, then their normal views."""
     return [np.concatenate([rendered["color"][i], rendered["normal"][i]]) for i in subjects]
@@ -1260,8 +1140,7 @@ def manifest(args: Args, source: str, files: dict, **extra) -> dict:
                 conventions=dict(joints="SMPL-X (smplx.joint_names), 55", bones=[list(b) for b in BONES],
                                  cameras=f"orthographic, elevation 0, half-extent {ORTHO_HALF_EXTENT} m, y up",
                                  normals="camera space, stored as (n + 1) / 2", background=BACKGROUND,
-                                 units="metres", frame="each subject centred on its mesh bounding box"),
-                **extra)
+                                 units="metres", frame="each subject centred on its mesh bounding box"), **extra)
 
 
 def _face_front(global_orient: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -1430,7 +1309,6 @@ def check_args(args: Args) -> None:
         raise UserError("--pose-columns / --pose-keys must place global_orient and body_pose; add them")
 
     file_flags = ["--" + name.replace("_", "-") for name, flag in given.items() if flag]
-
     if args.pose_source == "generated" and file_flags:
         raise UserError(f"{', '.join(file_flags)} apply to motion files only; add --pose-source files --pose-files "
                         "PATH, or drop them")
@@ -1512,37 +1390,11 @@ def main(args: Args) -> None:
 
 # --- data hand-offs every stage reads: manifests and checked npz splits -----------------------
 
-TOKEN_GRID_PX = 8  # views are cut into 8 x 8 patch tokens by the base model (pretrain.TOKEN_GRID)
-
-
-def check_resolution(resolution: int | None, flag: str = "--resolution") -> None:
-    if resolution is not None and (resolution < TOKEN_GRID_PX or resolution % TOKEN_GRID_PX
-                                   or resolution > MAX_RESOLUTION):
-        raise UserError(f"{flag} {resolution} must be a positive multiple of {TOKEN_GRID_PX} (the base model's "
-                        f"token grid) and <= {MAX_RESOLUTION}; pass e.g. {flag} 32")
-
-
-def read_manifest(folder: Path, made_by: str) -> dict:
-    """The manifest of a data folder, or a one-line error saying which command makes it."""
-    return read_json(Path(folder) / "manifest.json", made_by)
-
-
 def load_split(path: Path, expect_keys=(), made_by: str = "python prepare_data.py") -> dict:
-    """Arrays of one npz hand-off file, checked against its folder's manifest.json."""
+    """Arrays of one npz hand-off file, checked against its folder's manifest.json and the conventions."""
     path = Path(path)
     manifest = read_manifest(path.parent, made_by)
-    if not path.exists():
-        raise UserError(f"{path} is missing; make it with `{made_by}`")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except Exception as err:  # zipfile, pickle or value errors all mean the same to a user
-        raise UserError(f"{path} is not a readable npz ({type(err).__name__}); re-run `{made_by}`") from None
-    missing = [k for k in expect_keys if k not in arrays]
-    if missing:
-        raise UserError(f"{path} lacks keys {missing}; re-run `{made_by}`")
-    if not arrays or len({len(v) if v.ndim else -1 for v in arrays.values()}) != 1:
-        raise UserError(f"{path} has no arrays, or arrays of different lengths; re-run `{made_by}`")
+    arrays = read_npz(path, expect_keys, made_by)
     check_counts(path, arrays, manifest, made_by)
     check_arrays(path, arrays, manifest, made_by)
     return arrays

@@ -21,28 +21,22 @@ diffusers `UNet2DConditionModel` that denoises the six views of one person at on
   - v-prediction, DDPM noise for training, DDIM (`sample_views`) for sampling, classifier-free
     guidance with the all-background image as the dropped condition.
 
-Writes, under the run folder: base/ (`unet.save_pretrained` + drpose_config.json + val_metrics.json
+Writes, under the run folder: base/ (`unet.save_pretrained` + model_config.json + val_metrics.json
 + sample sheets + metrics.jsonl) and base_ckpt/step_NNNNNN/ checkpoints.
 
-What later stages use: the latent seam (`encode`/`decode`), the sampler (`sample_views`, `predict`,
-`guided_output`, `split_v`, `clip_prediction`, `ddim_step`, `ddim_timesteps`, `alphas_cumprod`),
-`load_model`/`save_model`, the sampler's CUDA speed-ups (`GraphedOutput`, `frozen_bf16`,
-`device_timesteps`), and the run scaffolding both trainers share (`step_rows`, checkpoint folders
-with RNG state, `out_of_time` for --max-minutes, `append_log`/`truncate_log`, `autocast`).
+What later stages use: the latent seam (`LatentCodec`, loaded with the model), the sampler
+(`sample_views`, `predict`, `guided_output`, `split_v`, `clip_prediction`, `ddim_step`,
+`ddim_timesteps`, `device_timesteps`, `alphas_cumprod`), `denoising_error`, `load_model`/`save_model`.
+The run scaffold both trainers share (start or resume, end of step, save) is plumbing.TrainingRun.
 """
 
 from __future__ import annotations
 
-import base64
-import copy
 import dataclasses
 import functools
-import json
+import hashlib
 import math
-import re
-import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, NamedTuple
@@ -51,18 +45,15 @@ import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import broadcast, gather_object
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from diffusers.models.attention_processor import AttnProcessor2_0
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from prepare_data import (NUM_VIEWS, VIEW_AZIMUTHS, contact_sheet, from_uint8, latents_to_views, load_split,
-                          read_manifest, to_uint8, views_to_latents)
-from plumbing import (SEED_MAX, UserError, atomic_dir, check_device, check_finite_weights, check_number, check_output,
-                      guard_output, provenance, read_json, run_cli, write_json, with_preset)
+from plumbing import (SEED_MAX, TrainingRun, UserError, autocast, check_device, check_finite_weights, check_number,
+                      check_output, checkpoint_root, contact_sheet, guard_output, jsonable, provenance, read_json,
+                      read_manifest, run_cli, step_rows, with_preset, write_json)
+from prepare_data import NUM_VIEWS, VIEW_AZIMUTHS, from_uint8, latents_to_views, load_split, to_uint8, views_to_latents
 from posescore import warmup_cosine
 
 
@@ -96,6 +87,9 @@ class Args:
     """attention heads in every transformer block"""
     token_dim: int | None = None
     """width of the image tokens the U-Net cross-attends to (demo 64, full 256)"""
+    codec: str = "pixel"
+    """the latent codec the U-Net denoises in (a name in CODECS; pixel: the views themselves); with
+    --init the model brings its own"""
     train_data: Path | None = None
     """six-view training subjects (default: <run-dir>/data/scans/train.npz). The supervised ceiling
     trains the base further on <run-dir>/data/drpose_gt/train.npz: the DrPose poses' six-view renders"""
@@ -123,7 +117,7 @@ class Args:
     """steps between log lines (tqdm postfix + metrics.jsonl)"""
     val_every: int = 100
     """steps between validation losses (fixed noise on val.npz)"""
-    eval_steps: int | None = None
+    ddim_steps: int | None = None
     """DDIM steps for the final PSNR numbers; stored as the model's default (demo 10, full 20)"""
     guidance: float | None = None
     """classifier-free guidance for the final evaluation; stored as the model's default (demo 1.0:
@@ -158,7 +152,7 @@ class Args:
         for name in ("checkpoint_every", "log_every", "val_every"):
             check_number(self, name, 1)
         check_number(self, "keep_checkpoints", 1, high=1000)
-        check_number(self, "eval_steps", 1, high=SCHEDULER["num_train_timesteps"])
+        check_number(self, "ddim_steps", 1, high=SCHEDULER["num_train_timesteps"])
         check_number(self, "sheet_subjects", 1, high=100)
         check_number(self, "layers_per_block", 1, high=8)
         check_number(self, "heads", 1, high=64)
@@ -186,6 +180,8 @@ class Args:
             if any(c < 1 or c % self.heads for c in attended):
                 raise UserError(f"--channels {' '.join(map(str, self.channels))} with --heads {self.heads}: every "
                                 "level with attention needs a width divisible by the heads; change either")
+            if self.codec not in CODECS:
+                raise UserError(f"--codec {self.codec} is not in pretrain.CODECS {sorted(CODECS)}; pass one of them")
         elif not self.init.is_dir():
             raise UserError(f"--init {self.init} is not a folder; pass a model folder (base/, pretrained/demo_base)")
         check_device(self.device, allow_auto=True)
@@ -205,13 +201,12 @@ MAX_GUIDANCE = 50.0
 PRESETS = {
     # demo: ~0.4 s/step on 2 idle cores, so 300 steps + a 16-subject evaluation fit in 3 minutes.
     "demo": dict(steps=300, batch_size=6, lr=2e-3, channels=(32, 64, 96), layers_per_block=1, attn_levels=1,
-                 token_dim=64, checkpoint_every=150, num_eval=8, eval_steps=10, guidance=1.0),
+                 token_dim=64, checkpoint_every=150, num_eval=8, ddim_steps=10, guidance=1.0),
     "full": dict(steps=4000, batch_size=16, lr=4e-4, channels=(64, 128, 192, 256), layers_per_block=2,
-                 attn_levels=3, token_dim=256, checkpoint_every=1000, num_eval=200, eval_steps=20, guidance=1.5),
+                 attn_levels=3, token_dim=256, checkpoint_every=1000, num_eval=200, ddim_steps=20, guidance=1.5),
 }
 
 
-LATENT_CHANNELS = 6  # colour RGB + normal XYZ per view (prepare_data.views_to_latents)
 IMAGE_CHANNELS = 3  # the conditioning front image
 TOKEN_GRID = 8  # the input image becomes 8 x 8 patch tokens at any resolution
 POS_FREQS = 4  # sin/cos frequencies per axis appended to each patch (tokens need a position)
@@ -222,18 +217,52 @@ POS_DIM = 4 * POS_FREQS
 SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
 
 
-# --- the latent seam -----------------------------------------------------------------------------
-# In the embedded default the diffusion runs on the views themselves. A latent-diffusion model
-# (PSHuman: SD 2.1's VAE) would encode here and decode there; nothing else changes.
+# --- the latent seam: what the U-Net denoises ------------------------------------------------------
+# The U-Net denoises latents; rewards, sheets and reconstruction read views. The codec turns one into
+# the other and says what the latents are (channels, size, the range x0 is clipped to). It is loaded with
+# the model (model_config.json `codec`), and every caller goes through it: training batches, the
+# sampler's noise, clipping and decoding, DrPose's chain and realism penalty, reconstruction. The
+# embedded default runs on the views themselves. A latent-diffusion fork (PSHuman: SD 2.1's VAE)
+# subclasses LatentCodec, registers it in CODECS and trains a base with --codec NAME.
 
-def encode(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (..., C, H, W) -> latents. Identity in pixel space."""
-    return images
+class LatentCodec(torch.nn.Module):
+    """Views (..., 6, H, W) in [-1, 1] <-> latents (..., channels, H / downsample, W / downsample).
+    This one is pixel space: identity, 6 channels (colour RGB + normal XYZ, prepare_data.views_to_latents),
+    full resolution, x0 clipped to the data range [-1, 1]. A module, so a codec with weights moves with
+    the model; its weights never train."""
+
+    name = "pixel"
+    channels = 6
+    downsample = 1
+    clip_range: tuple[float, float] | None = (-1.0, 1.0)  # x0 clamp while sampling; None: no clamp (SD latents)
+
+    def encode(self, views: torch.Tensor) -> torch.Tensor:
+        return views
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def latent_shape(self, batch: int, resolution: int, num_views: int = NUM_VIEWS) -> tuple[int, ...]:
+        """(B, V, C, h, w): the shape of the noise the sampler starts from."""
+        size = resolution // self.downsample
+        return (batch, num_views, self.channels, size, size)
+
+    def config(self) -> dict:
+        """What model_config.json stores under `codec`; `load_codec` rebuilds the codec from it."""
+        return {"name": self.name}
 
 
-def decode(latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [-1, 1]. Identity in pixel space."""
-    return latents
+CODECS = {"pixel": LatentCodec}  # name -> factory(**model_config.json's codec entry but the name)
+
+
+def load_codec(config: dict) -> LatentCodec:
+    """The codec of a model config (pixel space when the config names none)."""
+    spec = dict(config.get("codec") or {"name": "pixel"})
+    name = spec.pop("name", "pixel")
+    if name not in CODECS:
+        raise UserError(f"the model's codec {name!r} is not in pretrain.CODECS {sorted(CODECS)}; register it "
+                        "(pretrain.CODECS[name] = factory) before loading the model")
+    return CODECS[name](**spec).requires_grad_(False).eval()
 
 
 # --- the model: stock U-Net + a multi-view self-attention processor -------------------------------
@@ -268,17 +297,19 @@ def set_view_attention(unet, num_views: int = NUM_VIEWS, multi_view: bool = True
 
 
 def unet_config(resolution: int, channels, layers_per_block: int, attn_levels: int, heads: int,
-                token_dim: int, num_views: int = NUM_VIEWS) -> dict:
-    """The diffusers config of our U-Net. Attention only at the deepest `attn_levels` levels: at full
-    resolution six views of H*W tokens would make self-attention the whole cost."""
+                token_dim: int, num_views: int = NUM_VIEWS, codec: LatentCodec | None = None) -> dict:
+    """The diffusers config of our U-Net on `codec`'s latents (default: pixel space) of `resolution` px
+    views. Attention only at the deepest `attn_levels` levels: at full resolution six views of H*W
+    tokens would make self-attention the whole cost."""
+    codec = LatentCodec() if codec is None else codec
     levels = len(channels)
     patch = resolution // TOKEN_GRID
     has_attn = [i >= levels - attn_levels for i in range(levels)]
     groups = math.gcd(*channels, 32)  # GroupNorm groups must divide every width
     return dict(
-        sample_size=resolution,
-        in_channels=LATENT_CHANNELS + IMAGE_CHANNELS,
-        out_channels=LATENT_CHANNELS,
+        sample_size=resolution // codec.downsample,
+        in_channels=codec.channels + IMAGE_CHANNELS,
+        out_channels=codec.channels,
         block_out_channels=tuple(channels),
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn),
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)),
@@ -319,11 +350,13 @@ def token_positions(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 
 def model_output(unet, x_t: torch.Tensor, t: torch.Tensor, cond_image: torch.Tensor) -> torch.Tensor:
-    """One U-Net call on all views: x_t (B, V, 6, H, W), t (B,) long, cond_image (B, 3, H, W) in
-    [0, 1] -> v-prediction (B, V, 6, H, W). Uses only `unet(...)`, so a DDP/peft wrapper works."""
+    """One U-Net call on all views: latents x_t (B, V, C, h, w), t (B,) long, cond_image (B, 3, H, W)
+    in [0, 1] -> v-prediction (B, V, C, h, w). Uses only `unet(...)`, so a DDP/peft wrapper works."""
     b, v, c, h, w = x_t.shape
     image = cond_image * 2 - 1
-    z_image = encode(image)[:, None].expand(b, v, -1, h, w)  # (B, V, 3, H, W): every view sees it
+    # The image joins every view on the latent grid (area-resized where the codec downsamples).
+    grid = image if image.shape[-2:] == (h, w) else F.interpolate(image, size=(h, w), mode="area")
+    z_image = grid[:, None].expand(b, v, -1, h, w)  # (B, V, 3, h, w)
     sample = torch.cat([x_t, z_image.to(x_t.dtype)], dim=2).reshape(b * v, c + IMAGE_CHANNELS, h, w)
     tokens = image_tokens(image).repeat_interleave(v, dim=0)  # (B*V, 64, D)
     views = torch.arange(v, device=x_t.device).repeat(b)  # (B*V,) view index = class label
@@ -336,9 +369,9 @@ def model_output(unet, x_t: torch.Tensor, t: torch.Tensor, cond_image: torch.Ten
 # K steps in the graph, early stop taking x0 directly), so sampling is written exactly once.
 
 class Prediction(NamedTuple):
-    out: torch.Tensor  # (B, V, 6, H, W) the (guided) model output, v
-    x0: torch.Tensor  # (B, V, 6, H, W) predicted clean latents
-    eps: torch.Tensor  # (B, V, 6, H, W) predicted noise
+    out: torch.Tensor  # (B, V, C, h, w) the (guided) model output, v
+    x0: torch.Tensor  # (B, V, C, h, w) predicted clean latents
+    eps: torch.Tensor  # (B, V, C, h, w) predicted noise
 
 
 def alphas_cumprod(config: dict | None = None) -> torch.Tensor:
@@ -354,7 +387,7 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]
 
 def guided_output(unet, x_t: torch.Tensor, t: torch.Tensor | int, cond_image: torch.Tensor,
                   guidance: float) -> torch.Tensor:
-    """The guided model output v at x_t (B, V, 6, H, W), timestep t, image (B, 3, H, W) in [0, 1].
+    """The guided model output v at x_t (B, V, C, h, w), timestep t, image (B, 3, H, W) in [0, 1].
     Guidance g: v = v_uncond + g * (v_cond - v_uncond), with the all-background image as the
     dropped condition; g = 1 is exactly the conditional prediction (no unconditional pass)."""
     b = x_t.shape[0]
@@ -388,116 +421,69 @@ def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_prev: torch.Tensor | fl
     return alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps
 
 
-def clip_prediction(pred: Prediction, x_t: torch.Tensor, t, alphas: torch.Tensor) -> Prediction:
-    """Clamp x0 to the data range [-1, 1] and recompute eps to match (diffusers' clip_sample)."""
+def clip_prediction(pred: Prediction, x_t: torch.Tensor, t, alphas: torch.Tensor,
+                    clip_range: tuple[float, float] | None = (-1.0, 1.0)) -> Prediction:
+    """Clamp x0 to the codec's `clip_range` and recompute eps to match (diffusers' clip_sample);
+    no clamp for None."""
+    if clip_range is None:
+        return pred
     a = alphas.to(x_t.device)[torch.as_tensor(t, device=x_t.device).long()].to(x_t.dtype)
     a = a.view(-1, 1, 1, 1, 1) if a.ndim else a  # per-sample t (B,) or one shared t
-    x0 = pred.x0.clamp(-1, 1)
+    x0 = pred.x0.clamp(*clip_range)
     return Prediction(pred.out, x0, (x_t - a.sqrt() * x0) / (1 - a).sqrt())
 
 
 @torch.no_grad()
 def sample_views(unet, cond_image: torch.Tensor, num_steps: int = 20, guidance: float = 1.5,
                  generator: torch.Generator | None = None, *, alphas: torch.Tensor | None = None,
-                 noise: torch.Tensor | None = None, clip: bool = True, num_views: int = NUM_VIEWS,
-                 progress: bool = False) -> torch.Tensor:
+                 codec: LatentCodec | None = None, noise: torch.Tensor | None = None, clip: bool = True,
+                 num_views: int = NUM_VIEWS, progress: bool = False) -> torch.Tensor:
     """Six views from one image: cond_image (B, 3, H, W) in [0, 1] -> (B, V, 6, H, W) in [-1, 1].
 
     DDIM with `num_steps` steps and classifier-free `guidance`. All randomness is the starting
     noise, drawn from `generator` (or passed as `noise`), so a fixed generator gives fixed views and
-    the caller's global RNG is untouched. `alphas`: the model's schedule (default: ours)."""
+    the caller's global RNG is untouched. `alphas` and `codec`: the model's (`load_model`; default:
+    ours, pixel space)."""
     alphas = alphas_cumprod() if alphas is None else alphas
-    b, _, h, w = cond_image.shape
+    codec = LatentCodec() if codec is None else codec
     if noise is None:
         gen_device = generator.device if generator is not None else "cpu"
-        noise = torch.randn((b, num_views, LATENT_CHANNELS, h, w), generator=generator, device=gen_device)
-    x = noise.to(cond_image.device, cond_image.dtype)  # (B, V, 6, H, W)
+        shape = codec.latent_shape(cond_image.shape[0], cond_image.shape[-1], num_views)
+        noise = torch.randn(shape, generator=generator, device=gen_device)
+    x = noise.to(cond_image.device, cond_image.dtype)  # (B, V, C, h, w)
     steps = ddim_timesteps(num_steps, len(alphas))
     for i, t in enumerate(tqdm(steps, desc="sampling", leave=False, disable=None if progress else True)):
         pred = predict(unet, x, t, cond_image, guidance, alphas)
         if clip:
-            pred = clip_prediction(pred, x, t, alphas)
+            pred = clip_prediction(pred, x, t, alphas, codec.clip_range)
         alpha_prev = alphas[steps[i + 1]] if i + 1 < len(steps) else torch.tensor(1.0, dtype=alphas.dtype)
         x = ddim_step(pred.x0.float(), pred.eps.float(), alpha_prev.float())
-    return decode(x).clamp(-1, 1)
+    return codec.decode(x).clamp(-1, 1)
 
-
-# --- speed on CUDA: what finetune.py's chain runs on a GPU (sample_views stays plain) ---------------
-# The chain's U-Net calls without grad (most of them) are replayed from CUDA graphs, the starting
-# model of the KL term is a bf16 copy, and timesteps live on the device: no host copy, no sync.
 
 @functools.lru_cache(maxsize=None)
 def device_timesteps(num_steps: int, num_train_timesteps: int, device: torch.device) -> torch.Tensor:
     """`ddim_timesteps` as a (T,) long tensor on `device`, copied there once: a chain that takes
-    `steps[i:i + 1]` hands the U-Net and the schedule each timestep without a host-to-device copy."""
+    `steps[i:i + 1]` hands the U-Net and the schedule each timestep without a host-to-device copy
+    (and a CUDA graph of the call sees a tensor input, plumbing.GraphedCall)."""
     return torch.tensor(ddim_timesteps(num_steps, num_train_timesteps)).to(device)
-
-
-def frozen_bf16(unet):
-    """A frozen copy of `unet` whose convolution and linear weights are bf16, what autocast casts them
-    to at every call anyway (so under autocast it gives the float32 model's outputs without the
-    casts); norms and embeddings stay float32. The KL term's starting model on CUDA."""
-    frozen = copy.deepcopy(unet).requires_grad_(False).eval()
-    for module in frozen.modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-            module.to(torch.bfloat16)
-    return frozen
-
-
-class GraphedOutput:
-    """`guided_output` of one model without grad, replayed from a CUDA graph: a U-Net call's hundreds
-    of kernel launches become one. Called like `guided_output`; the first call per input shape,
-    guidance and autocast state captures a graph (after two warm-up calls). t must be a (1,) device
-    tensor (`device_timesteps`); anything else runs `guided_output(unet, ...)` eagerly. Weights are
-    read at replay, so in-place optimizer steps are seen; `model` is the unwrapped network `unet` runs."""
-
-    def __init__(self, model, pool=None):
-        self.model, self.graphs, self.pool = model, {}, pool or torch.cuda.graph_pool_handle()
-
-    @classmethod
-    def pair(cls, trained, frozen) -> tuple:
-        """For the chain: the trained and the frozen model's graphs share one memory pool (they never
-        run at once, and each call copies its output out)."""
-        pool = torch.cuda.graph_pool_handle()
-        return cls(trained, pool), cls(frozen, pool)
-
-    def __call__(self, unet, x_t: torch.Tensor, t, cond_image: torch.Tensor, guidance: float) -> torch.Tensor:
-        if not (torch.is_tensor(t) and t.shape == (1,) and t.device == x_t.device and x_t.is_cuda):
-            return guided_output(unet, x_t, t, cond_image, guidance)
-        key = (x_t.shape, x_t.dtype, cond_image.shape, guidance, torch.is_autocast_enabled("cuda"))
-        if key not in self.graphs:
-            self.graphs[key] = self.capture(x_t, t, cond_image, guidance)
-        graph, inputs, out = self.graphs[key]
-        for static, value in zip(inputs, (x_t, t, cond_image)):
-            static.copy_(value)
-        graph.replay()
-        return out.clone()
-
-    def capture(self, x_t: torch.Tensor, t: torch.Tensor, cond_image: torch.Tensor, guidance: float):
-        inputs = (x_t.detach().clone(), t.clone(), cond_image.detach().clone())
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.no_grad(), torch.cuda.stream(stream):
-            for _ in range(2):  # lazy initialisation (cuDNN/cuBLAS handles, token positions) stays out
-                guided_output(self.model, *inputs, guidance)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        # autocast caches its bf16 casts of trainable weights: clear it, so that the graph holds the
-        # casts (redone at each replay, from the current weights) rather than a cached tensor.
-        torch.clear_autocast_cache()
-        with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):
-            out = guided_output(self.model, *inputs, guidance)
-        torch.clear_autocast_cache()
-        return graph, inputs, out
 
 
 # --- loading and saving models --------------------------------------------------------------------
 
-CONFIG_NAME = "drpose_config.json"
+CONFIG_NAME = "model_config.json"
 
 
-def load_model(folder: Path, device="cpu"):
-    """A model folder (base/, or any folder written the same way) -> (unet in eval mode, config dict).
+class Model(NamedTuple):
+    """A model folder loaded: what sampling from it needs besides the image."""
+    unet: UNet2DConditionModel  # eval mode, multi-view attention installed
+    codec: LatentCodec  # the latent seam it denoises in
+    alphas: torch.Tensor  # (T,) its noise schedule's cumulative alphas (float64, on its device)
+    config: dict  # model_config.json
+
+
+def load_model(folder: Path, device="cpu") -> Model:
+    """A model folder (base/, drpose/, ceiling/, or any folder written the same way) -> Model.
 
     The weights are a plain diffusers folder (`UNet2DConditionModel.from_pretrained(folder)` loads
     them); the multi-view attention processor is code, not weights, so it is installed here."""
@@ -515,18 +501,17 @@ def load_model(folder: Path, device="cpu"):
         unet = UNet2DConditionModel.from_pretrained(folder)
     except Exception as err:  # truncated weights, a foreign config.json, missing files: all one thing to a user
         raise UserError(f"{folder}: cannot load the model weights ({type(err).__name__}); re-run `{made_by}`") from None
-    if config.get("num_views") != NUM_VIEWS or unet.config.in_channels != LATENT_CHANNELS + IMAGE_CHANNELS:
+    codec = load_codec(config)
+    if config.get("num_views") != NUM_VIEWS or unet.config.in_channels != codec.channels + IMAGE_CHANNELS:
         raise UserError(f"{folder} was made for {config.get('num_views')} views / {unet.config.in_channels} "
-                        f"input channels, this code uses {NUM_VIEWS} / {LATENT_CHANNELS + IMAGE_CHANNELS}")
+                        f"input channels, its codec and this code give {NUM_VIEWS} / {codec.channels + IMAGE_CHANNELS}")
     check_finite_weights(unet.state_dict().items(), folder, f"re-run `{made_by}` or pass another model")
     set_view_attention(unet, config["num_views"])
-    return unet.to(device).eval(), config
+    return Model(unet.to(device).eval(), codec.to(device), alphas_cumprod(config).to(device), config)
 
 
 def weights_sha256(folder: Path) -> str:
     """sha256 of a model folder's weights file: what a resume compares, wherever the folder is."""
-    import hashlib
-
     digest = hashlib.sha256()
     with open(Path(folder) / "diffusion_pytorch_model.safetensors", "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -540,30 +525,21 @@ def save_model(folder: Path, unet, config: dict) -> None:
     write_json(Path(folder) / CONFIG_NAME, config)
 
 
-def model_record(resolution: int, args: Args, step: int) -> dict:
-    """What drpose_config.json says about a model besides the U-Net's own config."""
+def model_record(resolution: int, codec: LatentCodec, args: Args, step: int) -> dict:
+    """What model_config.json says about a model besides the U-Net's own config."""
     return dict(
         stage="pretrain", run=provenance(args),
         format="drpose-i2mv", resolution=resolution, num_views=NUM_VIEWS, view_azimuths=list(VIEW_AZIMUTHS),
-        latent_channels=LATENT_CHANNELS, latent_space="pixel (encode/decode are identity)",
-        latent_layout="cat(colour RGB, normal XYZ) * 2 - 1, normal stored as (n+1)/2 in camera space",
+        codec=codec.config(), latent_channels=codec.channels, latent_downsample=codec.downsample,
+        latent_layout="views: cat(colour RGB, normal XYZ) * 2 - 1, normal stored as (n+1)/2 in camera space; "
+                      "latents: codec.encode(views)",
         condition="front colour image in [0,1]: channel concat to every view + 8x8 patch tokens via "
                   "encoder_hid_proj; dropped condition = all-white image",
         prediction_type=SCHEDULER["prediction_type"], scheduler=SCHEDULER, token_grid=TOKEN_GRID,
-        sampling=dict(sampler="ddim", num_steps=args.eval_steps, guidance=args.guidance),
+        sampling=dict(sampler="ddim", num_steps=args.ddim_steps, guidance=args.guidance),
         step=step, train_args=jsonable(dataclasses.asdict(args)),
         versions=dict(torch=torch.__version__, diffusers=diffusers.__version__),
     )
-
-
-def jsonable(obj):
-    return json.loads(json.dumps(obj, default=str))
-
-
-def architecture(config) -> dict:
-    """The fields of a diffusers config that make the network, sorted, without diffusers' private
-    bookkeeping ('_' keys: `_name_or_path` is a path, `_use_default_values` is in hash-seed order)."""
-    return {k: v for k, v in sorted(jsonable(dict(config or {})).items()) if not k.startswith("_")}
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -587,127 +563,19 @@ def load_multiview(path: Path, run_dir: Path, image_key: str | None = None) -> d
                 resolution=int(manifest["resolution"]))
 
 
-def batch_latents(data: dict, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> views (B, V, 6, H, W) in [-1, 1] (encoded) and image (B, 3, H, W) in [0, 1]."""
+def batch_latents(data: dict, idx: torch.Tensor, device, codec: LatentCodec) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> latents (B, V, C, h, w) (the views encoded by the codec) and image (B, 3, H, W) in [0, 1]."""
     color, normal = from_uint8(data["color"][idx].numpy(), device), from_uint8(data["normal"][idx].numpy(), device)
-    return encode(views_to_latents(color, normal)), from_uint8(data["image"][idx].numpy(), device)
-
-
-def epoch_batches(num: int, batch: int, epoch: int, seed: int) -> torch.Tensor:
-    """(steps_per_epoch, batch) subject indices. A pure function of (seed, epoch), so resuming
-    at any step replays exactly the same data order without saving a data-loader state."""
-    perm = torch.randperm(num, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    steps = num // batch
-    return perm[: steps * batch].reshape(steps, batch)
-
-
-def step_rows(step: int, num: int, batch: int, world: int, rank: int, seed: int) -> torch.Tensor:
-    """(batch,) subject indices this process trains on at `step`: its slice of the global batch of
-    the step's epoch permutation (a pure function, so resume replays the same order)."""
-    batches = epoch_batches(num, batch * world, step // (num // (batch * world)), seed)
-    return batches[step % len(batches)].view(world, batch)[rank]
-
-
-# --- checkpoints -----------------------------------------------------------------------------------
-
-STEP_DIR = re.compile(r"^step_(\d{6})$")
-
-
-def checkpoint_root(out: Path) -> Path:
-    """Where a trainer writing the model folder `out` keeps its checkpoints: <out>_ckpt/."""
-    return Path(str(out) + "_ckpt")
-
-
-def rng_to_str(state: torch.Tensor) -> str:
-    return base64.b64encode(state.numpy().tobytes()).decode()
-
-
-def rng_from_str(text: str) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
-
-
-def save_checkpoint(root: Path, step: int, unet, optimizer, rng_states: list[str], record: dict, keep: int,
-                    trainable_only: bool = False, extra_state: dict | None = None) -> Path:
-    """base_ckpt/step_NNNNNN/: model.safetensors, optimizer.pt, state.json (step, RNG, args,
-    versions, model config). Written as step_NNNNNN.tmp/ and renamed when complete. trainable_only:
-    only the weights that train (LoRA adapters; the frozen base is reloaded from its own folder)."""
-    folder = Path(root) / f"step_{step:06d}"
-    keys = trainable_names(unet) if trainable_only else unet.state_dict().keys()
-    with atomic_dir(folder) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items() if k in keys},
-                  tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        for name, state in (extra_state or {}).items():  # e.g. ema.pt: inside the folder, so complete with it
-            torch.save(state, tmp / f"{name}.pt")
-        write_json(tmp / "state.json", dict(record, step=step, rng=rng_states, unet_config=architecture(unet.config),
-                                            weights="trainable" if trainable_only else "all"))
-    for old in sorted(p for p in Path(root).iterdir() if STEP_DIR.match(p.name))[:-keep]:
-        shutil.rmtree(old)
-    return folder
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete step_*/ folder (a .tmp folder from a killed write is ignored)."""
-    done = [p for p in Path(root).glob("step_*") if STEP_DIR.match(p.name) and (p / "state.json").exists()]
-    return max(done, key=lambda p: p.name) if done else None
-
-
-def trainable_names(unet) -> set[str]:
-    return {name for name, param in unet.named_parameters() if param.requires_grad}
-
-
-def load_checkpoint(folder: Path, unet, optimizer, expect: dict) -> tuple[int, list[str]]:
-    """Restore weights and optimizer in place; return (step, RNG states). A checkpoint made with a
-    different model, resolution or world size is refused in one line."""
-    fix = f"delete {folder.parent} or use another --run-dir"
-    try:
-        state = json.loads((folder / "state.json").read_text())
-        weights = load_file(folder / "model.safetensors")
-        opt_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"{folder} is unreadable ({type(err).__name__}); {fix}") from None
-    state = state if isinstance(state, dict) else {}
-    step, rng = state.get("step"), state.get("rng")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or STEP_DIR.match(folder.name) is None \
-            or int(STEP_DIR.match(folder.name).group(1)) != step:
-        raise UserError(f"{folder}/state.json: step {step!r} is not the folder's step number; {fix}")
-    if not isinstance(rng, list) or not rng or not all(isinstance(r, str) for r in rng):
-        raise UserError(f"{folder}/state.json: 'rng' is not a list of generator states; {fix}")
-    check_finite_weights(weights.items(), folder / "model.safetensors",
-                         f"delete {folder} to resume from the one before")
-    if architecture(state.get("unet_config")) != architecture(unet.config):
-        raise UserError(f"{folder} is incompatible: it holds a different network (unet_config); {fix}")
-    for key, want in jsonable(expect).items():
-        if jsonable(state.get("resume_key", {})).get(key) != want:
-            raise UserError(f"{folder} is incompatible: its {key} differs from this run's; {fix}")
-    partial = state.get("weights") == "trainable"
-    if partial and set(weights) != trainable_names(unet):
-        raise UserError(f"{folder} holds other trainable weights than this model's (adapter rank or targets); {fix}")
-    try:
-        unet.load_state_dict(weights, strict=not partial)
-        optimizer.load_state_dict(opt_state)
-    except Exception as err:
-        raise UserError(f"{folder} does not fit this model ({type(err).__name__}); {fix}") from None
-    return step, rng
-
-
-def check_finite(stage: str, step: int, loss: torch.Tensor, grad_norm, ckpt_root: Path) -> None:
-    """The NaN guard of both trainers, called between backward and the optimizer step: a non-finite
-    loss or gradient norm stops the run with the step named, before the weights take the bad step,
-    so the newest checkpoint stays the last good one. (One device sync per step.)"""
-    if bool(torch.isfinite(loss.detach()).all() & torch.isfinite(torch.as_tensor(grad_norm)).all()):
-        return
-    last = latest_checkpoint(ckpt_root) if Path(ckpt_root).exists() else None
-    raise UserError(f"{stage} stopped at step {step}: loss {float(loss.detach()):.4g}, gradient norm {float(grad_norm):.4g} "
-                    f"(not finite); nothing was written past the last good checkpoint ({last or 'none yet'}); "
-                    "lower --lr (and --resume) or check the inputs")
+    with torch.no_grad():
+        latents = codec.encode(views_to_latents(color, normal))
+    return latents, from_uint8(data["image"][idx].numpy(), device)
 
 
 # --- training -------------------------------------------------------------------------------------
 
 def diffusion_loss(unet, views: torch.Tensor, image: torch.Tensor, alphas: torch.Tensor,
                    cond_drop: float, generator: torch.Generator) -> torch.Tensor:
-    """Standard v-prediction loss on views (B, V, 6, H, W) given image (B, 3, H, W) in [0, 1].
+    """Standard v-prediction loss on latents `views` (B, V, C, h, w) given image (B, 3, H, W) in [0, 1].
     One timestep per subject (all its views share it, as they are denoised together)."""
     b, device = views.shape[0], views.device
     t = torch.randint(0, len(alphas), (b,), generator=generator)
@@ -723,7 +591,7 @@ def diffusion_loss(unet, views: torch.Tensor, image: torch.Tensor, alphas: torch
 
 def denoising_error(unet, latents: torch.Tensor, image: torch.Tensor, alphas: torch.Tensor,
                     t_range: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    """How unlikely the model finds latents (B, V, 6, H, W) given image (B, 3, H, W) in [0, 1]: re-noise
+    """How unlikely the model finds latents (B, V, C, h, w) given image (B, 3, H, W) in [0, 1]: re-noise
     them at t ~ U{t_range} and return the v-prediction's squared error per subject (B,). Differentiable
     in the latents (DrPose's realism penalty, the reward probe's ascent)."""
     b, device = latents.shape[0], latents.device
@@ -736,28 +604,22 @@ def denoising_error(unet, latents: torch.Tensor, image: torch.Tensor, alphas: to
 
 
 @torch.no_grad()
-def validation_loss(unet, val: dict, alphas: torch.Tensor, device, seed: int, limit: int = 16) -> float:
+def validation_loss(unet, val: dict, alphas: torch.Tensor, device, seed: int, codec: LatentCodec,
+                    limit: int = 16) -> float:
     """The loss on up to `limit` val subjects with fixed noise and timesteps (comparable over steps)."""
     idx = torch.arange(min(limit, len(val["image"])))
-    views, image = batch_latents(val, idx, device)
-    return diffusion_loss(unet, views, image, alphas, 0.0, torch.Generator().manual_seed(seed + 1)).item()
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (for the parts accelerate does not wrap, e.g. sampling); none on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    latents, image = batch_latents(val, idx, device, codec)
+    return diffusion_loss(unet, latents, image, alphas, 0.0, torch.Generator().manual_seed(seed + 1)).item()
 
 
 def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
-    """Train (or resume), evaluate and write base/. Returns the base/ folder. `hook(step)` runs after
+    """Train (or resume), evaluate and write base/ (or --out). Returns that folder. `hook(step)` runs after
     every step and its checkpoint (tests use it to kill a run). Stopped by --max-minutes: returns the
-    checkpoint folder, base/ is not written."""
-    start = time.time()
+    checkpoint folder, the model folder is not written."""
     args = args.resolved()
     run_dir = Path(args.run_dir)
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    accelerator = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if use_cuda else "no")
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    run = TrainingRun("pretrain", args.out or run_dir / "base", args, hook)  # refuses an empty --resume first
+    device, world = run.device, run.world
 
     # --- data: scan-like training subjects; val for the validation loss and the final numbers ---
     train_path = args.train_data or run_dir / "data/scans/train.npz"
@@ -777,146 +639,75 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     # --- model and optimizer ---
     torch.manual_seed(args.seed)  # model init is the only user of the global RNG
     if args.init is not None:
-        unet, init_config = load_model(args.init)
+        unet, codec, _, init_config = load_model(args.init)
         if init_config["resolution"] != resolution:
             raise UserError(f"{args.init} is a {init_config['resolution']} px model, the data is {resolution} px")
         unet.train()
     else:
+        codec = load_codec({"codec": {"name": args.codec}})
+        if resolution % codec.downsample:
+            raise UserError(f"--codec {args.codec} downsamples by {codec.downsample}, the data is {resolution} px")
         unet = build_unet(unet_config(resolution, args.channels, args.layers_per_block, args.attn_levels,
-                                      args.heads, args.token_dim))
+                                      args.heads, args.token_dim, codec=codec))
     unet.to(device)
+    codec.to(device)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     ema = EMAModel(unet.parameters(), decay=args.ema_decay) if args.ema_decay > 0 else None
     alphas = alphas_cumprod()
-    record = model_record(resolution, args, args.steps)
     # What must match to resume: the network, the data size, the data order and the devices.
     expect = dict(resolution=resolution, world=world, ema_decay=args.ema_decay, replay_share=args.replay_share,
                   data=dict(seed=args.seed, batch_size=args.batch_size, subjects=len(train["image"])))
-
-    base = args.out or run_dir / "base"
-    ckpt_root = Path(str(base) + "_ckpt")
-    metrics_path = ckpt_root / "metrics.jsonl"
-    step, generator = 0, torch.Generator().manual_seed(args.seed * 1000 + rank)  # noise, t, dropout
-    found = latest_checkpoint(ckpt_root) if args.resume and ckpt_root.exists() else None
-    if found is not None:
-        step, rng_states = load_checkpoint(found, unet, optimizer, expect)
-        if ema is not None:
-            ema.load_state_dict(torch.load(found / "ema.pt", map_location="cpu", weights_only=True))
-            ema.to(device)
-        if step > args.steps:
-            raise UserError(f"{found} is past --steps {args.steps}; raise --steps or use another --run-dir")
-        generator.set_state(rng_from_str(rng_states[rank]))
-        accelerator.print(f"resumed from {found} (step {step})")
-    elif args.resume:  # nothing to continue: refuse rather than retrain over a finished base/
-        raise UserError(f"--resume: no complete checkpoint under {ckpt_root}; drop --resume to train from step 0 "
-                        f"(which replaces {run_dir / 'base'} when done)")
-    if accelerator.is_main_process and found is None and ckpt_root.exists():
-        # A fresh run replaces an old run's checkpoints, so a later --resume cannot mix the two.
-        for old in (p for p in ckpt_root.glob("step_*") if p.is_dir()):
-            shutil.rmtree(old)
-    if accelerator.is_main_process:
-        truncate_log(metrics_path, step)  # drop lines a killed run logged after its last checkpoint
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    record = model_record(resolution, codec, args, args.steps)
+    generator = torch.Generator().manual_seed(args.seed * 1000 + run.rank)  # noise, t, dropout
+    unet, optimizer, step = run.start(unet, optimizer, list(unet.parameters()), generator,
+                                      lambda s: warmup_cosine(s, args.steps, args.lr, args.warmup_steps),
+                                      expect, record, postfix=("loss", "val_loss"),
+                                      extras=dict(ema=ema) if ema is not None else None)
 
     # --- train ---
     unet.train()
-    first_step, loop_start = step, time.time()
-    bar = tqdm(total=args.steps, initial=step, desc="pretrain", disable=None if accelerator.is_main_process else True)
-    tick = time.time()
     while step < args.steps:
-        row = step_rows(step, len(train["image"]), args.batch_size - num_replay, world, rank, args.seed)
-        views, image = batch_latents(train, row, device)  # (B, V, 6, H, W), (B, 3, H, W)
+        row = step_rows(step, len(train["image"]), args.batch_size - num_replay, world, run.rank, args.seed)
+        latents, image = batch_latents(train, row, device, codec)  # (B, V, C, h, w), (B, 3, H, W)
         if num_replay:  # the replayed subjects follow their own fixed order (seed + 1)
-            views_r, image_r = batch_latents(replay, step_rows(step, len(replay["image"]), num_replay, world, rank,
-                                                               args.seed + 1), device)
-            views, image = torch.cat([views, views_r]), torch.cat([image, image_r])
-        lr = warmup_cosine(step, args.steps, args.lr, args.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = diffusion_loss(unet, views, image, alphas, args.cond_drop, generator)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.grad_clip)
-        check_finite("pretrain", step + 1, loss, grad_norm, ckpt_root)
-        optimizer.step()
+            latents_r, image_r = batch_latents(replay, step_rows(step, len(replay["image"]), num_replay, world,
+                                                                 run.rank, args.seed + 1), device, codec)
+            latents, image = torch.cat([latents, latents_r]), torch.cat([image, image_r])
+        loss = diffusion_loss(unet, latents, image, alphas, args.cond_drop, generator)
+        grad_norm = run.optimise(loss)
         if ema is not None:
             ema.step(unet.parameters())
         step += 1
-        bar.update(1)
-
-        if step % args.log_every == 0 or step == args.steps:
-            line = dict(step=step, loss=round(loss.item(), 5), lr=lr, grad_norm=round(float(grad_norm), 4),
-                        sec_per_step=round((time.time() - tick) / args.log_every, 4))
-            if step % args.val_every == 0 or step == args.steps:
-                unet.eval()
-                line["val_loss"] = round(validation_loss(accelerator.unwrap_model(unet), val, alphas, device, args.seed), 5)
-                unet.train()
-            bar.set_postfix({k: v for k, v in line.items() if k in ("loss", "val_loss")})
-            if accelerator.is_main_process:
-                append_log(metrics_path, line)
-            tick = time.time()
-        stop = step < args.steps and out_of_time(start, args.max_minutes, loop_start, step - first_step, accelerator)
-        if step % args.checkpoint_every == 0 or step == args.steps or stop:
-            rng_states = gather_object([rng_to_str(generator.get_state())])
-            if accelerator.is_main_process:
-                save_checkpoint(ckpt_root, step, accelerator.unwrap_model(unet), optimizer, rng_states,
-                                dict(record, resume_key=expect), args.keep_checkpoints,
-                                extra_state=dict(ema=ema.state_dict()) if ema is not None else None)
-            accelerator.wait_for_everyone()
-        if hook is not None:
-            hook(step)
-        if stop:
-            bar.close()
-            accelerator.print(f"--max-minutes {args.max_minutes}: stopped at step {step}; continue with --resume")
-            return ckpt_root / f"step_{step:06d}"
-    bar.close()
+        if run.end_of_step(step, lambda: dict(loss=round(loss.item(), 5), grad_norm=round(float(grad_norm), 4),
+                                              **validation_line(run, step, args, val, alphas, codec))):
+            break
 
     # --- evaluate and write base/ ---
-    unet = accelerator.unwrap_model(unet).eval()
-    if ema is not None:  # the model that is saved and evaluated is the average
-        ema.copy_to(unet.parameters())
-    if accelerator.is_main_process:
-        with atomic_dir(base) as tmp:
-            save_model(tmp, unet, record)
-            if metrics_path.exists():
-                shutil.copy(metrics_path, tmp / "metrics.jsonl")
-            if args.num_eval > 0:
-                with autocast(device):
-                    results = evaluate_base(unet, val, run_dir, args, device, alphas, tmp)
-                write_json(tmp / "val_metrics.json", results)
-                print(f"PSNR (dB), DDIM {results['num_steps']} steps, guidance {results['guidance']}:")
-                for name in ("val", "bench"):
-                    r = results[name]
-                    print(f"  {name:5s} " + (f"n={r['count']:3d}  colour {r['psnr_color']:6.2f}  normal "
-                                             f"{r['psnr_normal']:6.2f}" if isinstance(r, dict) else r))
-    accelerator.wait_for_everyone()
-    return base
+    def save(folder: Path) -> None:
+        model = run.accelerator.unwrap_model(unet).eval()
+        if ema is not None:  # the model that is saved and evaluated is the average
+            ema.copy_to(model.parameters())
+        save_model(folder, model, record)
+        if args.num_eval > 0:
+            with autocast(device):
+                results = evaluate_base(model, val, run_dir, args, device, alphas, codec, folder)
+            write_json(folder / "val_metrics.json", results)
+            print(f"PSNR (dB), DDIM {results['num_steps']} steps, guidance {results['guidance']}:")
+            for name in ("val", "bench"):
+                r = results[name]
+                print(f"  {name:5s} " + (f"n={r['count']:3d}  colour {r['psnr_color']:6.2f}  normal "
+                                         f"{r['psnr_normal']:6.2f}" if isinstance(r, dict) else r))
+    return run.finish(step, save)
 
 
-
-
-def out_of_time(start: float, max_minutes: float | None, loop_start: float, steps_done: int, accelerator) -> bool:
-    """True when one more step would end past the job's wall-clock budget (minutes since `start`), at
-    the mean time per step since `loop_start`. Process 0 decides for all."""
-    if max_minutes is None or steps_done == 0:
-        return False
-    now = time.time()
-    late = now + (now - loop_start) / steps_done - start > 60 * max_minutes
-    if accelerator.num_processes > 1:  # every process must stop at the same step
-        late = bool(broadcast(torch.tensor([late], device=accelerator.device), from_process=0).item())
-    return late
-
-
-def append_log(path: Path, line: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fh.write(json.dumps(line) + "\n")
-
-
-def truncate_log(path: Path, step: int) -> None:
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+def validation_line(run: TrainingRun, step: int, args: Args, val: dict, alphas, codec) -> dict:
+    """The validation loss every --val-every steps (and at the end), for the log line."""
+    if step % args.val_every and step != args.steps:
+        return {}
+    model = run.accelerator.unwrap_model(run.model).eval()
+    loss = validation_loss(model, val, alphas, run.device, args.seed, codec)
+    model.train()
+    return dict(val_loss=round(loss, 5))
 
 
 # --- evaluation: PSNR against GT renders, contact sheets -------------------------------------------
@@ -929,7 +720,8 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(unet, data: dict, count: int, args: Args, device, alphas, chunk: int = 8) -> torch.Tensor:
+def generate(unet, data: dict, count: int, args: Args, device, alphas, codec: LatentCodec,
+             chunk: int = 8) -> torch.Tensor:
     """Views (count, V, 6, H, W) for the first `count` subjects; noise from its own generator so
     every model sees the same noise and the training RNG is untouched."""
     generator = torch.Generator().manual_seed(args.seed + 12345)
@@ -937,23 +729,25 @@ def generate(unet, data: dict, count: int, args: Args, device, alphas, chunk: in
     for start in range(0, count, chunk):
         idx = torch.arange(start, min(count, start + chunk))
         image = from_uint8(data["image"][idx].numpy(), device)
-        out.append(sample_views(unet, image, args.eval_steps, args.guidance, generator, alphas=alphas).float().cpu())
+        out.append(sample_views(unet, image, args.ddim_steps, args.guidance, generator, alphas=alphas,
+                                codec=codec).float().cpu())
     return torch.cat(out)
 
 
-def evaluate_base(unet, val: dict, run_dir: Path, args: Args, device, alphas, out_dir: Path) -> dict:
+def evaluate_base(unet, val: dict, run_dir: Path, args: Args, device, alphas, codec: LatentCodec,
+                  out_dir: Path) -> dict:
     """PSNR of generated colour and normal views vs GT on val (scan-like) and bench (hard) poses,
     plus a contact sheet for each. Bench is skipped with a note if data/bench/ is absent."""
     sets = {"val": val}
     bench_path = run_dir / "data/bench/bench.npz"
     if bench_path.exists():
         sets["bench"] = load_multiview(bench_path, run_dir, image_key="image")
-    results = dict(num_steps=args.eval_steps, guidance=args.guidance, seed=args.seed + 12345,
+    results = dict(num_steps=args.ddim_steps, guidance=args.guidance, seed=args.seed + 12345,
                    note="PSNR in dB over all pixels of the six views (white background included), "
                         "mean over subjects; colour and encoded normal ((n+1)/2) separately")
     for name, data in sets.items():
         count = min(args.num_eval, len(data["image"]))
-        generated = generate(unet, data, count, args, device, alphas)  # (N, V, 6, H, W)
+        generated = generate(unet, data, count, args, device, alphas, codec)  # (N, V, 6, H, W)
         gen_color, gen_normal = latents_to_views(generated)
         gt_color, gt_normal = from_uint8(data["color"][:count].numpy()), from_uint8(data["normal"][:count].numpy())
         results[name] = dict(count=count, psnr_color=psnr(gen_color, gt_color).mean().item(),

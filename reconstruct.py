@@ -54,14 +54,21 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+import trimesh
+from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage
+from scipy.spatial import cKDTree
+from scipy.spatial.transform import Rotation
+from smplx.lbs import batch_rigid_transform, batch_rodrigues
 from tqdm import tqdm
 
 from prepare_data import (BACKGROUND, NUM_BODY_JOINTS, NUM_VIEWS, ORTHO_HALF_EXTENT, SMPLX_PARENTS, VIEW_AZIMUTHS,
-                          body_forward, body_joints, contact_sheet, from_uint8, latents_to_views, load_body_model,
-                          load_split, read_manifest, render_views, to_uint8, vertex_normals, view_rotations,
-                          views_to_latents, views_mask, views_to_pixels, world_to_views)
-from plumbing import (SEED_MAX, UserError, atomic_dir, run_cli, write_json, with_preset, check_device, check_name,
-                      check_number, check_output, guard_output, provenance, read_json, read_npz_key, run_relative)
+                          body_forward, body_joints, from_uint8, latents_to_views, load_body_model, load_split,
+                          render_views, to_uint8, vertex_normals, view_rotations, views_to_latents, views_mask,
+                          views_to_pixels, world_to_views)
+from plumbing import (SEED_MAX, UserError, atomic_dir, check_device, check_name, check_number, check_output,
+                      contact_sheet, guard_output, provenance, read_json, read_manifest, read_npz_key, run_cli,
+                      run_relative, with_preset, write_json)
 import posescore
 from posescore import draw_bones, gskel_logits, joints_from_maps, project_joints, skeleton_maps
 from pretrain import MAX_GUIDANCE, SCHEDULER, load_model, sample_views
@@ -103,10 +110,10 @@ class Args:
     """fit the body and carve a mesh for every N-th sample only; the others get their generated views
     alone, which is all the pose metrics need (the pose reader reads views). Demo 3 (the 3D fit is
     most of the time), full 1"""
-    sample_steps: int | None = None
-    """DDIM steps (default: the model's drpose_config.json sampling.num_steps)"""
+    ddim_steps: int | None = None
+    """DDIM steps (default: the model's model_config.json sampling.num_steps)"""
     guidance: float | None = None
-    """classifier-free guidance (default: the model's drpose_config.json sampling.guidance)"""
+    """classifier-free guidance (default: the model's model_config.json sampling.guidance)"""
     fit_steps: int | None = None
     """Adam steps of the body fit before L-BFGS_ITERS L-BFGS iterations (demo 60, full 150)"""
     carve_steps: int | None = None
@@ -135,7 +142,7 @@ class Args:
         """Every flag, before any work (one line and exit status 2 for the first bad one)."""
         check_number(self, "count", 1)
         check_number(self, "fit_every", 1)
-        check_number(self, "sample_steps", 1, high=SCHEDULER["num_train_timesteps"])
+        check_number(self, "ddim_steps", 1, high=SCHEDULER["num_train_timesteps"])
         check_number(self, "threads", 1, high=1024)
         for name in ("fit_steps", "carve_steps"):
             check_number(self, name, 0, high=MAX_OPTIMISER_STEPS)
@@ -195,8 +202,6 @@ def _open_image(path: Path, mode: str, what: str) -> tuple[np.ndarray, bool]:
     orientation (a phone photo stores the sensor's rows and says how to turn them); 16-bit and integer
     images are scaled to 8 bits, float images refused. Refused in one line when unreadable or larger
     than MAX_IMAGE_PIXELS (checked on the header, before decoding)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist; pass {what}")
@@ -221,8 +226,6 @@ def _open_image(path: Path, mode: str, what: str) -> tuple[np.ndarray, bool]:
 def _to_8bit(image, path: Path):
     """A PIL image in a mode `convert` maps faithfully: 16- and 32-bit integer grey (which `convert` would
     clip at 255, turning a 16-bit photo white) scaled to 8 bits; a float image, of unknown range, refused."""
-    from PIL import Image
-
     if image.mode == "F":
         raise UserError(f"{path} is a 32-bit float image, whose value range is unknown; save it as an 8- or 16-bit "
                         "PNG or a JPEG")
@@ -235,8 +238,6 @@ def _to_8bit(image, path: Path):
 
 def _plain_background_foreground(path: Path, rgb: np.ndarray) -> np.ndarray:
     """The person's pixels of an image without alpha, or a one-line refusal (see PLAIN_TOLERANCE)."""
-    from scipy import ndimage
-
     fix = "pass an RGBA cut-out (png with the background transparent) or --mask"
     border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
     colour = np.median(border, axis=0)
@@ -265,8 +266,6 @@ def load_image(path: Path, resolution: int, mask: Path | None = None) -> torch.T
     """An image file -> (3, H, W) in [0, 1] framed like the training renders (see module docstring).
     The person is the mask file's white pixels, else the alpha channel's opaque ones, else the one
     blob that differs from a plain background (_plain_background_foreground)."""
-    from PIL import Image
-
     pixels, has_alpha = _open_image(path, "RGBA", "an image file (png/jpg) or a dataset folder")
     if min(pixels.shape[:2]) < MIN_IMAGE_SIDE:
         raise UserError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]} px, too small; pass an image at least "
@@ -368,8 +367,6 @@ def _kabsch(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 def _swing(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """The smallest rotation taking direction src (3,) to direction dst (3,)."""
-    from scipy.spatial.transform import Rotation
-
     axis = np.cross(src, dst)
     angle = math.atan2(np.linalg.norm(axis), float(src @ dst))
     if np.linalg.norm(axis) < 1e-9:
@@ -412,8 +409,6 @@ def initial_params(body, target: np.ndarray) -> dict[str, np.ndarray]:
     the target torso (Kabsch); then, down the tree, each joint gets the smallest rotation that aims
     its bone at its child (Kabsch over children where there are several). Twist about a bone and
     the end joints (head, wrists, feet) stay at rest: no joint position says anything about them."""
-    from scipy.spatial.transform import Rotation
-
     betas, scale = fit_bone_lengths(body, target)
     base, dirs = rest_joints(body)
     rest = (base + dirs @ torch.from_numpy(betas)).numpy()[:NUM_BODY_JOINTS] * scale  # (22, 3)
@@ -456,8 +451,6 @@ class SubsetSkinner:
         self.weights = body.lbs_weights[self.index].detach()  # (P, 55)
 
     def __call__(self, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        from smplx.lbs import batch_rigid_transform, batch_rodrigues
-
         body, batch = self.body, params["body_pose"].shape[0]
         betas = params["betas"].reshape(batch, -1)[:, :10]
         shaped = body.v_template + torch.einsum("bl,nkl->bnk", betas, body.shapedirs[:, :, :10])
@@ -511,9 +504,7 @@ def silhouette_loss(pix: torch.Tensor, mask: torch.Tensor, outside: torch.Tensor
 
 def outside_distance(mask: torch.Tensor) -> torch.Tensor:
     """(V, H, W) masks -> (V, H, W) distance in pixels from each pixel to the nearest foreground pixel."""
-    from scipy.ndimage import distance_transform_edt
-
-    out = [distance_transform_edt(m < 0.5) if m.max() > 0.5 else np.zeros(m.shape) for m in mask.numpy()]
+    out = [ndimage.distance_transform_edt(m < 0.5) if m.max() > 0.5 else np.zeros(m.shape) for m in mask.numpy()]
     return torch.from_numpy(np.stack(out)).float()
 
 
@@ -682,8 +673,6 @@ def colour_vertices(vertices: torch.Tensor, faces: torch.Tensor, latents: torch.
     """(N, 3) colours in [0, 1]: per vertex, the mean of the colour views that see it (in front of
     the depth buffer, inside the mask, facing the camera), weighted by how squarely it faces each
     view; vertices no view sees take their nearest seen vertex's colour."""
-    from scipy.spatial import cKDTree
-
     res = latents.shape[-1]
     color, _ = latents_to_views(latents[None])  # (1, V, 3, H, W)
     with torch.no_grad():
@@ -754,8 +743,6 @@ FIT_FILES = ("body.json", "joints.npz", "mesh.ply")
 def write_sample(folder: Path, latents: torch.Tensor, image: torch.Tensor, result: dict | None) -> None:
     """Everything of one sample into `folder` (a temporary folder that atomic_dir renames): the views,
     and the fitted body and mesh unless `result` is None (a views-only sample, see --fit-every)."""
-    import trimesh
-
     np.savez(folder / "views.npz", latents=latents.numpy().astype(np.float32))
     color, normal = latents_to_views(latents[None])
     contact_sheet(folder / "views.png", [np.concatenate([to_uint8(image[None]), to_uint8(color[0]),
@@ -815,11 +802,10 @@ def reconstruct_all(args: Args) -> Path:
     if args.input is not None and args.input.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
         load_image(args.input, MIN_IMAGE_SIDE, args.mask)  # refuse a bad image before loading any model
     generate = not args.oracle and args.views_from is None
-    unet = config = None
+    model = None
     if generate:
-        model_dir = resolve_model(args)
-        unet, config = load_model(model_dir, args.device)
-    inputs = load_inputs(args, config["resolution"] if config else None)
+        model = load_model(resolve_model(args), args.device)  # the U-Net with its codec and noise schedule
+    inputs = load_inputs(args, model.config["resolution"] if model else None)
     count = len(inputs["image"]) if args.count is None else min(args.count, len(inputs["image"]))
     if args.views_from is not None:  # read every given view now: a bad file stops the stage before it writes
         for i in range(count):
@@ -830,7 +816,7 @@ def reconstruct_all(args: Args) -> Path:
         if not (reader / "posescore_config.json").exists():
             raise UserError(f"{reader} holds no pose reader; make it with `python posescore.py train --run-dir "
                             f"{args.run_dir} --train-on any --seed 1 --out {reader}` (or pass --reader-dir)")
-        gskel_ctx = posescore.load_reward_context(reader, args.device)
+        gskel_ctx = posescore.load_gskel(reader, args.device)
         if gskel_ctx.resolution != inputs["image"].shape[-1]:
             raise UserError(f"{reader} works at {gskel_ctx.resolution} px, the views are {inputs['image'].shape[-1]} px; "
                             "use a pose reader trained on this run's data")
@@ -854,8 +840,9 @@ def reconstruct_all(args: Args) -> Path:
     write_json(out / PARTIAL_MANIFEST, dict(recipe, stage="reconstruct", count=count, complete=False))
 
     # --- every sample: views -> body -> mesh, one atomic folder each ---
-    steps = args.sample_steps or (config or {}).get("sampling", {}).get("num_steps", 20)
-    guidance = args.guidance if args.guidance is not None else (config or {}).get("sampling", {}).get("guidance", 1.5)
+    sampling = model.config.get("sampling", {}) if model else {}
+    steps = args.ddim_steps or sampling.get("num_steps", 20)
+    guidance = args.guidance if args.guidance is not None else sampling.get("guidance", 1.5)
     timings, stages = [], []
     for i in tqdm(range(count), desc=f"reconstruct {output_tag(args)}", disable=None):  # a bar on a terminal only
         folder = out / f"{i:05d}"
@@ -867,7 +854,8 @@ def reconstruct_all(args: Args) -> Path:
         latents = given_views(args, inputs, i)
         if latents is None:
             generator = torch.Generator().manual_seed(args.seed * 100003 + i)  # same noise for every model
-            latents = sample_views(unet, image[None].to(args.device), steps, guidance, generator)[0].float().cpu()
+            latents = sample_views(model.unet, image[None].to(args.device), steps, guidance, generator,
+                                   alphas=model.alphas, codec=model.codec)[0].float().cpu()
         generate_seconds = time.time() - tick
         gt_joints = torch.from_numpy(inputs["dataset"]["joints"][i]).float() if args.skeleton == "ideal" else None
         result = reconstruct_sample(body, proxy, skinner, latents, args, gskel_ctx, gt_joints) if fit else None

@@ -24,7 +24,7 @@ ROWS=(
 [ "$JOBS" -gt 1 ] && export OMP_NUM_THREADS=1
 one() {  # name seed flags...: fine-tune, then reconstruct with the pose reader (both resume if done)
   local name=$1 seed=$2; shift 2
-  [ -f $RUN/ablation/${name}_s$seed/drpose_config.json ] || $PY finetune.py --preset demo --run-dir $RUN \
+  [ -f $RUN/ablation/${name}_s$seed/model_config.json ] || $PY finetune.py --preset demo --run-dir $RUN \
     --seed $seed --out $RUN/ablation/${name}_s$seed "$@" > $RUN/ablation/${name}_s$seed.log 2>&1
   [ -f $RUN/recon/${name}_s$seed/manifest.json ] && grep -q '"complete": true' $RUN/recon/${name}_s$seed/manifest.json || \
     $PY reconstruct.py --preset demo --run-dir $RUN --model $RUN/ablation/${name}_s$seed --tag ${name}_s$seed \

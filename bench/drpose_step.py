@@ -17,8 +17,8 @@ Configurations: the levers, each added to the ones before it (`--levers` runs th
   plain           bench/plain_chain.py (the loop before the fast path): eager, int timesteps, frozen
                   pass = adapters off, gradient checkpointing on (the old cuda default), foreach AdamW
   no_ckpt         + gradient checkpointing off (every lever below keeps it off)
-  bf16_frozen     + finetune.sample_with_grad: device timesteps, frozen pass = pretrain.frozen_bf16 copy
-  graphs          + CUDA graphs of the no-grad U-Net calls (pretrain.GraphedOutput)
+  bf16_frozen     + finetune.sample_with_grad: device timesteps, frozen pass = plumbing.frozen_bf16 copy
+  graphs          + CUDA graphs of the no-grad U-Net calls (plumbing.GraphedCall)
   fused_adamw     + AdamW(fused=True)
   cudnn_benchmark + torch.backends.cudnn.benchmark
   channels_last   + channels_last weights
@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 import finetune as ft  # noqa: E402
+import plumbing  # noqa: E402
 import posescore  # noqa: E402
 import prepare_data as pd  # noqa: E402
 import pretrain  # noqa: E402
@@ -68,7 +69,7 @@ def workload(preset: str, device: str, batch: int) -> dict:
             unet = pretrain.UNet2DConditionModel(**PAPER_UNET)
         pretrain.set_view_attention(unet, 12, multi_view=False)  # per-view attention: 12 x 9216 tokens would not fit
         return dict(unet=unet, ctx=None, reward=lambda views, batch, ctx: (views.float().mean((1, 2, 3, 4)), {}),
-                    lora_rank=16, lr=5e-4, num_steps=20, guidance=1.0, early_stop_max=4, fixed_stop=15,
+                    lora_rank=16, lr=5e-4, ddim_steps=20, guidance=1.0, early_stop_max=4, fixed_stop=15,
                     batch=2, views=12, channels=4, res=96)
     model, run = pretrain.Args(preset=preset).resolved(), ft.Args(preset=preset).resolved()
     res = pd.PRESETS[preset]["resolution"]
@@ -78,8 +79,8 @@ def workload(preset: str, device: str, batch: int) -> dict:
     width = posescore.PRESETS[preset]["width"]
     ctx = posescore.RewardContext(gskel=gskel, resolution=res, width=width, device=torch.device(device))
     return dict(unet=unet, ctx=ctx, reward=posescore.posescore_reward, lora_rank=run.lora_rank, lr=run.lr,
-                num_steps=model.eval_steps, guidance=model.guidance, early_stop_max=round(0.4 * model.eval_steps),
-                fixed_stop=None, batch=batch, views=pd.NUM_VIEWS, channels=pretrain.LATENT_CHANNELS, res=res)
+                ddim_steps=model.ddim_steps, guidance=model.guidance, early_stop_max=round(0.4 * model.ddim_steps),
+                fixed_stop=None, batch=batch, views=pd.NUM_VIEWS, channels=pretrain.LatentCodec.channels, res=res)
 
 
 def inputs(w: dict, count: int, device: str) -> list:
@@ -90,11 +91,11 @@ def inputs(w: dict, count: int, device: str) -> list:
         image = torch.rand(w["batch"], 3, w["res"], w["res"], generator=gen).to(device)
         joints = (torch.randn(w["batch"], 55, 3, generator=gen) * 0.3).to(device)
         noise = torch.randn(w["batch"], w["views"], w["channels"], w["res"], w["res"], generator=gen).to(device)
-        plan = ft.plan_chain("drtune", w["num_steps"], 2, w["early_stop_max"], gen)
+        plan = ft.plan_chain("drtune", w["ddim_steps"], 2, w["early_stop_max"], gen)
         if w["fixed_stop"] is not None:  # the paper workload: always 16 executed steps, K = 2 spread over them
             offset = int(torch.randint(8, (1,), generator=gen))
             plan = ft.ChainPlan(w["fixed_stop"], (offset, offset + 8), True)
-        out.append((image, {"joints": joints}, noise, plan))
+        out.append((image, {"image": image, "joints": joints}, noise, plan))
     return out
 
 
@@ -108,7 +109,7 @@ def run_config(name: str, w: dict, steps: list, warmup: int, device: str, write,
         checkpointing = (name == "plain" and cuda) or w["unet"].num_parameters() > 1e8  # SD-size always needs it
     base = copy.deepcopy(w["unet"])
     ctx = copy.copy(w["ctx"])
-    frozen_copy = pretrain.frozen_bf16(base) if "bf16_frozen" in on and cuda else None
+    frozen_copy = plumbing.frozen_bf16(base) if "bf16_frozen" in on and cuda else None
     torch.manual_seed(0)
     unet = ft.add_lora(base, w["lora_rank"])
     if checkpointing:
@@ -123,8 +124,12 @@ def run_config(name: str, w: dict, steps: list, warmup: int, device: str, write,
         frozen_copy.compile()
         if ctx:
             ctx.gskel = torch.compile(ctx.gskel)
-    graphs = pretrain.GraphedOutput.pair(unet, frozen_copy) if "graphs" in on and cuda else (pretrain.guided_output,) * 2
-    chain = ft.sample_with_grad if "bf16_frozen" in on else sample_with_grad_plain
+    reference, nograd_call = ft.Reference(unet, frozen_copy), pretrain.guided_output
+    if "graphs" in on and cuda:  # as finetune.drpose builds them: two graphs, one memory pool
+        pool = torch.cuda.graph_pool_handle()
+        reference = ft.Reference(unet, frozen_copy, plumbing.GraphedCall(pretrain.guided_output, frozen_copy, pool))
+        nograd_call = plumbing.GraphedCall(pretrain.guided_output, unet, pool)
+    codec = pretrain.LatentCodec()
     trainable = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=w["lr"], weight_decay=0.0, fused=("fused_adamw" in on and cuda) or None)
     alphas = pretrain.alphas_cumprod().to(device)
@@ -133,9 +138,14 @@ def run_config(name: str, w: dict, steps: list, warmup: int, device: str, write,
         torch.cuda.reset_peak_memory_stats()
     def one_step(image, batch, noise, plan) -> torch.Tensor:
         """finetune.py's loop body: sample with grad, reward, loss, backward, clip, AdamW."""
-        with pretrain.autocast(torch.device(device)):
-            args = (unet, image, noise, plan, w["guidance"], alphas, w["num_steps"], (unet, frozen_copy))
-            views, kl = chain(*args, graphs) if chain is ft.sample_with_grad else chain(*args)
+        with plumbing.autocast(torch.device(device)):
+            if "bf16_frozen" in on:
+                views, eps_gaps = ft.sample_with_grad(unet, image, noise, plan, w["guidance"], alphas, w["ddim_steps"],
+                                                      codec, reference=reference, nograd_call=nograd_call)
+                kl = ft.kl_term(eps_gaps)
+            else:
+                views, kl = sample_with_grad_plain(unet, image, noise, plan, w["guidance"], alphas, w["ddim_steps"],
+                                                   reference)
         rewards, _ = w["reward"](views, batch, ctx)
         loss = ft.drpose_loss(rewards, kl, 0.01)
         optimizer.zero_grad(set_to_none=True)
@@ -167,7 +177,7 @@ def run_config(name: str, w: dict, steps: list, warmup: int, device: str, write,
     write(result)
     print(f"  {name:14s} {median:8.4f} s/step  {w['batch'] / median:8.1f} samples/s  peak "
           f"{peak or 0:6.2f} GiB  warm-up {result['warmup_s']:6.1f} s  losses {result['first_losses']}", flush=True)
-    del unet, frozen_copy, graphs, optimizer
+    del unet, frozen_copy, reference, nograd_call, optimizer
     if cuda:
         torch.cuda.empty_cache()
     return result
@@ -200,7 +210,7 @@ def main() -> None:
         w = workload(preset, args.device, args.batch)
         steps = inputs(w, args.warmup + args.steps, args.device)
         table = results["presets"].setdefault(preset, {})
-        print(f"{preset}: batch {w['batch']} x {w['views']} views, {w['res']} px, T {w['num_steps']}, guidance "
+        print(f"{preset}: batch {w['batch']} x {w['views']} views, {w['res']} px, T {w['ddim_steps']}, guidance "
               f"{w['guidance']}, LoRA r{w['lora_rank']}, U-Net {w['unet'].num_parameters() / 1e6:.1f} M", flush=True)
         for name in names:
             def write(result, name=name):  # after every configuration: a killed run keeps what it measured

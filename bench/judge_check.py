@@ -105,7 +105,7 @@ def main() -> None:
     joints = torch.from_numpy(pairs["joints"][:count]).float()
     upright = views_to_latents(from_uint8(scans["color"]), from_uint8(scans["normal"]))
     reader = args.reader or args.run_dir / "pose_reader"
-    ctx = posescore.load_reward_context(reader, args.device)
+    ctx = posescore.load_gskel(reader, args.device)
 
     table = read_cases(cases(gt, upright, max(1, stride), args.seed), gt, joints, ctx)
     verdicts = rules(table)

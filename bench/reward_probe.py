@@ -21,7 +21,7 @@ Three probes, all on the bench (data/bench/) and the base model's generated view
 3. Swap: the side views of the next subject: sharp, the wrong pose.
 
 Prints a markdown table and writes --out (default bench/results/reward_gate_<reward>.json) with every
-logged ascent step. Reads <run-dir>/data/bench/, recon/base/, base/, posescore/ (or --posescore-dir),
+logged ascent step. Reads <run-dir>/data/bench/, recon/base/, base/, posescore/ (or --reward-dir),
 pose_reader/.
 """
 
@@ -36,10 +36,10 @@ from skimage.filters import gaussian
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import posescore  # noqa: E402
-from evaluate import NETWORK_METRICS  # noqa: E402
-from finetune import realism_penalty  # noqa: E402
-from prepare_data import from_uint8, load_split, views_to_latents, write_json  # noqa: E402
-from pretrain import alphas_cumprod, load_model  # noqa: E402
+from finetune import Reference, realism_penalty  # noqa: E402
+from plumbing import write_json  # noqa: E402
+from prepare_data import from_uint8, load_split, views_to_latents  # noqa: E402
+from pretrain import load_model  # noqa: E402
 
 PASS_SHARE = 0.2  # the ascent must close this share of the base -> GT side-view gap
 
@@ -59,19 +59,18 @@ def other_sides(views: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def side_error(views: torch.Tensor, joints: torch.Tensor, ctx) -> float:
+def side_error(views: torch.Tensor, batch: dict, gskel_ctx) -> float:
     """A pose network's mean 2D joint error (px) over the side views 1..5, as evaluate.py reads views."""
-    _, reader_reward, to_metric = NETWORK_METRICS["view_joint_error_px"]
-    _, parts = posescore.reward_in_chunks(posescore.REWARDS[reader_reward], views, joints, ctx)
-    sides = torch.stack([v for k, v in parts.items() if k.startswith("view_") and k != "view_000"], 1)  # (N, 5)
-    return float(to_metric(sides, ctx).mean())
+    def sides(views, batch, ctx):  # (N,) in a reward's signature, for the chunked loop
+        return posescore.view_joint_error(ctx, views, batch["joints"])[:, 1:].mean(1), {}
+    return float(posescore.reward_in_chunks(sides, views, batch, gskel_ctx)[0].mean())
 
 
-def mean_reward(views: torch.Tensor, joints: torch.Tensor, reward: str, ctx) -> float:
-    return float(posescore.reward_in_chunks(posescore.REWARDS[reward], views, joints, ctx)[0].mean())
+def mean_reward(views: torch.Tensor, batch: dict, reward: str, ctx) -> float:
+    return float(posescore.reward_in_chunks(posescore.resolve_reward(reward), views, batch, ctx)[0].mean())
 
 
-def ascent(views, images, joints, args, reward_ctx, readers, base, alphas, gt_reward) -> list[dict]:
+def ascent(views, images, batch, args, reward_ctx, readers, base, gt_reward) -> list[dict]:
     """Adam on the views; a log line every --log-every steps."""
     x = views.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=args.lr)
@@ -80,18 +79,19 @@ def ascent(views, images, joints, args, reward_ctx, readers, base, alphas, gt_re
     for step in range(args.steps + 1):
         if step % args.log_every == 0 or step == args.steps:
             with torch.no_grad():
-                line = dict(step=step, reward=mean_reward(x.detach(), joints, args.reward, reward_ctx),
+                line = dict(step=step, reward=mean_reward(x.detach(), batch, args.reward, reward_ctx),
                             seconds=round(time.time() - start, 1))
-                line |= {f"side_error_{name}": side_error(x.detach(), joints, ctx) for name, ctx in readers.items()}
+                line |= {f"side_error_{name}": side_error(x.detach(), batch, ctx) for name, ctx in readers.items()}
             line["reached_gt"] = line["reward"] >= gt_reward
             log.append(line)
             print(json.dumps(line))
         if step == args.steps:
             break
-        rewards, _ = posescore.REWARDS[args.reward](x, {"joints": joints}, reward_ctx)
+        rewards, _ = posescore.resolve_reward(args.reward)(x, batch, reward_ctx)
         objective = rewards.mean()
         if args.realism_weight > 0:
-            realism = realism_penalty((None, base), x, images, alphas, tuple(args.realism_t_range), generator)
+            realism = realism_penalty(Reference(None, base.unet), base.codec, x, images, base.alphas,
+                                      tuple(args.realism_t_range), generator)
             objective = objective - args.realism_weight * realism.mean()
         optimizer.zero_grad()
         (-objective).backward()
@@ -114,8 +114,9 @@ def verdict(log: list[dict], base_side: float, gt_side: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--reward", default="posescore", help="a name in posescore.REWARDS")
-    parser.add_argument("--posescore-dir", type=Path, default=None, help="the reward's g_skel (default <run-dir>/posescore)")
+    parser.add_argument("--reward", default="posescore",
+                        help="a name in posescore.REWARDS, or module:function / path/to/file.py:function")
+    parser.add_argument("--reward-dir", type=Path, default=None, help="the reward's g_skel (default <run-dir>/posescore)")
     parser.add_argument("--check-dir", type=Path, default=None, help="a second pose network trained apart (optional)")
     parser.add_argument("--realism-weight", type=float, default=0.0, help="as finetune.py --realism-weight")
     parser.add_argument("--realism-t-range", type=int, nargs=2, default=(50, 950))
@@ -127,8 +128,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    if args.reward not in posescore.REWARDS:
-        parser.error(f"--reward {args.reward} is not one of {sorted(posescore.REWARDS)}")
+    try:
+        posescore.resolve_reward(args.reward)
+    except posescore.UserError as err:
+        parser.error(str(err))
     if args.steps < 1 or args.log_every < 1 or args.lr <= 0 or args.realism_weight < 0:
         parser.error("--steps and --log-every must be >= 1, --lr > 0, --realism-weight >= 0")
     torch.set_num_threads(1)
@@ -141,26 +144,25 @@ def main() -> None:
     index = [int(n) for n in names[:count]]
     views = views[:count]
     gt = views_to_latents(from_uint8(bench["color"][index]), from_uint8(bench["normal"][index]))
-    joints = torch.from_numpy(bench["joints"][index]).float()
-    images = from_uint8(bench["image"][index])
-    reward_ctx = posescore.load_reward_context(args.posescore_dir or args.run_dir / "posescore")
-    readers = {"reader": posescore.load_reward_context(args.run_dir / "pose_reader")}
+    batch = posescore.reward_batch(bench, index)  # the pair rows: joints, image, mask, ...
+    images = batch["image"]
+    reward_ctx = posescore.load_reward_context(args.reward_dir or args.run_dir / "posescore")
+    readers = {"reader": posescore.load_gskel(args.run_dir / "pose_reader")}
     if args.check_dir is not None:
-        readers["check"] = posescore.load_reward_context(args.check_dir)
-    base, config = load_model(args.run_dir / "base")
-    base.requires_grad_(False)
-    alphas = alphas_cumprod(config)
+        readers["check"] = posescore.load_gskel(args.check_dir)
+    base = load_model(args.run_dir / "base")
+    base.unet.requires_grad_(False)
 
     # --- probes 2 and 3: edits that keep or break the pose ---
     rows = {"GT renders": gt, f"GT, side views blurred (sigma {args.sigma:g} px)": blur_sides(gt, args.sigma),
             "GT, side views of another subject": other_sides(gt), "base views": views,
             "base, side views blurred": blur_sides(views, args.sigma)}
-    table = {name: dict(reward=mean_reward(v, joints, args.reward, reward_ctx),
-                        **{f"side_error_{r}": side_error(v, joints, ctx) for r, ctx in readers.items()})
+    table = {name: dict(reward=mean_reward(v, batch, args.reward, reward_ctx),
+                        **{f"side_error_{r}": side_error(v, batch, ctx) for r, ctx in readers.items()})
              for name, v in rows.items()}
 
     # --- probe 1: ascent in the generator's output space ---
-    log = ascent(views, images, joints, args, reward_ctx, readers, base, alphas, table["GT renders"]["reward"])
+    log = ascent(views, images, batch, args, reward_ctx, readers, base, table["GT renders"]["reward"])
     result = verdict(log, table["base views"]["side_error_reader"], table["GT renders"]["side_error_reader"])
     if "check" in readers:
         at = next(line for line in log if line["step"] == result["judged_at_step"])
@@ -176,7 +178,7 @@ def main() -> None:
     last = log[-1]
     print(f"| ascent, step {last['step']} | " + " | ".join(f"{last[c]:.4f}" for c in cols) + " |")
     print(f"\ngate: {'PASS' if result['passes'] else 'FAIL'} ({json.dumps(result)})")
-    out = args.out or Path(__file__).parent / "results" / f"reward_gate_{args.reward}.json"
+    out = args.out or Path(__file__).parent / "results" / f"reward_gate_{Path(args.reward).name.replace(':', '_')}.json"
     write_json(out, dict(args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                          subjects=count, probes=table, ascent=log, gate=result))
     print(f"wrote {out}")

@@ -36,7 +36,7 @@ def main() -> None:
     for name, folder in folders.items():
         if not folder.is_dir():
             parser.error(f"--models {name}: {folder} is not a model folder")
-    reader = posescore.load_reward_context(args.reader or args.run_dir / "pose_reader", args.device)
+    reader = posescore.load_gskel(args.reader or args.run_dir / "pose_reader", args.device)
     table = {}
     for name in args.sets:
         path, split = SETS[name]

@@ -7,11 +7,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
 
 import finetune as ft
+import plumbing
 import pretrain
 import posescore
 import prepare_data as pd
+from test_model import HalfSize, make_split
 
 RES = 16
 
@@ -45,15 +49,22 @@ def run(tmp_path, monkeypatch):
 
 def tiny_args(run, **kw):
     base = dict(run_dir=run, reward="brightness", steps=4, batch_size=2, lr=1e-2, warmup_steps=1, lora_rank=4,
-                num_steps=4, grad_steps=2, early_stop_max=2, log_every=1, eval_every=100, num_eval=0,
+                ddim_steps=4, grad_steps=2, early_stop_max=2, log_every=1, eval_every=100, num_eval=0,
                 checkpoint_every=2, device="cpu")
     return ft.Args(**(base | kw))
 
 
 def lora_model(run):
-    unet, config = pretrain.load_model(run / "base")
+    unet, _, _, config = pretrain.load_model(run / "base")
     ft.add_lora(unet, 4)
     return unet, config
+
+
+def chain(unet, image, noise, plan, guidance, alphas, ddim_steps, codec=None):
+    """The training chain with the LoRA model's own adapters-off reference: (views, KL term (B,))."""
+    views, eps_gaps = ft.sample_with_grad(unet, image, noise, plan, guidance, alphas, ddim_steps,
+                                          codec or pretrain.LatentCodec(), reference=ft.Reference(unet))
+    return views, ft.kl_term(eps_gaps)
 
 
 def one_batch(seed=0):
@@ -67,7 +78,7 @@ def test_gradients_reach_exactly_the_lora_parameters(run):
     image, noise = one_batch()
     alphas = pretrain.alphas_cumprod(config)
     plan = ft.ChainPlan(stop=3, grad_steps=(0, 2), detach_input=True)
-    views, kl = ft.sample_with_grad(unet, image, noise, plan, 1.5, alphas, 4, (unet, None))
+    views, kl = chain(unet, image, noise, plan, 1.5, alphas, 4)
     rewards, _ = brightness(views, {}, None)
     ft.drpose_loss(rewards, kl, 0.01).backward()
     for name, param in unet.named_parameters():
@@ -95,7 +106,7 @@ def test_drtune_keeps_exactly_k_unet_calls_in_the_graph_with_detached_inputs(run
     image, noise = one_batch()
     gen = torch.Generator().manual_seed(3)
     plan = ft.plan_chain("drtune", 10, 3, 4, gen)
-    ft.sample_with_grad(unet, image, noise, plan, 1.5, pretrain.alphas_cumprod(config), 10, (unet, None))
+    chain(unet, image, noise, plan, 1.5, pretrain.alphas_cumprod(config), 10)
     handle.remove()
     in_graph = [c for c in calls if c["grad"]]
     assert len(in_graph) == 3 == len(plan.grad_steps)
@@ -124,7 +135,7 @@ def test_draft_keeps_only_the_last_k_steps(run):
     calls, handle = count_unet_calls(unet)
     image, noise = one_batch()
     plan = ft.plan_chain("draft", 6, 2, 0, torch.Generator())
-    ft.sample_with_grad(unet, image, noise, plan, 1.0, pretrain.alphas_cumprod(config), 6, (unet, None))
+    chain(unet, image, noise, plan, 1.0, pretrain.alphas_cumprod(config), 6)
     handle.remove()
     steps = pretrain.ddim_timesteps(6)
     assert [c["t"] for c in calls if c["grad"]] == steps[-2:]
@@ -135,20 +146,20 @@ def test_kl_is_zero_before_the_first_update_and_positive_after(run):
     image, noise = one_batch()
     alphas = pretrain.alphas_cumprod(config)
     plan = ft.ChainPlan(stop=3, grad_steps=(1, 3), detach_input=True)
-    _, kl = ft.sample_with_grad(unet, image, noise, plan, 1.5, alphas, 4, (unet, None))
+    _, kl = chain(unet, image, noise, plan, 1.5, alphas, 4)
     assert torch.equal(kl, torch.zeros(2))
     with torch.no_grad():
         for name, param in unet.named_parameters():
             if "lora_B" in name:
                 param.add_(0.05)
-    _, kl = ft.sample_with_grad(unet, image, noise, plan, 1.5, alphas, 4, (unet, None))
+    _, kl = chain(unet, image, noise, plan, 1.5, alphas, 4)
     assert (kl > 0).all()
 
 
 def fixed_brightness(folder, config_run):
-    unet, config = pretrain.load_model(folder)
+    unet, codec, alphas, _ = pretrain.load_model(folder)
     image, noise = one_batch(seed=9)
-    views = pretrain.sample_views(unet, image, 4, 1.5, noise=noise, alphas=pretrain.alphas_cumprod(config))
+    views = pretrain.sample_views(unet, image, 4, 1.5, noise=noise, alphas=alphas, codec=codec)
     return brightness(views, {}, None)[0].mean().item()
 
 
@@ -157,8 +168,6 @@ def test_toy_reward_rises_within_20_steps_and_drpose_folder_loads(run):
     before, after = fixed_brightness(run / "base", run), fixed_brightness(out, run)
     assert after > before + 0.05, (before, after)
     # drpose/ is a plain diffusers folder (LoRA merged) plus the adapter on its own
-    from diffusers import UNet2DConditionModel
-
     merged = UNet2DConditionModel.from_pretrained(out)
     base = UNet2DConditionModel.from_pretrained(run / "base")
     base.load_lora_adapter(str(out / "lora"), prefix=None, weight_name="pytorch_lora_weights.safetensors")
@@ -172,9 +181,7 @@ def test_toy_reward_rises_within_20_steps_and_drpose_folder_loads(run):
     assert (out / "metrics.jsonl").exists()  # evaluate.py plots it (eval/reward_curve.png)
 
 
-def test_resumed_run_ends_with_the_same_weights(run, tmp_path):
-    from safetensors.torch import load_file
-
+def test_resumed_run_ends_with_the_same_weights(run, tmp_path, monkeypatch):
     straight = ft.drpose(tiny_args(run, out=tmp_path / "straight"))
 
     class Killed(Exception):
@@ -186,7 +193,10 @@ def test_resumed_run_ends_with_the_same_weights(run, tmp_path):
 
     with pytest.raises(Killed):
         ft.drpose(tiny_args(run, out=tmp_path / "resumed"), hook=kill_after_checkpoint)
+    loaded, real_load = [], plumbing.load_checkpoint  # the resume goes through the run scaffold both trainers share
+    monkeypatch.setattr(plumbing, "load_checkpoint", lambda *a: loaded.append(a[0]) or real_load(*a))
     resumed = ft.drpose(tiny_args(run, out=tmp_path / "resumed", resume=True))
+    assert [p.name for p in loaded] == ["step_000002"]
     a = load_file(straight / "diffusion_pytorch_model.safetensors")
     b = load_file(resumed / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -214,21 +224,145 @@ def test_unknown_reward_and_missing_pairs_are_refused(run):
         ft.drpose(tiny_args(run))
 
 
-def test_one_latent_seam_on_both_sampling_paths(run, monkeypatch):
-    """A latent-space fork changes encode/decode only: then the training chain must hand the reward
-    decoded views exactly as `sample_views` does (the full chain, no early stop, gives the same views)."""
-    monkeypatch.setattr(pretrain, "encode", lambda images: images * 0.5)  # non-identity seam
-    monkeypatch.setattr(pretrain, "decode", lambda latents: latents.flip(-1) * 0.8)
-    monkeypatch.setattr(ft, "decode", pretrain.decode)  # finetune imported the name; the fork edits both
+class ScaledFlip(pretrain.LatentCodec):
+    """A shape-keeping, non-identity codec: latents are the views halved and flipped."""
+    name, clip_range = "scaled_flip", (-0.5, 0.5)
+
+    def encode(self, views):
+        return views.flip(-1) * 0.5
+
+    def decode(self, latents):
+        return latents.flip(-1) * 2
+
+
+def test_one_latent_seam_on_both_sampling_paths(run):
+    """The training chain hands the reward views decoded by the model's codec exactly as `sample_views`
+    does (the full chain, no early stop, gives the same views)."""
     unet, config = lora_model(run)
     image, noise = one_batch(seed=3)
     alphas = pretrain.alphas_cumprod(config)
     with torch.no_grad():
-        expect = pretrain.sample_views(unet, image, 4, 1.5, noise=noise, alphas=alphas)
+        expect = pretrain.sample_views(unet, image, 4, 1.5, noise=noise, alphas=alphas, codec=ScaledFlip())
         plan = ft.ChainPlan(stop=3, grad_steps=(3,), detach_input=True)
-        views, _ = ft.sample_with_grad(unet, image, noise, plan, 1.5, alphas, 4, (unet, None))
+        views, _ = chain(unet, image, noise, plan, 1.5, alphas, 4, ScaledFlip())
+        plain = pretrain.sample_views(unet, image, 4, 1.5, noise=noise, alphas=alphas)
     assert torch.allclose(views, expect, atol=1e-5)
-    assert not torch.allclose(views, expect.flip(-1) / 0.8, atol=1e-3)  # the decode really ran
+    assert not torch.allclose(views, plain, atol=1e-3)  # the decode really ran
+
+
+def test_a_codec_that_changes_shape_runs_the_sampler_a_drpose_step_and_the_realism_penalty():
+    """6 x 32 x 32 views <-> 4 x 16 x 16 latents: the U-Net is built on the codec's latents, the sampler's
+    noise and clip come from it, and DrPose's chain, reward and realism penalty see decoded views."""
+    res, codec = 32, HalfSize().requires_grad_(False)
+    torch.manual_seed(0)
+    unet = pretrain.build_unet(pretrain.unet_config(res, (16, 32), 1, 1, 2, 16, codec=codec))
+    assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (4 + 3, 4, 16)
+    alphas = pretrain.alphas_cumprod()
+    image = torch.rand(2, 3, res, res, generator=torch.Generator().manual_seed(1))
+    views = pretrain.sample_views(unet, image, 3, 1.5, torch.Generator().manual_seed(2), alphas=alphas, codec=codec)
+    assert views.shape == (2, pd.NUM_VIEWS, 6, res, res) and views.abs().max() <= 1
+
+    ft.add_lora(unet, 4)
+    unet.train()
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    before = [p.detach().clone() for p in trainable]
+    args = ft.Args(method="drtune", ddim_steps=3, grad_steps=2, early_stop_max=1, guidance=1.5, realism_weight=0.5)
+    seen = {}
+
+    def reward(views, batch, ctx):  # the views the reward reads are decoded ones, at the image size
+        seen["shape"] = tuple(views.shape)
+        return brightness(views, batch, ctx)
+
+    def optimise(loss):
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return torch.tensor(0.0)
+
+    out = ft.drpose_step({"image": image}, unet, ft.Reference(unet), codec, alphas, reward, None, args,
+                         torch.Generator().manual_seed(3), optimise)
+    assert seen["shape"] == (2, pd.NUM_VIEWS, 6, res, res)
+    assert out["realism"].shape == (2,) and (out["realism"] > 0).all() and torch.isfinite(out["loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainable))  # the adapters took the step
+
+    # the realism penalty alone: re-encodes the views, its gradient reaches them
+    views = views.clone().requires_grad_(True)
+    penalty = ft.realism_penalty(ft.Reference(unet), codec, views, image, alphas, (100, 900), torch.Generator())
+    penalty.sum().backward()
+    assert penalty.shape == (2,) and views.grad.abs().sum() > 0
+
+
+def test_the_codec_is_stored_in_the_model_folder_and_used_by_drpose(run, tmp_path, monkeypatch):
+    """A base trained on a codec's latents names it in model_config.json; load_model rebuilds it from
+    CODECS and finetune.py samples, scores and trains through it (16 px views <-> 4 x 8 x 8 latents)."""
+    monkeypatch.setitem(pretrain.CODECS, "half_size", HalfSize)
+    torch.manual_seed(0)
+    unet = pretrain.build_unet(pretrain.unet_config(RES, (16, 32), 1, 1, 2, 16, codec=HalfSize()))
+    record = dict(resolution=RES, num_views=pd.NUM_VIEWS, scheduler=pretrain.SCHEDULER, codec=HalfSize().config(),
+                  sampling=dict(sampler="ddim", num_steps=4, guidance=1.5))
+    pretrain.save_model(tmp_path / "latent_base", unet, record)
+    model = pretrain.load_model(tmp_path / "latent_base")
+    assert isinstance(model.codec, HalfSize) and model.codec.channels == 4
+    out = ft.drpose(tiny_args(run, base=tmp_path / "latent_base", out=tmp_path / "latent_drpose", steps=2,
+                              realism_weight=0.3))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(np.isfinite(x["loss"]) and x["realism"] > 0 for x in lines)
+    assert json.loads((out / "model_config.json").read_text())["codec"] == {"name": "half_size", "seed": 0}
+    monkeypatch.delitem(pretrain.CODECS, "half_size")
+    with pytest.raises(pd.UserError, match="codec 'half_size' is not in pretrain.CODECS"):
+        pretrain.load_model(out)
+
+
+MASK_REWARD = """
+import torch
+
+SEEN = []
+
+
+def mask_agreement(views, batch, ctx):
+    # Higher where the front normal view is bright on the pair's mask: reads batch["mask"] (B, H, W).
+    SEEN.append({k: v.detach().clone() for k, v in batch.items()})
+    mask = batch["mask"]
+    front = views[:, 0, 3:].mean(1)  # (B, H, W)
+    rewards = (front * mask).mean((1, 2))
+    return rewards, {"mask_share": mask.mean((1, 2))}
+"""
+
+
+def test_a_reward_from_the_users_own_file_reads_the_whole_pair_row(run, tmp_path):
+    """`--reward path/to/file.py:function` registers a reward from the user's file; it gets the whole
+    pair row as its batch (image, mask, joints, pose, ...), the rows of the step, never multi-view GT."""
+    pairs = dict(np.load(run / "data/drpose/pairs.npz"))
+    rng = np.random.default_rng(1)
+    pairs["mask"] = rng.integers(0, 2, pairs["mask"].shape).astype(np.uint8)
+    pairs["body_pose"] = rng.normal(0, 0.3, (len(pairs["image"]), 21, 3)).astype(np.float32)
+    pd.save_npz(run / "data/drpose/pairs.npz", **pairs)
+    (tmp_path / "my_rewards.py").write_text(MASK_REWARD)
+    spec = f"{tmp_path / 'my_rewards.py'}:mask_agreement"
+    out = ft.drpose(tiny_args(run, reward=spec, steps=1))
+    seen = posescore.resolve_reward(spec).__globals__["SEEN"]
+    rows = plumbing.step_rows(0, len(pairs["image"]), 2, 1, 0, 0)
+    batch = seen[0]
+    assert {"image", "mask", "joints", "body_pose"} <= set(batch) and not {"color", "normal"} & set(batch)
+    assert torch.equal(batch["mask"], torch.from_numpy(pairs["mask"][rows.numpy()]).float())
+    assert torch.equal(batch["image"], torch.from_numpy(pairs["image"][rows.numpy()]).float() / 255)
+    assert torch.equal(batch["joints"], torch.from_numpy(pairs["joints"][rows.numpy()]))
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["parts"]["mask_share"] == pytest.approx(batch["mask"].mean().item(), abs=1e-5)
+    assert json.loads((out / "model_config.json").read_text())["drpose"]["reward"] == spec
+
+
+def test_reward_specs_resolve_or_are_refused_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "user_rewards.py").write_text(MASK_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert posescore.resolve_reward("posescore") is posescore.posescore_reward
+    assert posescore.resolve_reward("user_rewards:mask_agreement").__name__ == "mask_agreement"
+    for spec, message in [("nope", "not in posescore.REWARDS"), ("user_rewards:nope", "has no function nope"),
+                          ("no_such_module_here:f", "importing no_such_module_here failed"),
+                          (f"{tmp_path}/missing.py:f", "missing.py does not exist")]:
+        with pytest.raises(pd.UserError, match=message):
+            posescore.resolve_reward(spec)
 
 
 def test_perceptual_flags_reach_the_reward_context(run, monkeypatch):
@@ -253,7 +387,8 @@ def test_realism_penalty_is_the_base_denoising_error_and_trains_nothing_but_the_
     alphas = pretrain.alphas_cumprod(config)
     image, noise = one_batch(seed=4)
     views = (noise * 0.3).clamp(-1, 1).requires_grad_(True)
-    penalty = ft.realism_penalty((unet, None), views, image, alphas, (100, 900), torch.Generator().manual_seed(0))
+    penalty = ft.realism_penalty(ft.Reference(unet), pretrain.LatentCodec(), views, image, alphas, (100, 900),
+                                 torch.Generator().manual_seed(0))
     penalty.sum().backward()
     assert penalty.shape == (2,) and views.grad is not None and views.grad.abs().sum() > 0
     assert all(p.grad is None or not p.grad.any() for p in unet.parameters())
@@ -264,15 +399,13 @@ def test_realism_penalty_is_the_base_denoising_error_and_trains_nothing_but_the_
     eps = torch.randn(views.shape, generator=generator)
     a = alphas[t].float().view(2, 1, 1, 1, 1)
     x_t = a.sqrt() * views.detach() + (1 - a).sqrt() * eps
-    with torch.no_grad(), ft.frozen_model(unet) as reference:
+    with torch.no_grad(), ft.Reference(unet).network() as reference:
         out = pretrain.model_output(reference, x_t, t, image)
     expect = (out - (a.sqrt() * eps - (1 - a).sqrt() * views.detach())).pow(2).flatten(1).mean(1)
     assert torch.allclose(penalty.detach(), expect, atol=1e-5)
 
 
 def test_realism_weight_trains_and_logs_the_penalty_and_zero_changes_nothing(run, tmp_path):
-    from safetensors.torch import load_file
-
     plain = ft.drpose(tiny_args(run, out=tmp_path / "plain", steps=2))
     zero = ft.drpose(tiny_args(run, out=tmp_path / "zero", steps=2, realism_weight=0.0))
     a, b = (load_file(f / "diffusion_pytorch_model.safetensors") for f in (plain, zero))
@@ -287,9 +420,6 @@ def test_realism_weight_trains_and_logs_the_penalty_and_zero_changes_nothing(run
 def test_data_anchor_adds_the_diffusion_loss_on_scans_and_never_reads_the_drpose_gt(run, tmp_path):
     """--anchor-weight: the ordinary diffusion loss on data/scans/train.npz joins the loss; data/drpose_gt/
     (the ceiling's six-view GT of the DrPose poses) is never opened, even when it is there."""
-    from safetensors.torch import load_file
-    from test_model import make_split
-
     make_split(run / "data/scans", "train", 4, res=RES, seed=3)
     (run / "data/drpose_gt").mkdir()
     (run / "data/drpose_gt/train.npz").write_bytes(b"not an npz: reading it would fail")
@@ -301,3 +431,21 @@ def test_data_anchor_adds_the_diffusion_loss_on_scans_and_never_reads_the_drpose
     assert any(not torch.equal(a[k], b[k]) for k in a)
     rewards, kl, anchor = torch.tensor([0.2, 0.4]), torch.tensor([1.0, 3.0]), torch.tensor(0.5)
     assert ft.drpose_loss(rewards, kl, 0.1, anchor=anchor, anchor_weight=2.0).item() == pytest.approx(0.7 + 0.2 + 1.0)
+
+
+# --- the run scaffold (plumbing.TrainingRun), as DrPose meets it --------------------------------------
+
+def test_resume_with_nothing_to_resume_is_refused_before_any_loading_naming_the_real_out(run, tmp_path):
+    (run / "data/drpose/pairs.npz").unlink()  # a refusal that came after loading would name the pairs
+    with pytest.raises(pd.UserError, match=r"no complete checkpoint under .*elsewhere_ckpt; .*replaces .*elsewhere when"):
+        ft.drpose(tiny_args(run, out=tmp_path / "elsewhere", resume=True))
+
+
+def test_a_fresh_run_replaces_only_its_own_step_folders(run):
+    ft.drpose(tiny_args(run, steps=2))
+    ckpt = run / "drpose_ckpt"
+    (ckpt / "step_000002" / "stale").write_text("from the old run")
+    (ckpt / "notes.txt").write_text("kept")
+    ft.drpose(tiny_args(run, steps=2))
+    assert not (ckpt / "step_000002" / "stale").exists() and (ckpt / "step_000002" / "state.json").exists()
+    assert (ckpt / "notes.txt").read_text() == "kept"

@@ -8,10 +8,13 @@ import sys
 import types
 from pathlib import Path
 
+import matplotlib.image
 import numpy as np
 import pytest
 import torch
 import trimesh
+from scipy.spatial import procrustes
+from scipy.spatial.transform import Rotation
 
 import evaluate
 import posescore
@@ -89,9 +92,6 @@ def test_mpjpe_known_offsets():
 
 
 def test_pa_mpjpe_undoes_a_similarity_and_matches_scipy():
-    from scipy.spatial import procrustes
-    from scipy.spatial.transform import Rotation
-
     rng = np.random.default_rng(3)
     gt = rng.normal(size=(22, 3)) * 0.3
     rot = Rotation.random(random_state=4).as_matrix()
@@ -230,8 +230,6 @@ def test_end_to_end_numbers_files_and_report(tmp_path):
     assert {"metrics.png", "reward_curve.png", "scatter.png", "results.json", "grids/00002.png"} <= set(refs)
     for ref in refs:
         assert not Path(ref).is_absolute() and (out / ref).is_file(), ref
-    import matplotlib.image
-
     for ref in refs:
         if ref.endswith(".png"):
             assert matplotlib.image.imread(out / ref).ndim == 3
@@ -261,8 +259,8 @@ def test_posescore_is_used_when_present(tmp_path, monkeypatch):
 
     fake = types.ModuleType("posescore")
     fake.load_reward_context = lambda folder, device: ("ctx", Path(folder).name, device)
-    fake.REWARDS = {"posescore": fake_reward}
-    fake.reward_in_chunks = posescore.reward_in_chunks  # the real batching, around the fake reward
+    fake.posescore_reward = fake_reward
+    fake.reward_in_chunks, fake.reward_batch = posescore.reward_in_chunks, posescore.reward_batch  # the real batching
     monkeypatch.setattr(evaluate, "posescore", fake)
     results = run_eval(run, max_grids=0)
     assert seen["ctx"] == ("ctx", "posescore", "cpu")
@@ -272,31 +270,38 @@ def test_posescore_is_used_when_present(tmp_path, monkeypatch):
     assert "PoseScore" in (run / "eval" / "results.md").read_text()
 
 
-def add_fake_judge(fake, keypoints):
-    """The judge's functions on a fake posescore module: the keypoints reward's error in px on every view,
-    every view drawn solidly (the real penalty rule)."""
-    fake.view_joint_error = lambda ctx, views, joints: (-keypoints(views, {}, ctx)[0] * RES)[:, None].expand(len(views), 6)
-    fake.solidity = lambda views, gt: torch.ones(views.shape[:2])
-    fake.judged_error = posescore.judged_error
+def fake_posescore(view_joint_error):
+    """A posescore module whose pose reader reads `view_joint_error(ctx, views, joints)` (B, V) px, for the
+    view joint error and the judge (every view drawn solidly, the real penalty rule); its `keypoints`
+    reward is broken, so a metric that still read it would fail."""
+    def broken(views, batch, ctx):
+        raise AssertionError("the evaluation read the keypoints reward")
+
+    fake = types.ModuleType("posescore")
+    fake.load_gskel = lambda folder, device: types.SimpleNamespace(folder=Path(folder).name, resolution=RES)
+    fake.view_joint_error = view_joint_error
+    fake.solidity, fake.judged_error = (lambda views, gt: torch.ones(views.shape[:2])), posescore.judged_error
+    fake.REWARDS = {"keypoints": broken}
+    fake.reward_in_chunks, fake.reward_batch = posescore.reward_in_chunks, posescore.reward_batch
+    return fake
 
 
 def test_view_joint_error_uses_the_pose_reader_in_pixels(tmp_path, monkeypatch):
-    """The pose reader's folder is read with posescore's `keypoints` reward, whose value is minus the
-    2D error as a fraction of the width; evaluate turns it into pixels and reports the GT's too."""
+    """The pose reader's folder is loaded with posescore.load_gskel and read by
+    posescore.view_joint_error (pixels per view, averaged over the views), never by a reward of the
+    registry; evaluate reports the GT's too."""
     run = make_run(tmp_path)
     (run / "pose_reader").mkdir()
     seen = []
 
-    def fake_keypoints(views, batch, ctx):
-        seen.append(ctx.folder)
+    def fake_error(gskel_ctx, views, joints):
+        seen.append(gskel_ctx.folder)
+        assert joints.shape[1:] == (55, 3)
         # base views are 0.2 brighter: a made-up error of 2 px for base, 0 for drpose (= GT)
-        return -(views[:, :, :3].mean(dim=(1, 2, 3, 4)) - GT_MEAN[: len(views)]) * 10 / RES, {}
+        error = (views[:, :, :3].mean(dim=(1, 2, 3, 4)) - GT_MEAN[: len(views)]) * 10
+        return error[:, None] * torch.tensor([0.5, 1.5, 1, 1, 1, 1])  # (B, V): the views average to it
 
-    fake = types.ModuleType("posescore")
-    fake.load_reward_context = lambda folder, device: types.SimpleNamespace(folder=Path(folder).name, resolution=RES)
-    fake.REWARDS = {"keypoints": fake_keypoints}
-    fake.reward_in_chunks = posescore.reward_in_chunks
-    add_fake_judge(fake, fake_keypoints)
+    fake = fake_posescore(fake_error)
     monkeypatch.setattr(evaluate, "posescore", fake)
     data = np.load(run / "data" / "bench" / "bench.npz")
     GT_MEAN = views_to_latents(torch.from_numpy(data["color"]).float() / 255,
@@ -356,20 +361,13 @@ def test_split_table_gap_closed_and_views_only_samples(tmp_path, monkeypatch):
     (run / "pose_reader").mkdir()
 
     error["gt"] = [1.0, 1.0, 1.0]
-    order = iter(["base", "drpose", "ceiling", "gt"])  # network_scores reads the models in order, then the GT
+    # The view joint error reads the models in order, then the GT; the judge reads them again in the same order.
+    order = iter(["base", "drpose", "ceiling", "gt"] * 2)
 
-    def fake_keypoints(views, batch, ctx):  # the made-up error of the model being read, as -px / width
-        return -torch.tensor(error[next(order)][: len(views)]) / RES, {}
+    def fake_error(gskel_ctx, views, joints):  # the made-up error of the model being read, px per view
+        return torch.tensor(error[next(order)][: len(views)])[:, None].expand(-1, V)
 
-    fake = types.ModuleType("posescore")
-    fake.load_reward_context = lambda folder, device: types.SimpleNamespace(resolution=RES)
-    fake.REWARDS = {"keypoints": fake_keypoints}
-    fake.reward_in_chunks = posescore.reward_in_chunks
-    monkeypatch.setattr(evaluate, "posescore", fake)
-    order_judged = iter(["base", "drpose", "ceiling", "gt"])  # the judge reads the models in the same order
-    fake.view_joint_error = lambda ctx, views, joints: torch.tensor(error[next(order_judged)][: len(views)])[:, None]\
-        .expand(len(views), 6)
-    fake.solidity, fake.judged_error = (lambda views, gt: torch.ones(views.shape[:2])), posescore.judged_error
+    monkeypatch.setattr(evaluate, "posescore", fake_posescore(fake_error))
     results = run_eval(run, models=("base", "drpose", "ceiling"), max_grids=2)
 
     assert results["models"]["base"]["chamfer_cm"]["count"] == 2  # subjects 0 and 2 were fitted

@@ -70,11 +70,12 @@ def make_products(run: Path, stage_field: bool) -> Path:
     write("body/manifest.json", "prepare_data", file="SMPLX_NEUTRAL.npz", loader="smplx.create")
     for name in ("posescore", "pose_reader"):
         write(f"{name}/posescore_config.json", "posescore", resolution=RES, width=1.0)
+    config = pretrain.CONFIG_NAME if stage_field else "drpose_config.json"  # its name in older folders
     for name in ("base", "ceiling"):
-        write(f"{name}/drpose_config.json", "pretrain", resolution=RES)
+        write(f"{name}/{config}", "pretrain", resolution=RES)
         (run / name / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
     write("base_ckpt/step_000002/state.json", "pretrain", step=2)
-    write("drpose/drpose_config.json", "finetune", resolution=RES, drpose={})
+    write(f"drpose/{config}", "finetune", resolution=RES, drpose={})
     write("drpose_ckpt/step_000002/state.json", "finetune", step=2, drpose={})
     write("recon/base/manifest.json", "reconstruct", count=1, skeleton="reader")
     write("eval/results.json", "evaluate", models={})
@@ -293,8 +294,8 @@ def test_posescore_flags_have_ranges(tmp_path, flags, expect):
     (["--keep-checkpoints", "0"], "--keep-checkpoints 0"),
     (["--cond-drop", "1.5"], "--cond-drop 1.5"),
     (["--grad-clip", "inf"], "--grad-clip inf"),
-    (["--eval-steps", "0"], "--eval-steps 0"),
-    (["--eval-steps", "5000"], "--eval-steps 5000"),
+    (["--ddim-steps", "0"], "--ddim-steps 0"),
+    (["--ddim-steps", "5000"], "--ddim-steps 5000"),
     (["--guidance", "-1"], "--guidance -1"),
     (["--guidance", "inf"], "--guidance inf"),
     (["--sheet-subjects", "0"], "--sheet-subjects 0"),
@@ -318,10 +319,10 @@ def test_pretrain_flags_have_ranges(tmp_path, flags, expect):
     (["--realism-t-range", "900", "100"], "--realism-t-range 900 100.*ordered"),
     (["--realism-t-range", "-5", "100"], "--realism-t-range -5 100"),
     (["--realism-t-range", "50", "5000"], "--realism-t-range 50 5000"),
-    (["--num-steps", "3", "--grad-steps", "5"], "--grad-steps 5.*<= 3"),
-    (["--num-steps", "3", "--early-stop-max", "3"], "--early-stop-max 3.*<= 2"),
-    (["--num-steps", "0"], "--num-steps 0"),
-    (["--num-steps", "100000"], "--num-steps 100000"),
+    (["--ddim-steps", "3", "--grad-steps", "5"], "--grad-steps 5.*<= 3"),
+    (["--ddim-steps", "3", "--early-stop-max", "3"], "--early-stop-max 3.*<= 2"),
+    (["--ddim-steps", "0"], "--ddim-steps 0"),
+    (["--ddim-steps", "100000"], "--ddim-steps 100000"),
     (["--grad-steps", "0"], "--grad-steps 0"),
     (["--early-stop-max", "-1"], "--early-stop-max -1"),
     (["--kl-weight", "-1"], "--kl-weight -1"),
@@ -348,8 +349,8 @@ def test_finetune_flags_have_ranges(tmp_path, flags, expect):
     (["--fit-every", "0"], "--fit-every 0"),
     (["--count", "0"], "--count 0"),
     (["--count", "-1"], "--count -1"),
-    (["--sample-steps", "0"], "--sample-steps 0"),
-    (["--sample-steps", "100000"], "--sample-steps 100000"),
+    (["--ddim-steps", "0"], "--ddim-steps 0"),
+    (["--ddim-steps", "100000"], "--ddim-steps 100000"),
     (["--fit-steps", "-1"], "--fit-steps -1"),
     (["--fit-steps", "1000000000"], "--fit-steps 1000000000"),
     (["--carve-steps", "-1"], "--carve-steps -1"),
@@ -500,12 +501,12 @@ def test_nan_weights_are_refused_when_loaded(tmp_path):
 def test_a_damaged_checkpoint_state_is_refused_in_one_line(tmp_path, damage, expect):
     unet = tiny_unet()
     optimizer = torch.optim.AdamW(unet.parameters())
-    folder = pretrain.save_checkpoint(tmp_path / "ckpt", 2, poison(tiny_unet()) if damage == "nan weights" else unet,
+    folder = plumbing.save_checkpoint(tmp_path / "ckpt", 2, poison(tiny_unet()) if damage == "nan weights" else unet,
                                       optimizer, ["state"], dict(resume_key={}), keep=2)
     if isinstance(damage, dict):
         state = json.loads((folder / "state.json").read_text())
         (folder / "state.json").write_text(json.dumps(dict(state, **damage)))
-    assert expect in refusal(pretrain.load_checkpoint, folder, unet, optimizer, {})
+    assert expect in refusal(plumbing.load_checkpoint, folder, unet, optimizer, {})
 
 
 # --- a failing stage leaves nothing that looks finished -----------------------------------------------
@@ -543,7 +544,7 @@ def test_each_model_config_records_seed_flags_and_code_version(tmp_path, monkeyp
     pd.write_json(tmp_path / "data/drpose/manifest.json", dict(files={"pairs.npz": count}, resolution=RES,
                                                                views=list(pd.VIEW_AZIMUTHS)))
     base_args = pretrain.Args(run_dir=tmp_path, seed=3).resolved()
-    record = pretrain.model_record(RES, base_args, 0)
+    record = pretrain.model_record(RES, pretrain.LatentCodec(), base_args, 0)
     pretrain.save_model(tmp_path / "base", tiny_unet(), dict(record, sampling=dict(num_steps=2, guidance=1.0)))
     assert record["stage"] == "pretrain" and record["run"]["seed"] == 3 and record["train_args"]["seed"] == 3
     monkeypatch.setitem(posescore.REWARDS, "mean", lambda views, batch, ctx: (views.mean((1, 2, 3, 4)), {}))
@@ -552,7 +553,7 @@ def test_each_model_config_records_seed_flags_and_code_version(tmp_path, monkeyp
     for seed in (0, 1):
         out = finetune.drpose(finetune.Args(
             run_dir=tmp_path, out=tmp_path / f"drpose_{seed}", reward="mean", steps=1, batch_size=2, lr=1e-3,
-            lora_rank=2, num_steps=2, grad_steps=1, early_stop_max=0, num_eval=0, seed=seed, device="cpu"))
+            lora_rank=2, ddim_steps=2, grad_steps=1, early_stop_max=0, num_eval=0, seed=seed, device="cpu"))
         configs.append(json.loads((out / pretrain.CONFIG_NAME).read_text()))
         assert plumbing.folder_stage(out) == "finetune"
     for seed, config in enumerate(configs):

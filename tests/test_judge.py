@@ -101,7 +101,7 @@ def test_replay_and_ema_change_training_and_resume_exactly(ceiling_world, tmp_pa
     a, p = weights(straight), weights(plain)
     assert any(not torch.equal(a[k], p[k]) for k in a)  # replay and EMA do something
     assert (ceiling_world / "base_ckpt/step_000002/ema.pt").exists()
-    record = json.loads((straight / "drpose_config.json").read_text())
+    record = json.loads((straight / "model_config.json").read_text())
     assert record["train_args"]["replay_share"] == 0.5 and record["train_args"]["ema_decay"] == 0.9
 
     other = tmp_path / "other"

@@ -1,11 +1,15 @@
 """The I2MV model, its sampler and pretraining (pretrain.py): tiny configs, CPU, seconds."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
 
+import plumbing
 import pretrain
 from pretrain import (Args, alphas_cumprod, build_unet, ddim_step, ddim_timesteps, load_model,
                       model_output, predict, sample_views, train_base, set_view_attention, unet_config)
@@ -13,6 +17,30 @@ from prepare_data import NUM_VIEWS, VIEW_AZIMUTHS
 from plumbing import UserError
 
 RES = 16
+
+
+class HalfSize(pretrain.LatentCodec):
+    """A codec that changes the shape, as a VAE does: views (6, H, W) <-> latents (4, H/2, W/2)
+    through a tiny (frozen, seeded) convolution pair."""
+    name, channels, downsample, clip_range = "half_size", 4, 2, (-3.0, 3.0)
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.down = torch.nn.Conv2d(6, 4, 2, stride=2)
+        self.up = torch.nn.ConvTranspose2d(4, 6, 2, stride=2)
+        generator = torch.Generator().manual_seed(seed)  # its own weights from its own seed, global RNG untouched
+        with torch.no_grad():
+            for param in self.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+    def encode(self, views):  # (..., 6, H, W) -> (..., 4, H/2, W/2)
+        return self.down(views.flatten(0, -4)).unflatten(0, views.shape[:-3])
+
+    def decode(self, latents):  # (..., 4, h, w) -> (..., 6, 2h, 2w) in [-1, 1]
+        return torch.tanh(self.up(latents.flatten(0, -4))).unflatten(0, latents.shape[:-3])
+
+    def config(self):
+        return {"name": self.name, "seed": 0}
 
 
 def tiny_unet(seed=0):
@@ -61,7 +89,7 @@ def run_dir(tmp_path):
 def tiny_args(run_dir, **kw):
     base = dict(run_dir=run_dir, steps=4, batch_size=2, lr=1e-3, warmup_steps=1, channels=(8, 16), layers_per_block=1,
                 attn_levels=1, heads=2, token_dim=16, checkpoint_every=2, log_every=1, val_every=2, num_eval=0,
-                eval_steps=2, device="cpu")
+                ddim_steps=2, device="cpu")
     base.update(kw)
     return Args(**base)
 
@@ -137,11 +165,11 @@ def test_sampler_is_deterministic_for_a_fixed_generator():
 
 
 def test_save_load_round_trip_gives_identical_outputs(tmp_path):
-    from diffusers import UNet2DConditionModel
-
     unet = tiny_unet(seed=3)
     pretrain.save_model(tmp_path, unet, dict(num_views=NUM_VIEWS, resolution=RES))
-    loaded, config = load_model(tmp_path)
+    loaded, codec, alphas, config = load_model(tmp_path)
+    assert isinstance(codec, pretrain.LatentCodec) and codec.name == "pixel"  # no codec recorded: pixel space
+    assert torch.equal(alphas, alphas_cumprod())
     _, image = inputs()
     a = sample_views(unet, image, 2, 2.0, torch.Generator().manual_seed(0))
     b = sample_views(loaded, image, 2, 2.0, torch.Generator().manual_seed(0))
@@ -159,8 +187,6 @@ def test_load_model_refuses_a_folder_without_a_model(tmp_path):
 # --- pretraining -------------------------------------------------------------------------------
 
 def weights(folder):
-    from safetensors.torch import load_file
-
     return load_file(folder / "diffusion_pytorch_model.safetensors")
 
 
@@ -168,9 +194,7 @@ class Killed(Exception):
     pass
 
 
-def test_killed_and_resumed_pretraining_matches_an_uninterrupted_run(tmp_path, run_dir):
-    import shutil
-
+def test_killed_and_resumed_pretraining_matches_an_uninterrupted_run(tmp_path, run_dir, monkeypatch):
     other = tmp_path / "other"
     shutil.copytree(run_dir / "data", other / "data")
     straight = train_base(tiny_args(run_dir))
@@ -182,7 +206,10 @@ def test_killed_and_resumed_pretraining_matches_an_uninterrupted_run(tmp_path, r
     with pytest.raises(Killed):
         train_base(tiny_args(other), hook=kill)
     assert (other / "base_ckpt/step_000002/model.safetensors").exists() and not (other / "base").exists()
+    loaded, real_load = [], plumbing.load_checkpoint  # the resume goes through the run scaffold both trainers share
+    monkeypatch.setattr(plumbing, "load_checkpoint", lambda *a: loaded.append(a[0]) or real_load(*a))
     resumed = train_base(tiny_args(other, resume=True))
+    assert [p.name for p in loaded] == ["step_000002"]
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["conv_in.weight"], weights_after_init(run_dir))  # it did train
@@ -213,9 +240,10 @@ def test_pretrain_writes_base_with_metrics_and_sheets(run_dir):
     results = json.loads((base / "val_metrics.json").read_text())
     assert set(results["val"]) >= {"psnr_color", "psnr_normal"} and results["bench"]["count"] == 2
     assert (base / "samples_val.png").exists() and (base / "samples_bench.png").exists()
-    config = json.loads((base / "drpose_config.json").read_text())
+    config = json.loads((base / "model_config.json").read_text())
     assert config["resolution"] == RES and config["prediction_type"] == "v_prediction"
-    unet, _ = load_model(base)
+    assert config["codec"] == {"name": "pixel"} and config["latent_channels"] == 6
+    unet = load_model(base).unet
     assert isinstance(unet.attn_processors[next(k for k in unet.attn_processors if "attn1" in k)],
                       pretrain.MultiViewAttnProcessor)
 
@@ -238,8 +266,40 @@ def test_the_supervised_ceiling_trains_the_base_further_on_other_data_into_its_o
     assert all(torch.equal(before[k], after[k]) for k in before)  # base/ untouched
     trained = weights(ceiling)
     assert any(not torch.equal(before[k], trained[k]) for k in before)
-    record = json.loads((ceiling / "drpose_config.json").read_text())
+    record = json.loads((ceiling / "model_config.json").read_text())
     assert record["train_args"]["train_data"].endswith("drpose_gt/train.npz")
     with pytest.raises(UserError, match="fewer than"):  # 2 subjects cannot fill a batch of 4
         train_base(tiny_args(run_dir, init=base, train_data=tmp_path / "drpose_gt/train.npz",
                              out=tmp_path / "c2", batch_size=4))
+
+
+# --- the run scaffold (plumbing.TrainingRun), as pretraining meets it ---------------------------------
+
+def test_resume_with_nothing_to_resume_is_refused_before_any_loading_naming_the_real_out(tmp_path):
+    """No data at all: a refusal that came after loading would name the missing data instead."""
+    with pytest.raises(UserError, match=r"no complete checkpoint under .*ceiling_ckpt; .*replaces .*ceiling when"):
+        train_base(tiny_args(tmp_path, out=tmp_path / "ceiling", resume=True))
+
+
+def test_a_fresh_run_replaces_only_its_own_step_folders(run_dir):
+    train_base(tiny_args(run_dir, steps=2))
+    ckpt = run_dir / "base_ckpt"
+    (ckpt / "step_000002" / "stale").write_text("from the old run")
+    (ckpt / "notes.txt").write_text("kept")
+    (ckpt / "logs").mkdir()
+    train_base(tiny_args(run_dir, steps=2))
+    assert not (ckpt / "step_000002" / "stale").exists() and (ckpt / "step_000002" / "state.json").exists()
+    assert (ckpt / "notes.txt").read_text() == "kept" and (ckpt / "logs").is_dir()
+
+
+def test_pretraining_on_a_codec_that_changes_shape(run_dir, monkeypatch):
+    """--codec NAME: the base learns the codec's latents (4 x 8 x 8 for 16 px views), names the codec in
+    model_config.json, and its evaluation samples and decodes through it."""
+    monkeypatch.setitem(pretrain.CODECS, "half_size", HalfSize)
+    base = train_base(tiny_args(run_dir, steps=2, codec="half_size", num_eval=2, sheet_subjects=1))
+    model = load_model(base)
+    assert isinstance(model.codec, HalfSize) and model.unet.config.sample_size == RES // 2
+    assert model.unet.config.in_channels == 4 + 3 and model.config["codec"] == {"name": "half_size", "seed": 0}
+    assert json.loads((base / "val_metrics.json").read_text())["val"]["count"] == 2
+    with pytest.raises(UserError, match="--codec nope is not in pretrain.CODECS"):
+        tiny_args(run_dir, codec="nope").resolved()

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+import finetune
 import prepare_data as pd
 import posescore as ps
+import pretrain
 
 RES = 16  # small enough to train in seconds, large enough that a 0.1 rad pose change shows
 
@@ -128,7 +130,7 @@ def test_posescore_prefers_the_true_pose_and_falls_with_perturbation(trained, va
     ctx, validation = trained
     body = pd.load_body_model(run_dir / "body")
     levels = (0.1, 0.2, 0.3, 0.4, 0.5)
-    results = [ps.true_vs_perturbed(ps.posescore_reward, val["latents"], val["joints_t"],
+    results = [ps.true_vs_perturbed(ps.posescore_reward, val["latents"], {"joints": val["joints_t"]},
                                     ps.perturbed_joints(body, val, levels, seed=seed), levels, ctx)
                for seed in (1, 2)]  # two fresh perturbation directions per subject: 120 pairs
     print("toy val, true vs perturbed:", results)
@@ -181,6 +183,23 @@ def test_keypoint_reward_shares_the_signature_and_prefers_the_true_pose(trained,
     moved_r, _ = ps.keypoints_reward(val["latents"], {"joints": moved[0]}, ctx)
     assert set(parts) == {f"view_{a:03d}" for a in pd.VIEW_AZIMUTHS}
     assert (true_r > moved_r).float().mean() >= 0.8
+    # evaluate's view joint error is its own function (pixels), which the reward only rescales
+    error = ps.view_joint_error(ctx, val["latents"], val["joints_t"])  # (N, V)
+    assert error.shape == (len(val["latents"]), pd.NUM_VIEWS) and (error > 0).all()
+    assert torch.allclose(true_r, -error.mean(1) / RES, atol=1e-6)
+
+
+def test_reward_batch_is_the_pair_row_without_multiview_ground_truth(run_dir):
+    arrays = pd.load_split(run_dir / "data" / "bench" / "bench.npz")  # the toy bench: add what a real one holds
+    count = len(arrays["joints"])
+    arrays |= dict(split=np.array(["dynamic"] * count), image=arrays["color"][:, 0],
+                   mask=(arrays["color"][:, :, 0] < 255).astype(np.uint8))  # (N, V, H, W) 0/1, as bench.npz stores it
+    batch = ps.reward_batch(arrays, [2, 0])
+    assert not {"color", "normal", "depth", "split"} & set(batch) and {"joints", "mask", "body_pose"} <= set(batch)
+    assert torch.equal(batch["joints"], torch.from_numpy(arrays["joints"][[2, 0]]))
+    assert batch["mask"].shape == (2, RES, RES) and batch["mask"].dtype == torch.float32  # the front view's
+    assert torch.equal(batch["mask"], torch.from_numpy(arrays["mask"][[2, 0], 0]).float())
+    assert torch.equal(batch["image"], torch.from_numpy(arrays["image"][[2, 0]]).float() / 255)
 
 
 def test_dice_reward_prefers_the_true_pose_and_does_not_pay_for_hedging(trained, val, run_dir):
@@ -278,7 +297,7 @@ def test_init_with_zero_steps_keeps_the_weights_and_writes_to_out(trained, run_d
     out = tmp_path / "reader"
     ps.train(ps.TrainArgs(run_dir=run_dir, out=out, init=run_dir / "posescore", steps=0, threads=1,
                           channels=(8,), width=2.0))  # architecture and width come from --init, not these
-    source, copied = ps.load_gskel(run_dir / "posescore")[0], ps.load_gskel(out)[0]
+    source, copied = ps.load_gskel(run_dir / "posescore").gskel, ps.load_gskel(out).gskel
     for (name, a), (_, b) in zip(source.state_dict().items(), copied.state_dict().items()):
         assert torch.equal(a, b), name
     config = json.loads((out / "posescore_config.json").read_text())
@@ -290,9 +309,6 @@ def test_a_forked_reward_that_reads_only_gskel_runs_through_stage_2_and_drpose(t
                                                                                monkeypatch):
     """The forker's path: one function, one dict line. Stage 2's validation must not call it (it may
     need context a validation cannot give), and finetune.py must train against it without NaN."""
-    import finetune
-    import pretrain
-
     def mean_confidence(views, batch, ctx):  # needs nothing but g_skel: how sure g_skel is of any bone
         confidence = torch.sigmoid(ps.gskel_logits(ctx.gskel, views.to(ctx.device))).amax(2).mean((1, 2, 3))
         return confidence, {"confidence": confidence.detach()}
@@ -312,7 +328,7 @@ def test_a_forked_reward_that_reads_only_gskel_runs_through_stage_2_and_drpose(t
     unet = pretrain.build_unet(pretrain.unet_config(RES, (16, 32), 1, 1, 2, 16))
     pretrain.save_model(tmp_path / "run/base", unet, dict(resolution=RES, num_views=pd.NUM_VIEWS, scheduler=pretrain.SCHEDULER,
                                                            sampling=dict(sampler="ddim", num_steps=3, guidance=1.0)))
-    drpose = finetune.drpose(finetune.Args(run_dir=tmp_path / "run", posescore_dir=out, reward="mean_confidence",
+    drpose = finetune.drpose(finetune.Args(run_dir=tmp_path / "run", reward_dir=out, reward="mean_confidence",
                                            steps=2, batch_size=2, lora_rank=4, log_every=1, num_eval=0,
                                            checkpoint_every=2, device="cpu"))
     lines = [json.loads(x) for x in (drpose / "metrics.jsonl").read_text().splitlines()]

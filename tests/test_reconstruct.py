@@ -9,6 +9,7 @@ here would take longer than the whole file may, and the oracle test is about fit
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,12 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+from PIL import Image
 
 import evaluate
+import posescore
 import prepare_data as pd
+import pretrain
 import reconstruct as rc
 from posescore import skeleton_maps
 
@@ -182,8 +186,6 @@ def test_output_layout_matches_the_contract(world, oracle_run):
 def test_rerun_skips_complete_samples_and_redoes_a_killed_one(world, oracle_run):
     done = oracle_run / "00000" / "mesh.ply"
     stamp = done.stat().st_mtime_ns
-    import shutil
-
     shutil.rmtree(oracle_run / "00001")
     (oracle_run / "00001.tmp").mkdir()  # what a kill mid-write leaves
     (oracle_run / "00001.tmp" / "views.npz").write_bytes(b"partial")
@@ -206,10 +208,6 @@ def test_fit_every_writes_views_for_all_and_meshes_for_every_nth(world):
 # --- generation: a tiny model, one image file, per-sample noise -------------------------------------
 
 def test_image_input_generates_views_with_per_sample_noise(world, tmp_path):
-    import pretrain
-    import posescore
-    from PIL import Image
-
     res = 16
     torch.manual_seed(0)
     unet = pretrain.build_unet(pretrain.unet_config(res, (8, 16), 1, 1, 2, 16)).eval()
@@ -227,8 +225,9 @@ def test_image_input_generates_views_with_per_sample_noise(world, tmp_path):
     assert out == tmp_path / "recon" / "tiny"
     image = rc.load_image(tmp_path / "person.png", res)
     assert image.shape == (3, res, res) and image[:, 0, 0].tolist() == [1.0, 1.0, 1.0]  # white margin
-    loaded, _ = pretrain.load_model(model)
-    expect = pretrain.sample_views(loaded, image[None], 2, 1.5, torch.Generator().manual_seed(0))[0]
+    loaded = pretrain.load_model(model)
+    expect = pretrain.sample_views(loaded.unet, image[None], 2, 1.5, torch.Generator().manual_seed(0),
+                                   alphas=loaded.alphas, codec=loaded.codec)[0]
     assert np.allclose(np.load(out / "00000" / "views.npz")["latents"], expect.numpy(), atol=1e-5)
     assert (out / "00000" / "mesh.ply").exists()
 
@@ -245,8 +244,6 @@ def test_missing_pose_reader_names_the_command(world, tmp_path):
 @pytest.mark.parametrize("kind, message", [("corrupt", "not a readable image"), ("tiny", "too small"),
                                            ("blank", "no foreground"), ("empty_alpha", "empty alpha")])
 def test_bad_images_are_refused_in_one_line(tmp_path, kind, message):
-    from PIL import Image
-
     path = tmp_path / f"{kind}.png"
     if kind == "corrupt":
         path.write_bytes(b"\x89PNG\r\n\x1a\n not really")

@@ -26,6 +26,7 @@ import tyro
 
 import evaluate
 import finetune
+import plumbing
 import posescore
 import prepare_data as pd
 import pretrain
@@ -38,12 +39,12 @@ TINY_DATA = ["--resolution", "16", "--num-scans", "6", "--num-val-scans", "2", "
              "--no-ceiling"]
 TINY_BASE = ["--steps", "4", "--batch-size", "2", "--lr", "1e-3", "--warmup-steps", "1", "--channels", "8", "16",
              "--layers-per-block", "1", "--attn-levels", "1", "--heads", "2", "--token-dim", "16",
-             "--checkpoint-every", "2", "--log-every", "1", "--val-every", "2", "--num-eval", "0", "--eval-steps", "2",
+             "--checkpoint-every", "2", "--log-every", "1", "--val-every", "2", "--num-eval", "0", "--ddim-steps", "2",
              "--device", "cpu"]
 TINY_DRPOSE = ["--steps", "4", "--batch-size", "2", "--lr", "1e-2", "--warmup-steps", "1", "--lora-rank", "4",
-               "--num-steps", "3", "--grad-steps", "2", "--early-stop-max", "1", "--log-every", "1", "--num-eval", "0",
+               "--ddim-steps", "3", "--grad-steps", "2", "--early-stop-max", "1", "--log-every", "1", "--num-eval", "0",
                "--checkpoint-every", "2", "--device", "cpu"]
-TINY_RECON = ["--model", "base", "--count", "2", "--sample-steps", "2", "--fit-steps", "2", "--carve-steps", "1"]
+TINY_RECON = ["--model", "base", "--count", "2", "--ddim-steps", "2", "--fit-steps", "2", "--carve-steps", "1"]
 MAINS = {"prepare_data": (pd.main, pd.Args), "posescore": (posescore.main, posescore.Command),
          "pretrain": (pretrain.main, pretrain.Args), "finetune": (finetune.main, finetune.Args),
          "reconstruct": (reconstruct.main, reconstruct.Args), "evaluate": (evaluate.main, evaluate.Args)}
@@ -254,8 +255,8 @@ CASES = {
     "base/init-weights-truncated": Case("pretrain", R + ["--init", "{run}/base", "--steps", "0"], "base: cannot load",
                                         lambda run: truncate(run / "base" / "diffusion_pytorch_model.safetensors"),
                                         subprocess=True),
-    "base/init-config-garbage": Case("pretrain", R + ["--init", "{run}/base", "--steps", "0"], "drpose_config.json",
-                                     lambda run: garbage(run / "base" / "drpose_config.json")),
+    "base/init-config-garbage": Case("pretrain", R + ["--init", "{run}/base", "--steps", "0"], "model_config.json",
+                                     lambda run: garbage(run / "base" / "model_config.json")),
     "base/scans-truncated": Case("pretrain", R + TINY_BASE, "train.npz is not a readable npz",
                                  lambda run: truncate(run / SCANS)),
     "base/scans-joints-22": Case("pretrain", R + TINY_BASE, "train.npz.*'joints'",
@@ -277,9 +278,9 @@ CASES = {
     "drpose/base-weights-truncated": Case("finetune", R + TINY_DRPOSE, "base: cannot load",
                                           lambda run: truncate(run / "base" / "diffusion_pytorch_model.safetensors")),
     "drpose/base-config-without-resolution": Case(
-        "finetune", R + TINY_DRPOSE, "drpose_config.json lacks a valid resolution",
-        lambda run: edit_json(run / "base" / "drpose_config.json", resolution=None)),
-    "drpose/reward-gskel-missing": Case("finetune", R + TINY_DRPOSE + ["--posescore-dir", "{run}/nothing"],
+        "finetune", R + TINY_DRPOSE, "model_config.json lacks a valid resolution",
+        lambda run: edit_json(run / "base" / "model_config.json", resolution=None)),
+    "drpose/reward-gskel-missing": Case("finetune", R + TINY_DRPOSE + ["--reward-dir", "{run}/nothing"],
                                         "holds no trained g_skel"),
     "drpose/reward-gskel-config-garbage": Case("finetune", R + TINY_DRPOSE, "posescore/posescore_config.json",
                                                lambda run: garbage(run / "posescore" / "posescore_config.json")),
@@ -348,7 +349,7 @@ CASES = {
     "guard/gskel-out-base": Case("posescore", ["train"] + R + ["--out", "{run}/base"],
                                  "--out .*base is a base or ceiling model folder"),
     "guard/score-out-base-config": Case("posescore", ["score", "--views-dir", "{run}/recon/base"] + R +
-                                        ["--out", "{run}/base/drpose_config.json"], "--out .*drpose_config.json"),
+                                        ["--out", "{run}/base/model_config.json"], "--out .*model_config.json"),
     "guard/recon-tag-escapes": Case("reconstruct", R + TINY_RECON + ["--tag", "../../escaped"], "--tag '../../escaped'"),
     "guard/eval-run-dir-in-base": Case("evaluate", ["--run-dir", "{run}/base"], "inside .*base, a base or ceiling"),
     "guard/base-max-minutes-negative": Case("pretrain", R + TINY_BASE + ["--resume", "--max-minutes", "-1"],
@@ -501,8 +502,8 @@ def test_architecture_ignores_private_keys_and_order():
     config = dict(pretrain.unet_config(RES, (8, 16), 1, 1, 2, 16))
     a = dict(config, _use_default_values=["b", "a"], _name_or_path="/x/base")
     b = dict(reversed(list(config.items())), _use_default_values=["a", "b"], _name_or_path="runs/x/base")
-    assert pretrain.architecture(a) == pretrain.architecture(b) == pretrain.architecture(config)
-    assert pretrain.architecture(dict(config, layers_per_block=2)) != pretrain.architecture(config)
+    assert plumbing.architecture(a) == plumbing.architecture(b) == plumbing.architecture(config)
+    assert plumbing.architecture(dict(config, layers_per_block=2)) != plumbing.architecture(config)
 
 
 def test_reconstruct_rerun_through_another_spelling_keeps_its_samples(world, tmp_path):
@@ -535,7 +536,7 @@ def test_pretrain_stops_at_a_nan_loss_with_the_last_good_checkpoint(world, tmp_p
     with pytest.raises(pd.UserError, match=r"pretrain stopped at step 3: loss nan.*step_000002"):
         train_single_thread(pretrain.train_base, args)
     ckpt = tmp_path / "run/base_ckpt"
-    assert pretrain.latest_checkpoint(ckpt).name == "step_000002" and not (tmp_path / "run/base").exists()
+    assert plumbing.latest_checkpoint(ckpt).name == "step_000002" and not (tmp_path / "run/base").exists()
     good = world / "base_ckpt/step_000002/model.safetensors"
     assert same_weights(ckpt / "step_000002/model.safetensors", good)  # the last good one, intact
 
@@ -570,7 +571,7 @@ def test_drpose_stops_at_a_nan_loss_or_gradient_with_the_last_good_checkpoint(wo
     with pytest.raises(pd.UserError, match=rf"drpose stopped at step 3: {message}.*step_000002"):
         train_single_thread(finetune.drpose, args)
     ckpt = tmp_path / "run/drpose_ckpt"
-    assert pretrain.latest_checkpoint(ckpt).name == "step_000002" and not (tmp_path / "run/drpose").exists()
+    assert plumbing.latest_checkpoint(ckpt).name == "step_000002" and not (tmp_path / "run/drpose").exists()
     assert same_weights(ckpt / "step_000002/model.safetensors", world / "drpose_ckpt/step_000002/model.safetensors")
 
 

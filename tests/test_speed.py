@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune as ft
+import plumbing
 import pretrain
 import prepare_data as pd
 from test_drpose import brightness, lora_model, one_batch, run  # noqa: F401  (run is a fixture)
@@ -26,12 +27,26 @@ from plain_chain import sample_with_grad_plain  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def loss_and_grads(chain, unet, plan, frozen, *extra, guidance=1.5, device="cpu", seed=0, kl_weight=0.5):
+def fast_chain(unet, image, noise, plan, guidance, alphas, ddim_steps, reference, nograd_call=pretrain.guided_output):
+    """finetune's chain, with the KL term assembled from its eps gaps as drpose_step does."""
+    views, eps_gaps = ft.sample_with_grad(unet, image, noise, plan, guidance, alphas, ddim_steps, pretrain.LatentCodec(),
+                                          reference=reference, nograd_call=nograd_call)
+    return views, ft.kl_term(eps_gaps)
+
+
+def graphed(unet, frozen_copy):
+    """The CUDA fast path's reference and no-grad caller, as finetune.drpose builds them."""
+    pool = torch.cuda.graph_pool_handle()
+    return (ft.Reference(unet, frozen_copy, plumbing.GraphedCall(pretrain.guided_output, frozen_copy, pool)),
+            plumbing.GraphedCall(pretrain.guided_output, unet, pool))
+
+
+def loss_and_grads(chain, unet, plan, reference, *extra, guidance=1.5, device="cpu", seed=0, kl_weight=0.5):
     image, noise = (x.to(device) for x in one_batch(seed))
     alphas = pretrain.alphas_cumprod().to(device)
     unet.zero_grad(set_to_none=True)
-    with pretrain.autocast(torch.device(device)):
-        views, kl = chain(unet, image, noise, plan, guidance, alphas, 4, frozen, *extra)
+    with plumbing.autocast(torch.device(device)):
+        views, kl = chain(unet, image, noise, plan, guidance, alphas, 4, reference, *extra)
     loss = ft.drpose_loss(brightness(views, {}, None)[0], kl, kl_weight)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}, kl.detach()
@@ -52,8 +67,8 @@ def moved_lora(unet, seed=1):
 def test_cpu_chain_is_the_pinned_plain_loop_bit_for_bit(run, plan):
     unet, _ = lora_model(run)
     moved_lora(unet)
-    loss_a, grads_a, kl_a = loss_and_grads(sample_with_grad_plain, unet, plan, (unet, None))
-    loss_b, grads_b, kl_b = loss_and_grads(ft.sample_with_grad, unet, plan, (unet, None))
+    loss_a, grads_a, kl_a = loss_and_grads(sample_with_grad_plain, unet, plan, ft.Reference(unet))
+    loss_b, grads_b, kl_b = loss_and_grads(fast_chain, unet, plan, ft.Reference(unet))
     assert kl_a.abs().sum() > 0 and grads_a
     assert torch.equal(loss_a, loss_b) and torch.equal(kl_a, kl_b)
     assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
@@ -67,25 +82,24 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_fast_cuda_chain_matches_the_plain_loop_and_never_syncs(run):
     unet, _ = lora_model(run)
     unet = moved_lora(unet).cuda().train()
-    base, _ = pretrain.load_model(run / "base", "cuda")
-    frozen_copy = pretrain.frozen_bf16(base)
+    frozen_copy = plumbing.frozen_bf16(pretrain.load_model(run / "base", "cuda").unet)
     # The bf16 starting model gives the adapters-off outputs (autocast casts to the same bf16 weights).
     image, noise = (x.cuda() for x in one_batch(7))
     t = torch.tensor([700], device="cuda")
-    with torch.no_grad(), pretrain.autocast(torch.device("cuda")):
-        with ft.frozen_model(unet) as off:
+    with torch.no_grad(), plumbing.autocast(torch.device("cuda")):
+        with ft.Reference(unet).network() as off:
             expect = pretrain.guided_output(off, noise, t, image, 1.5)
         got = pretrain.guided_output(frozen_copy, noise, t, image, 1.5)
     assert relative_error(got, expect) < 1e-2
-    graphs = pretrain.GraphedOutput.pair(unet, frozen_copy)
+    reference, nograd_call = graphed(unet, frozen_copy)
     trainable = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2, fused=True)
     plan = ft.ChainPlan(3, (0, 2), True)
     for step in range(3):  # the graphs must see the weights each optimizer step writes in place
         kw = dict(device="cuda", seed=step, kl_weight=0.01)  # the paper's w_KL
-        loss_a, grads_a, kl_a = loss_and_grads(sample_with_grad_plain, unet, plan, (unet, None), **kw)
-        loss_e, grads_e, kl_e = loss_and_grads(ft.sample_with_grad, unet, plan, (unet, frozen_copy), **kw)
-        loss_b, grads_b, kl_b = loss_and_grads(ft.sample_with_grad, unet, plan, (unet, frozen_copy), graphs, **kw)
+        loss_a, grads_a, kl_a = loss_and_grads(sample_with_grad_plain, unet, plan, ft.Reference(unet), **kw)
+        loss_e, grads_e, kl_e = loss_and_grads(fast_chain, unet, plan, ft.Reference(unet, frozen_copy), **kw)
+        loss_b, grads_b, kl_b = loss_and_grads(fast_chain, unet, plan, reference, nograd_call, **kw)
         assert grads_a.keys() == grads_b.keys() == grads_e.keys()
         flat = {name: torch.cat([g[k].flatten() for k in grads_a]) for name, g in
                 (("plain", grads_a), ("eager", grads_e), ("graphs", grads_b))}
@@ -102,19 +116,19 @@ def test_fast_cuda_chain_matches_the_plain_loop_and_never_syncs(run):
 def test_fast_cuda_chain_never_syncs_with_the_host(run):
     unet, _ = lora_model(run)
     unet = moved_lora(unet).cuda().train()
-    frozen_copy = pretrain.frozen_bf16(pretrain.load_model(run / "base", "cuda")[0])
-    graphs = pretrain.GraphedOutput.pair(unet, frozen_copy)
+    frozen_copy = plumbing.frozen_bf16(pretrain.load_model(run / "base", "cuda").unet)
+    reference, nograd_call = graphed(unet, frozen_copy)
     plan = ft.ChainPlan(3, (0, 2), True)
-    loss_and_grads(ft.sample_with_grad, unet, plan, (unet, frozen_copy), graphs, device="cuda")  # captures
+    loss_and_grads(fast_chain, unet, plan, reference, nograd_call, device="cuda")  # captures
     # After capture the chain has no host sync: every timestep and coefficient stays on the device.
     image, noise = (x.cuda() for x in one_batch(5))
     alphas = pretrain.alphas_cumprod().cuda()
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught, pretrain.autocast(torch.device("cuda")):
+    with warnings.catch_warnings(record=True) as caught, plumbing.autocast(torch.device("cuda")):
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            views, kl = ft.sample_with_grad(unet, image, noise, plan, 1.5, alphas, 4, (unet, frozen_copy), graphs)
+            views, kl = fast_chain(unet, image, noise, plan, 1.5, alphas, 4, reference, nograd_call)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
@@ -152,7 +166,7 @@ def job(stage: str, **kw) -> str:
 
 def test_drpose_max_minutes_then_resume_in_new_processes_matches_a_straight_run(run, tmp_path):
     common = dict(run_dir=str(run), reward="brightness", steps=4, batch_size=2, lr=1e-2, warmup_steps=1, lora_rank=4,
-                  num_steps=4, grad_steps=2, early_stop_max=2, log_every=1, eval_every=100, num_eval=0,
+                  ddim_steps=4, grad_steps=2, early_stop_max=2, log_every=1, eval_every=100, num_eval=0,
                   checkpoint_every=100, device="cpu")
     job("drpose", **common, out=str(tmp_path / "straight"))
     chained = tmp_path / "chained"
@@ -164,7 +178,7 @@ def test_drpose_max_minutes_then_resume_in_new_processes_matches_a_straight_run(
     # LoRA checkpoints hold the adapters (and the optimizer), not the frozen base.
     assert state["weights"] == "trainable" and weights and all("lora_" in k for k in weights)
     unet, _ = lora_model(run)
-    assert set(weights) == pretrain.trainable_names(unet)
+    assert set(weights) == plumbing.trainable_names(unet)
     assert "stopped at step 2" in job("drpose", **common, out=str(chained), max_minutes=1e-6, resume=True)
     job("drpose", **common, out=str(chained), resume=True)
     a = load_file(tmp_path / "straight/diffusion_pytorch_model.safetensors")
@@ -181,7 +195,7 @@ def test_pretrain_max_minutes_then_resume_in_a_new_process_matches_a_straight_ru
         make_split(tmp_path / name / "data/scans", "val", 2, seed=1)
         runs[name] = dict(run_dir=str(tmp_path / name), steps=4, batch_size=2, lr=1e-3, warmup_steps=1,
                           channels=[8, 16], layers_per_block=1, attn_levels=1, heads=2, token_dim=16,
-                          checkpoint_every=100, log_every=1, val_every=2, num_eval=0, eval_steps=2, device="cpu")
+                          checkpoint_every=100, log_every=1, val_every=2, num_eval=0, ddim_steps=2, device="cpu")
     job("pretrain", **runs["straight"])
     assert "stopped at step 1" in job("pretrain", **runs["chained"], max_minutes=1e-6)
     assert (tmp_path / "chained/base_ckpt/step_000001/state.json").exists()
@@ -193,7 +207,7 @@ def test_pretrain_max_minutes_then_resume_in_a_new_process_matches_a_straight_ru
 
 def test_lora_checkpoint_of_another_rank_is_refused(run, tmp_path):
     args = dict(run_dir=run, reward="brightness", steps=2, batch_size=2, lr=1e-2, warmup_steps=1, lora_rank=4,
-                num_steps=4, grad_steps=2, early_stop_max=2, log_every=1, eval_every=100, num_eval=0,
+                ddim_steps=4, grad_steps=2, early_stop_max=2, log_every=1, eval_every=100, num_eval=0,
                 checkpoint_every=1, device="cpu", out=tmp_path / "d")
     ft.drpose(ft.Args(**args))
     with pytest.raises(pd.UserError, match="incompatible|other trainable"):

@@ -32,7 +32,7 @@ echo "STEPS $N"
 python3 pretrain.py --preset demo --run-dir $RUN --device $DEV --batch-size 32 --steps $N --lr 1e-3 --warmup-steps 200 --num-eval 48 --checkpoint-every 100000 --log-every 50 --val-every 500
 t3=$(date +%s); echo "TIME train ($N steps + eval) $((t3-t2)) s"
 echo "TIME total $((t3-t0)) s"
-for f in config.json diffusion_pytorch_model.safetensors drpose_config.json val_metrics.json samples_val.png samples_bench.png metrics.jsonl; do
+for f in config.json diffusion_pytorch_model.safetensors model_config.json val_metrics.json samples_val.png samples_bench.png metrics.jsonl; do
   cp $RUN/base/$f "$OUT/" || echo "missing $f"
 done
 ls -la $OUT

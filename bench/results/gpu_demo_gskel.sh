@@ -23,7 +23,7 @@ done
 if [ "${2:-}" = stages ]; then  # needs pose_reader/ (pretrained/demo_reader) for the fit
   [ -f $RUN/pose_reader/posescore_config.json ] || python3 posescore.py train --preset demo --run-dir $RUN \
     --out $RUN/pose_reader --train-on any --seed 1 --init pretrained/demo_reader --steps 0
-  [ -f $RUN/base/drpose_config.json ] || python3 pretrain.py --preset demo --run-dir $RUN --init pretrained/demo_base --steps 0 --device cuda
+  [ -f $RUN/base/model_config.json ] || python3 pretrain.py --preset demo --run-dir $RUN --init pretrained/demo_base --steps 0 --device cuda
   python3 -X faulthandler bench/reconstruct_stages.py --run-dir $RUN --device cuda --count 8 | tee $OUT/reconstruct_stages_gpu.txt
   python3 -X faulthandler bench/reconstruct_stages.py --run-dir $RUN --device cpu --count 8 | tee $OUT/reconstruct_stages_gpu_machine_cpu.txt
 fi
