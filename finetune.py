@@ -52,9 +52,9 @@ from plumbing import (SEED_MAX, GraphedCall, TrainingRun, UserError, autocast, c
                       checkpoint_root, frozen_bf16, guard_output, jsonable, provenance, run_cli, run_relative, step_rows,
                       with_preset)
 from prepare_data import load_split
-from pretrain import (MAX_BATCH, MAX_EVAL, MAX_GUIDANCE, MAX_STEPS, SCHEDULER, LatentCodec, batch_latents, clip_prediction, ddim_step, denoising_error, device_timesteps,
-                      diffusion_loss, guided_output, load_model, load_multiview, sample_views, save_model, split_v,
-                      weights_sha256)
+from pretrain import (MAX_BATCH, MAX_EVAL, MAX_GUIDANCE, MAX_STEPS, SCHEDULER, LatentCodec, batch_latents,
+                      clip_prediction, ddim_step, denoising_error, device_timesteps, diffusion_loss, guided_output,
+                      load_model, load_multiview, sample_views, save_model, split_v, weights_sha256)
 
 
 @dataclass
@@ -179,7 +179,7 @@ class Args:
         posescore.resolve_reward(self.reward)
         check_device(self.device, allow_auto=True)
         guard_output(self.outputs[0], "--out", "finetune")
-        guard_output(checkpoint_root(self.outputs[0]), "--out", "finetune", own_files=("metrics.jsonl",))
+        guard_output(checkpoint_root(self.outputs[0]), "--out", "finetune", whole=False)
         return self
 
 

@@ -230,18 +230,12 @@ def folder_stage(folder: Path) -> str | None:
     return stages.pop() if len(stages) == 1 else None
 
 
-def _foreign_entries(folder: Path, own_files: tuple[str, ...]) -> list[str]:
-    """What a folder holds besides half-written .tmp folders, lock files and the stage's own `own_files`."""
-    return sorted(p.name for p in folder.iterdir()
-                  if not p.name.endswith((".tmp", ".lock")) and p.name not in own_files)
-
-
-def guard_output(path: Path, flag: str, stage: str, own_files: tuple[str, ...] = (),
-                 place_flag: str | None = None) -> None:
-    """Refuse an output folder another stage owns, before any work: `path` must be new, empty or `stage`'s
-    own product (which the stage then replaces atomically, as documented), and lie inside no other stage's
-    folder. `own_files`: files the stage itself leaves in the folder (a checkpoint folder's metrics.jsonl);
-    `place_flag`: the flag that chose where the folder lies, when not `flag` (reconstruct's --run-dir)."""
+def guard_output(path: Path, flag: str, stage: str, whole: bool = True, place_flag: str | None = None) -> None:
+    """Refuse an output folder another stage owns, before any work: `path` must lie inside no other stage's
+    folder and be new, empty or `stage`'s own product (which the stage then replaces atomically, as
+    documented). `whole=False`: a folder the stage only adds to (checkpoints: a run replaces its own
+    step_* folders, nothing else), refused only when it holds another stage's. `place_flag`: the flag
+    that chose where the folder lies, when not `flag` (reconstruct's --run-dir)."""
     path = Path(path)
     check_output(path, flag)
     for folder in path.resolve().parents:
@@ -257,7 +251,14 @@ def guard_output(path: Path, flag: str, stage: str, own_files: tuple[str, ...] =
     if owner is not None:
         raise UserError(f"{flag} {path} is {_described(owner)}, which {STAGE_SCRIPTS[stage]} would replace; "
                         f"pass another {flag}")
-    foreign = _foreign_entries(path, own_files)
+    if not whole:
+        others = {found[0] for found in (_own_stage(child, members_only=True) for child in path.iterdir()
+                                         if child.is_dir()) if found and found[0] != stage}
+        if others:
+            raise UserError(f"{flag} {path} holds checkpoints of {STAGE_SCRIPTS[others.pop()]}, which "
+                            f"{STAGE_SCRIPTS[stage]} would replace; pass another {flag}")
+        return
+    foreign = sorted(p.name for p in path.iterdir() if not p.name.endswith((".tmp", ".lock")))
     unreadable = [name for name in foreign if name in {marker for marker, *_ in STAGE_MARKERS}]
     if unreadable:
         raise UserError(f"{flag} {path}: {path / unreadable[0]} is not a json object of a stage, so whose folder "

@@ -187,7 +187,7 @@ class Args:
         check_device(self.device, allow_auto=True)
         check_output(self.run_dir, "--run-dir")
         guard_output(self.outputs[0], "--out", "pretrain")
-        guard_output(checkpoint_root(self.outputs[0]), "--out", "pretrain", own_files=("metrics.jsonl",))
+        guard_output(checkpoint_root(self.outputs[0]), "--out", "pretrain", whole=False)
         return self
 
 

@@ -143,9 +143,11 @@ def test_a_folder_of_other_files_is_refused_and_an_empty_or_half_written_one_tak
     assert "holds files that no finetune.py run wrote (notes.txt)" in refusal(
         finetune.Args(run_dir=tmp_path, out=tmp_path / "mine").resolved)
     (tmp_path / "empty" / "x.tmp").mkdir(parents=True)  # what a killed atomic write leaves
-    (tmp_path / "empty_ckpt").mkdir()
-    (tmp_path / "empty_ckpt" / "metrics.jsonl").write_text("")  # a trainer's own log, before a checkpoint
+    (tmp_path / "empty_ckpt" / "logs").mkdir(parents=True)  # a checkpoint folder is added to, never replaced:
+    (tmp_path / "empty_ckpt" / "metrics.jsonl").write_text("")  # files beside the step folders are fine
     finetune.Args(run_dir=tmp_path, out=tmp_path / "empty").resolved()
+    pd.write_json(tmp_path / "empty_ckpt" / "step_000002" / "state.json", dict(stage="pretrain", step=2))
+    assert "holds checkpoints of pretrain.py" in refusal(finetune.Args(run_dir=tmp_path, out=tmp_path / "empty").resolved)
 
 
 # --- one writer at a time --------------------------------------------------------------------------
