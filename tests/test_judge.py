@@ -128,3 +128,23 @@ def test_replay_flags_go_together(ceiling_world):
 
 def test_views_mask_sees_the_test_figure():
     assert views_mask(figure(count=1))[0, 0].sum() > 50
+
+
+def test_judge_check_cases_keep_the_front_view_and_the_rules_read_the_table():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("judge_check", Path(__file__).parents[1] / "bench/judge_check.py")
+    jc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jc)
+    gt, scans = figure(count=4), figure(count=2, seed=7)
+    views = jc.cases(gt, scans, anchor_stride=2, seed=0)
+    assert set(views) == {"clean", *jc.SOLID, *jc.WRONG, *jc.FAINT}
+    for name, v in views.items():
+        assert v.shape == gt.shape and torch.equal(v[:, 0], gt[:, 0])  # the input view is never edited
+    assert torch.equal(views[jc.WRONG[1]][:, 1:], gt.roll(2, 0)[:, 1:])
+    fair = {"clean": 1.0} | {n: 1.2 for n in jc.SOLID} | {n: 4.0 for n in jc.WRONG} | {n: 9.0 for n in jc.FAINT}
+    verdicts = jc.rules({n: {"judged": v} for n, v in fair.items()})
+    assert all(rule["passes"] for rule in verdicts.values())
+    fooled = dict(fair, **{jc.FAINT[0]: 2.0})  # a faint drawing reading better than a wrong pose
+    assert not jc.rules({n: {"judged": v} for n, v in fooled.items()})["faint and fuzzy no better than best wrong"]["passes"]
