@@ -19,7 +19,7 @@ recipe() { case $1 in
 esac; }
 t0=$(date +%s); tick() { echo "TIME $1 $(( $(date +%s) - t0 )) s"; }
 nvidia-smi --query-gpu=name --format=csv,noheader || true
-mkdir -p $OUT
+mkdir -p $(dirname $RUN) $OUT
 [ -f $RUN/data/bench/manifest.json ] || OMP_NUM_THREADS=16 python3 prepare_data.py --preset demo --run-dir $RUN --device cpu \
   > $RUN.data.log 2>&1 || { tail -5 $RUN.data.log; exit 1; }
 python3 pretrain.py --preset demo --run-dir $RUN --init pretrained/demo_base --steps 0 --num-eval 0 --device cuda > $RUN.base.log 2>&1
