@@ -101,6 +101,13 @@ class TrainArgs:
     """augmentation: strength of `solid_mess` (speckle, blotches, blur up to a blob, colour shifts, pixels
     missing or added at the limbs; 1 puts each on up to half the views), so the pose reader reads a
     correct pose drawn messily as correct; 0 = off (the reward's g_skel, as in the paper)"""
+    pose_free: float = 0.0
+    """share of each batch replaced by pose-free images of the same views (a body's ink, no limbs; see
+    `pose_free_images`) whose target is empty maps, so that a reader answers a blob with "no skeleton" rather
+    than a guess near the middle; 0 = off (the reward's g_skel, as in the paper)"""
+    pose_free_kinds: tuple[Literal["gaussian", "gaussians", "mean"], ...] = ("gaussian", "gaussians")
+    """which pose-free images: gaussian (one Gaussian of the view's ink mass, centre and spread), gaussians
+    (the ink as a cloud of 2 to 5 smaller Gaussians), mean (the mean of 16 other training people's same view)"""
     perturb_levels: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
     """validation: std (radians) of the noise added to every body_pose joint for perturbed poses"""
     log_every: int = 50
@@ -141,6 +148,9 @@ class TrainArgs:
         check_number(self, "mess", 0, high=2, fix="pass a strength from 0 (off) to 2 (each artefact on every view)")
         check_number(self, "seed", 0, high=SEED_MAX)
         check_number(self, "threads", 0, high=1024)
+        check_number(self, "pose_free", 0, high=1, fix="pass a share from 0 (off) to 1")
+        if self.pose_free > 0 and not self.pose_free_kinds:
+            raise UserError("--pose-free-kinds is empty; pass one or more of " + " ".join(POSE_FREE_KINDS))
         if self.init is None and (not self.channels or len(self.channels) > MAX_LEVELS or any(
                 c < 8 or c % 8 or c > MAX_CHANNELS for c in self.channels)):
             raise UserError(f"--channels {' '.join(map(str, self.channels))}: pass 1 to {MAX_LEVELS} widths, each a "
@@ -674,15 +684,85 @@ def solid_mess(views: torch.Tensor, generator: torch.Generator, strength: float 
     return out.clamp(-1, 1).to(device, views.dtype)
 
 
+# Pose-free images carry a body's ink but no limbs: a blob, the mean of many people, a cloud of smudges. A
+# reader that sees no limbs must say so (empty maps) rather than guess joints near the middle of the ink,
+# which for a spread-out pose lies closer to the truth than a confidently wrong upright figure does.
+
+def darkness(views: torch.Tensor) -> torch.Tensor:
+    """(..., 6, H, W) -> (..., H, W) in [0, 1]: 1 - the smallest encoded normal channel; 0 on the background,
+    >= 0.21 on any solid surface. The figure's ink, per pixel."""
+    return 1 - ((views[..., 3:, :, :] + 1) / 2).amin(-3).clamp(0, 1)
+
+
+def ink_gaussians(views: torch.Tensor, generator: torch.Generator | None = None, parts: int = 1) -> torch.Tensor:
+    """(N, 6, H, W) -> the same ink as `parts` Gaussians and no limbs. parts=1: one Gaussian of the view's ink
+    mass, centre and spread (covariance), in its ink-weighted mean colour. parts>1: the ink split at random
+    (`generator`) into that many Gaussians, each with a random share of the mass, a centre drawn from the ink
+    and a random fraction of its spread: a cloud of smudges where the body was."""
+    num, _, res, _ = views.shape
+    dark = darkness(views.float())  # (N, H, W)
+    grid = torch.arange(res, dtype=dark.dtype, device=dark.device) + 0.5
+    u, v = grid[None, None, :], grid[None, :, None]  # (1, 1, W), (1, H, 1)
+    mass = dark.sum((-2, -1)).clamp(min=1e-6)  # (N,)
+    weights = dark / mass[:, None, None]
+    cu, cv = (weights * u).sum((-2, -1)), (weights * v).sum((-2, -1))  # (N,)
+    du, dv = u - cu[:, None, None], v - cv[:, None, None]
+    cov = torch.stack([(weights * du * du).sum((-2, -1)), (weights * du * dv).sum((-2, -1)),
+                       (weights * dv * dv).sum((-2, -1))], -1)  # (N, 3): uu, uv, vv
+    colour = (views.float() * weights[:, None]).sum((-2, -1))  # (N, 6) ink-weighted mean latent
+    field = torch.zeros_like(dark)
+    for _ in range(parts):
+        share, scale = torch.ones(num), torch.ones(num)
+        centre_u, centre_v = cu, cv
+        if parts > 1:  # a random part of the mass, centred on a random inked pixel, with a part of the spread
+            share = torch.rand(num, generator=generator) * 2 / parts
+            scale = 0.15 + 0.5 * torch.rand(num, generator=generator)
+            pick = torch.multinomial(dark.flatten(1).cpu() + 1e-6, 1, generator=generator)[:, 0]
+            centre_u, centre_v = (pick % res).to(dark) + 0.5, (pick // res).to(dark) + 0.5
+        uu, uv, vv = (cov * scale.to(cov)[:, None] + 0.25).unbind(-1)  # +0.25: at least a pixel wide
+        det = uu * vv - uv ** 2
+        du, dv = u - centre_u[:, None, None], v - centre_v[:, None, None]
+        quad = (vv[:, None, None] * du ** 2 - 2 * uv[:, None, None] * du * dv + uu[:, None, None] * dv ** 2) / det[:, None, None]
+        field = field + (share.to(mass) * mass)[:, None, None] * torch.exp(-quad / 2) / (2 * math.pi * det.sqrt())[:, None, None]
+    # Blend from the background (1) towards the mean colour by field / the colour's own darkness: the
+    # blob's darkness is then the Gaussian field, and its ink the view's (where no pixel saturates).
+    colour_dark = darkness(colour[..., None, None])[:, 0, 0].clamp(min=0.05)  # (N,)
+    amount = (field / colour_dark[:, None, None]).clamp(0, 1)
+    return (1 + amount[:, None] * (colour[..., None, None] - 1)).to(views.dtype)
+
+
+POSE_FREE_KINDS = ("gaussian", "gaussians", "mean")
+MEAN_OF = 16  # people averaged in a `mean` pose-free image
+
+
+def pose_free_images(latents: torch.Tensor, subject: torch.Tensor, view: torch.Tensor, kinds: tuple[str, ...],
+                     generator: torch.Generator) -> torch.Tensor:
+    """Pose-free images for training rows: latents (S, V, 6, H, W) of the training people, the rows' subject and
+    view indices (N,) -> (N, 6, H, W), each row of a kind drawn at random from `kinds` (POSE_FREE_KINDS)."""
+    images = latents[subject, view].float()  # (N, 6, H, W)
+    kind = torch.randint(len(kinds), (len(subject),), generator=generator)
+    parts = torch.randint(2, 6, (1,), generator=generator).item()
+    others = torch.randint(len(latents), (len(subject), MEAN_OF), generator=generator)
+    made = {"gaussian": lambda: ink_gaussians(images),
+            "gaussians": lambda: ink_gaussians(images, generator, parts),
+            "mean": lambda: latents[others, view[:, None]].float().mean(1)}  # (N, 6, H, W)
+    out = images.clone()
+    for k, name in enumerate(kinds):
+        rows = kind == k
+        if rows.any():
+            out[rows] = made[name]()[rows]
+    return out
+
+
 def ink(views: torch.Tensor) -> torch.Tensor:
     """(..., 6, H, W) -> (...) how much figure a view draws: the darkness of its encoded normals
     (1 - smallest channel; 0 on the background, >= 0.21 on any solid surface) summed over pixels,
     after a 3x3 median that removes isolated speckle. Blur keeps it; fading towards the background
     scales it down."""
-    darkness = 1 - ((views[..., 3:, :, :] + 1) / 2).amin(-3).clamp(0, 1)  # (..., H, W)
-    flat = F.pad(darkness.reshape(-1, 1, *darkness.shape[-2:]), (1, 1, 1, 1), mode="replicate")
+    dark = darkness(views)  # (..., H, W)
+    flat = F.pad(dark.reshape(-1, 1, *dark.shape[-2:]), (1, 1, 1, 1), mode="replicate")
     median = flat.unfold(2, 3, 1).unfold(3, 3, 1).flatten(-2).median(-1).values  # (M, 1, H, W)
-    return median.sum((-3, -2, -1)).reshape(darkness.shape[:-2])
+    return median.sum((-3, -2, -1)).reshape(dark.shape[:-2])
 
 
 def solidity(views: torch.Tensor, gt_views: torch.Tensor) -> torch.Tensor:
@@ -693,26 +773,53 @@ def solidity(views: torch.Tensor, gt_views: torch.Tensor) -> torch.Tensor:
 
 SOLID_SHARE = 0.8  # a view drawing at least this share of the GT's ink is judged by its pose alone
 UNSOLID_PENALTY_PX = 10.0  # the judged error a view with no ink at all pays on top of its reading
+SURE_SHARE = 0.5  # a view the reader is at least this share as sure of as of the GT render is judged by its pose alone
+UNSURE_PENALTY_PX = 10.0  # the judged error a view the reader sees no body in pays on top of its reading
 
 
-def judged_error(error_px: torch.Tensor, solid: torch.Tensor) -> torch.Tensor:
+def judged_error(error_px: torch.Tensor, solid: torch.Tensor, sure: torch.Tensor | None = None) -> torch.Tensor:
     """The judge's verdict on a view, pose and drawing together: the reader's joint error (px), plus
-    a penalty growing linearly from 0 at SOLID_SHARE of the GT's ink to UNSOLID_PENALTY_PX at none.
-    A faint pose earns nothing for being in the right place, since it is not yet a body."""
-    return error_px + UNSOLID_PENALTY_PX * (1 - solid / SOLID_SHARE).clamp(min=0)
+    a penalty growing linearly from 0 at SOLID_SHARE of the GT's ink to UNSOLID_PENALTY_PX at none, plus one
+    growing from 0 at SURE_SHARE of the reader's confidence on the GT render to UNSURE_PENALTY_PX at none.
+    A faint pose earns nothing for being in the right place, since it is not yet a body; a blob earns nothing
+    for holding the body's ink, since the reader sees no limbs in it and its joints are a guess."""
+    judged = error_px + UNSOLID_PENALTY_PX * (1 - solid / SOLID_SHARE).clamp(min=0)
+    if sure is not None:
+        judged = judged + UNSURE_PENALTY_PX * (1 - sure / SURE_SHARE).clamp(min=0)
+    return judged
+
+
+def judge_views(reader: GskelContext, views: torch.Tensor, gt_views: torch.Tensor, joints: torch.Tensor) -> dict:
+    """The judge of one reader on (N, V, 6, H, W) generated views against the GT renders and joints of the same
+    people, per view (N, V): the reader's error (px), the solidity (share of the GT's ink), the sureness (its
+    confidence as a share of its confidence on the GT render, capped at 1) and the judged error."""
+    read, truth = read_poses(reader, views, joints), read_poses(reader, gt_views, joints)
+    solid = solidity(views, gt_views)
+    sure = (read["confidence"] / truth["confidence"].clamp(min=1e-6)).clamp(max=1)
+    return dict(error=read["error"], solidity=solid, sureness=sure, judged=judged_error(read["error"], solid, sure))
+
+
+def read_poses(ctx: GskelContext, views: torch.Tensor, joints: torch.Tensor, chunk: int = 16) -> dict[str, torch.Tensor]:
+    """A reader's reading of (N, V, 6, H, W) views against (N, 55, 3) GT joints, per view (N, V):
+        error       mean distance in px between the body joints read off its maps and the GT joints projected
+                    into the view (joints_from_maps)
+        confidence  how sure it is that a body is there: the peak of each bone's map, averaged over the bones.
+                    A reader trained on pose-free images (TrainArgs.pose_free) answers them with empty maps."""
+    errors, confidences = [], []
+    with torch.no_grad():
+        for i in range(0, len(views), chunk):
+            maps = torch.sigmoid(gskel_logits(ctx.gskel, views[i:i + chunk].to(ctx.device)))  # (B, V, K, H, W)
+            truth = project_joints(joints[i:i + chunk].to(ctx.device, maps.dtype), ctx.resolution)
+            errors.append((joints_from_maps(maps) - truth).norm(dim=-1).mean(-1).cpu())  # (B, V)
+            confidences.append(maps.flatten(-2).amax(-1).mean(-1).cpu())  # (B, V)
+    return dict(error=torch.cat(errors), confidence=torch.cat(confidences))
 
 
 def view_joint_error(ctx: GskelContext, views: torch.Tensor, joints: torch.Tensor, chunk: int = 16) -> torch.Tensor:
     """The pose reader's 2D error: (N, V, 6, H, W) views and (N, 55, 3) GT joints -> (N, V) mean
     distance in px between the body joints read off its maps and the GT joints projected into each
     view. The evaluation metric; no reward of the registry computes it, so editing one cannot move it."""
-    errors = []
-    with torch.no_grad():
-        for i in range(0, len(views), chunk):
-            maps = torch.sigmoid(gskel_logits(ctx.gskel, views[i:i + chunk].to(ctx.device)))  # (B, V, K, H, W)
-            truth = project_joints(joints[i:i + chunk].to(ctx.device, maps.dtype), ctx.resolution)
-            errors.append((joints_from_maps(maps) - truth).norm(dim=-1).mean(-1).cpu())  # (B, V)
-    return torch.cat(errors)
+    return read_poses(ctx, views, joints, chunk)["error"]
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -744,11 +851,18 @@ def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, lo
     for step in bar:
         subject = torch.randint(num, (args.batch_size,), generator=generator)
         view = torch.randint(NUM_VIEWS, (args.batch_size,), generator=generator)
-        images = augment(latents[subject, view].to(device), args.blur, args.noise, generator)  # (N, 6, H, W)
+        images = latents[subject, view]  # (N, 6, H, W)
+        if args.pose_free > 0:  # a share of the rows: the same views without their limbs, and no skeleton
+            free = torch.rand(args.batch_size, generator=generator) < args.pose_free
+            images = torch.where(free[:, None, None, None], pose_free_images(
+                latents, subject, view, args.pose_free_kinds, generator), images)
+        images = augment(images.to(device), args.blur, args.noise, generator)
         if args.mess > 0:
             images = solid_mess(images, generator, args.mess)
         pix = project_joints(joints[subject].to(device), resolution)[torch.arange(args.batch_size), view]
         target = draw_bones(pix, resolution, args.width)  # (N, K, H, W): only the views in the batch
+        if args.pose_free > 0:
+            target = target * (~free).to(target)[:, None, None, None]
         logits = gskel_apply(gskel, images, view.to(device))
         loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
         if not torch.isfinite(loss):  # NaN guard: stop before the weights take a bad step; nothing is written
