@@ -147,7 +147,9 @@ METRICS = {
     "pa_mpjpe_mm": ("PA-MPJPE", "mm", "lower"),
     "view_joint_error_px": ("view joint error", "px", "lower"),
     "judged_error_px": ("judged error (side views)", "px", "lower"),
+    "judged_error_px_reader2": ("judged error, second reader (side views)", "px", "lower"),
     "solidity": ("solidity", "", "higher"),
+    "sureness": ("sureness", "", "higher"),
     "mask_iou": ("silhouette IoU", "", "higher"),
     "posescore": ("PoseScore", "", "higher"),
     "psnr_color_db": ("PSNR colour", "dB", "higher"),
@@ -421,7 +423,10 @@ def summary(values: np.ndarray) -> dict:
 
 # The judge of DrPose's effect: the pose reader's view joint error, and the share of the base ->
 # supervised ceiling gap a model closes on it, per bench split (README, "How the result is judged").
-GAP_METRIC = "judged_error_px"  # the judge: the pose reader's side-view error with the penalty for faint drawing
+GAP_METRIC = "judged_error_px"  # the judge: the pose reader's side-view error with the penalties (posescore.judged_error)
+# The judge's readers: folder under the run -> the suffix of its quantities. The second reader, trained apart
+# from the first (seed, width, images, pose-free kinds), reads every table; a verdict holds where both agree.
+READERS = {"pose_reader": "", "pose_reader2": "_reader2"}
 
 
 JUDGE_SETS = {"val": "data/scans/val.npz", "drpose_gt": "data/drpose_gt/train.npz"}
@@ -441,19 +446,29 @@ def generate_set(model_dir: Path, images: torch.Tensor, seed: int, device, chunk
     return torch.cat(out)
 
 
-def judge(reader, views: torch.Tensor, gt_views: torch.Tensor, joints: torch.Tensor) -> dict[str, np.ndarray]:
-    """The judge on side views 1..5 (the front view is the input's): per subject (N,) the reader's view
-    joint error (px), the solidity (share of the GT's ink) and the judged error (posescore.judged_error)."""
-    error = posescore.view_joint_error(reader, views, joints)[:, 1:]  # (N, 5)
-    solid = posescore.solidity(views, gt_views)[:, 1:]
-    judged = posescore.judged_error(error, solid)
-    return dict(side_error_px=error.mean(1).numpy(), solidity=solid.mean(1).numpy(), judged_px=judged.mean(1).numpy())
+def judge(readers: dict, views: torch.Tensor, gt_views: torch.Tensor, joints: torch.Tensor) -> dict[str, np.ndarray]:
+    """The judge on side views 1..5 (the front view is the input's), per subject (N,), for each reader
+    ({suffix: GskelContext}, see READERS): the reader's view joint error (px), the solidity (share of the
+    GT's ink), the sureness (its confidence against the GT render's) and the judged error, keyed
+    side_error_px, solidity, sureness, judged_px plus the reader's suffix."""
+    out = {}
+    for suffix, reader in readers.items():
+        verdict = posescore.judge_views(reader, views, gt_views, joints)
+        out |= {f"{key}{suffix}": verdict[name][:, 1:].mean(1).numpy() for key, name in (
+            ("side_error_px", "error"), ("solidity", "solidity"), ("sureness", "sureness"), ("judged_px", "judged"))}
+    return out
 
 
-def judge_set(run_dir: Path, data_path: Path, models: dict[str, Path], reader, count: int, seed: int,
+def load_readers(run_dir: Path, device) -> dict:
+    """{suffix: GskelContext} of the judge's readers present under the run folder (see READERS)."""
+    return {suffix: posescore.load_gskel(run_dir / folder, device) for folder, suffix in READERS.items()
+            if (run_dir / folder).exists()}
+
+
+def judge_set(run_dir: Path, data_path: Path, models: dict[str, Path], readers: dict, count: int, seed: int,
               device, split: str | None = None) -> dict:
-    """{model tag or 'gt': {quantity: mean}} of the judge on the first `count` subjects of a dataset
-    (of its bench `split` only, when given)."""
+    """{model tag or 'gt': {quantity: mean}} of the judge (`judge`, every reader) on the first `count` subjects
+    of a dataset (of its bench `split` only, when given)."""
     arrays = load_split(data_path, expect_keys=("color", "normal", "joints"), made_by=bench_command(run_dir))
     if split is not None:
         arrays = {k: v[np.array([str(x) for x in arrays["split"]]) == split] for k, v in arrays.items()}
@@ -461,9 +476,9 @@ def judge_set(run_dir: Path, data_path: Path, models: dict[str, Path], reader, c
     gt = views_to_latents(from_uint8(arrays["color"][:count]), from_uint8(arrays["normal"][:count]))
     joints = torch.from_numpy(arrays["joints"][:count]).float()
     images = from_uint8(arrays["image"][:count]) if "image" in arrays else (gt[:, 0, :3] + 1) / 2
-    out = {"gt": judge(reader, gt, gt, joints)}
+    out = {"gt": judge(readers, gt, gt, joints)}
     for tag, folder in models.items():
-        out[tag] = judge(reader, generate_set(folder, images, seed, device), gt, joints)
+        out[tag] = judge(readers, generate_set(folder, images, seed, device), gt, joints)
     return dict(count=count, models={tag: {k: float(v.mean()) for k, v in values.items()}
                                      for tag, values in out.items()})
 
@@ -485,10 +500,12 @@ def split_summary(per_subject: dict, bench: dict, count: int) -> dict:
         means = {tag: {m: summary(np.asarray(v)[rows])["mean"] for m, v in values.items()}
                  for tag, values in per_subject.items()}
         entry = dict(count=int(rows.sum()), models=means)
-        if {"base", "ceiling"} <= set(means) and GAP_METRIC in means["base"]:
-            base, ceiling = means["base"][GAP_METRIC], means["ceiling"][GAP_METRIC]
-            entry["gap_closed"] = {tag: gap_closed(base, m[GAP_METRIC], ceiling) for tag, m in means.items()
-                                   if tag not in ("base", "ceiling")}
+        for suffix in READERS.values():  # gap_closed for the first reader, gap_closed_reader2 for the second
+            metric = GAP_METRIC + suffix
+            if {"base", "ceiling"} <= set(means) and means["base"].get(metric) is not None:
+                base, ceiling = means["base"][metric], means["ceiling"][metric]
+                entry["gap_closed" + suffix] = {tag: gap_closed(base, m[metric], ceiling) for tag, m in means.items()
+                                                if tag not in ("base", "ceiling")}
         out[name] = entry
     return out
 
@@ -577,33 +594,22 @@ def _mean_std(entry: dict) -> str:
 
 
 def split_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    """The judge's table: per bench split, every model's mean view joint error and, with a base and a
-    ceiling, the share of the gap each other model closes."""
+    """The judge's table: per judge set and bench split, every model's judged error (each reader's, "first /
+    second") and, with a base and a ceiling, the share of the gap each other model closes."""
     tags = list(results["models"])
     others = [t for t in tags if t not in ("base", "ceiling")]
-    has_gap = any("gap_closed" in entry for entry in results["splits"].values())
+    rows = judge_rows(results)
+    has_gap = "base" in tags and "ceiling" in tags and bool(others)
     header = ["split", "subjects"] + [f"{t}: {metric_label(GAP_METRIC, results)}" for t in tags]
     header += [f"{t}: gap closed" for t in others] if has_gap else []
-    rows = []
-    for name, entry in results.get("judge_sets", {}).items():  # in-distribution and training-fit rows first
-        means = {t: entry["models"].get(t, {}).get("judged_px") for t in tags}
-        row = [JUDGE_SET_LABELS[name], str(entry["count"])] + ["n/a" if means[t] is None else f"{means[t]:.3f}"
-                                                                for t in tags]
-        if has_gap:
-            base, ceiling = means.get("base"), means.get("ceiling")
-            gaps = {t: gap_closed(base, means[t], ceiling) if None not in (base, ceiling, means[t]) else None
-                    for t in others}
-            row += ["n/a" if gaps[t] is None else f"{100 * gaps[t]:.0f}%" for t in others]
-        rows.append(row)
-    for name, entry in results["splits"].items():
-        row = [name, str(entry["count"])]
-        row += ["n/a" if entry["models"][t].get(GAP_METRIC) is None else f"{entry['models'][t][GAP_METRIC]:.3f}"
-                for t in tags]
-        if has_gap:
-            gaps = entry.get("gap_closed", {})
-            row += ["n/a" if gaps.get(t) is None else f"{100 * gaps[t]:.0f}%" for t in others]
-        rows.append(row)
-    return header, rows
+    return header, [[label, str(count)] + [_per_reader(values, t, "{:.3f}") for t in tags]
+                    + ([_per_reader(gaps, t, "{:.0%}") for t in others] if has_gap else [])
+                    for label, count, values, gaps in rows]
+
+
+def _per_reader(by_reader: dict, tag: str, form: str, none: str = "n/a") -> str:
+    """One table cell: each reader's value of `tag`, "first / second"; `none` where a reader has none."""
+    return " / ".join(none if v.get(tag) is None else form.format(v[tag]) for v in by_reader.values())
 
 
 def write_markdown(path: Path, results: dict) -> str:
@@ -620,8 +626,9 @@ def write_markdown(path: Path, results: dict) -> str:
             f"--models {' '.join(results['models'])}`.")
     for metric, value in results["gt_reference"].items():
         note += f" {METRICS[metric][0]} of the GT renders: {value['mean']:.4g}."
-    note += (" Judge table: the judged error (px) on the side views: the pose reader's joint error (a network "
-             "trained apart from the reward) plus the penalty for a faint drawing (posescore.judged_error), "
+    note += (" Judge table: the judged error (px) on the side views, first / second reader: each pose reader's joint "
+             "error (networks trained apart from the reward and from each other) plus the penalties for a faint "
+             "drawing and for a view the reader sees no body in (posescore.judged_error), "
              "on held-out scans, the DrPose poses and each bench split; gap closed = (base - model) / "
              "(base - ceiling), the share of the way from the base to the supervised ceiling (the base "
              "fine-tuned on six-view renders of the DrPose poses).")
@@ -807,40 +814,56 @@ CAPTIONS = {
 }
 
 
+def reader_suffixes(results: dict) -> list[str]:
+    """The suffixes (READERS) of the readers that judged these results; older results had one reader."""
+    return list((results.get("readers") or {"pose_reader": ""}).values())
+
+
 def judge_rows(results: dict) -> list[tuple[str, int, dict, dict]]:
     """The judge per row, in-distribution first: the judge sets (held-out scans, DrPose poses), then the bench
-    splits. Each row: (label, subjects, {model: judged error or None}, {fine-tune: gap closed or None})."""
+    splits. Each row: (label, subjects, {reader suffix: {model: judged error or None}}, {reader suffix:
+    {fine-tune: gap closed or None}})."""
     tags = list(results["models"])
     others = [t for t in tags if t not in ("base", "ceiling")]
+    suffixes = reader_suffixes(results)
     rows = []
     sets = results.get("judge_sets", {})
     for name in sorted(sets, key=lambda n: n != IN_DISTRIBUTION):
-        values = {t: sets[name]["models"].get(t, {}).get("judged_px") for t in tags}
-        base, ceiling = values.get("base"), values.get("ceiling")
-        gaps = {t: gap_closed(base, values[t], ceiling) if None not in (base, ceiling, values[t]) else None
-                for t in others}
+        values, gaps = {}, {}
+        for suffix in suffixes:
+            values[suffix] = {t: sets[name]["models"].get(t, {}).get("judged_px" + suffix) for t in tags}
+            base, ceiling = values[suffix].get("base"), values[suffix].get("ceiling")
+            gaps[suffix] = {t: gap_closed(base, values[suffix][t], ceiling)
+                            if None not in (base, ceiling, values[suffix][t]) else None for t in others}
         rows.append((JUDGE_SET_LABELS.get(name, name), sets[name]["count"], values, gaps))
     for name, entry in results["splits"].items():
-        gaps = entry.get("gap_closed", {})
-        rows.append((f"bench {name}", entry["count"], {t: entry["models"][t].get(GAP_METRIC) for t in tags},
-                     {t: gaps.get(t) for t in others}))
+        values = {suffix: {t: entry["models"][t].get(GAP_METRIC + suffix) for t in tags} for suffix in suffixes}
+        gaps = {suffix: {t: entry.get("gap_closed" + suffix, {}).get(t) for t in others} for suffix in suffixes}
+        rows.append((f"bench {name}", entry["count"], values, gaps))
     return rows
 
 
 def headline_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    """The report's first table: per row of judge_rows, each model's judged error and each fine-tune's gap closed."""
+    """The report's first table: per row of judge_rows, each model's judged error and each fine-tune's gap
+    closed, each reader's ("first / second" where two readers judged)."""
     tags = list(results["models"])
     others = [t for t in tags if t not in ("base", "ceiling")]
     has_gap = "base" in tags and "ceiling" in tags and bool(others)
     header = ["", "subjects", *tags] + ([f"{t}: gap closed" for t in others] if has_gap else [])
     rows = []
     for label, count, values, gaps in judge_rows(results):
-        row = [label, str(count)] + ["n/a" if values[t] is None else f"{values[t]:.3f}" for t in tags]
+        row = [label, str(count)] + [_per_reader(values, t, "{:.3f}") for t in tags]
         if has_gap:
-            row += ["no gap: ceiling not better than base" if gaps[t] is None else f"{100 * gaps[t]:.0f}%"
-                    for t in others]
+            row += [_per_reader(gaps, t, "{:.0%}", "no gap: ceiling not better than base") for t in others]
         rows.append(row)
     return header, rows
+
+
+def agreement(model: list[float], base: list[float]) -> str:
+    """"better", "worse" or "same" where every reader says so (lower judged error is better), else
+    "readers disagree": a verdict holds only where both readers agree."""
+    says = {"better" if m < b else "worse" if m > b else "same" for m, b in zip(model, base)}
+    return says.pop() if len(says) == 1 else "readers disagree"
 
 
 def _names(items: list[str]) -> str:
@@ -849,28 +872,36 @@ def _names(items: list[str]) -> str:
 
 def verdict_sentence(results: dict) -> str:
     """One sentence from the numbers: per row of judge_rows, does each fine-tuned model read a better pose than
-    the base (the judged error), how its reward moved, and where the ceiling leaves a gap."""
-    rows = [(label, values) for label, _, values, _ in judge_rows(results) if values.get("base") is not None]
+    the base by every reader (the judged error; "readers disagree" where they do not agree), how its reward
+    moved, and where the ceiling leaves a gap."""
+    rows = [(label, values) for label, _, values, _ in judge_rows(results)
+            if all(v.get("base") is not None for v in values.values())]
     if not rows:
         return ("No verdict: it needs a base model and the judge (evaluate `--models base ...` on a run with "
                 "pose_reader/).")
     clauses = []
     for tag in [t for t in results["models"] if t not in ("base", "ceiling")]:
-        read = {label: (values[tag], values["base"]) for label, values in rows if values[tag] is not None}
-        better, worse = [n for n, (v, b) in read.items() if v < b], [n for n, (v, b) in read.items() if v > b]
+        read = {label: ([v[tag] for v in values.values()], [v["base"] for v in values.values()])
+                for label, values in rows if all(v[tag] is not None for v in values.values())}
+        said = {label: agreement(m, b) for label, (m, b) in read.items()}
+        better, worse, split = ([n for n, s in said.items() if s == word] for word in ("better", "worse", "readers disagree"))
         on = lambda names: "every row" if len(names) == len(read) else _names(names)  # noqa: E731
         how = " and ".join(filter(None, [better and f"a better pose than the base on {on(better)}", worse and (
             f"a worse one on {on(worse)}" if better else f"a worse pose than the base on {on(worse)}")])) or \
             "the same pose as the base"
-        numbers = ", ".join(f"{n} {v:.3f} against {b:.3f}" for n, (v, b) in read.items())
+        if split:
+            how += f"; the readers disagree on {on(split)}"
+        numbers = ", ".join(f"{n} {' / '.join(f'{x:.3f}' for x in m)} against {' / '.join(f'{x:.3f}' for x in b)}"
+                            for n, (m, b) in read.items())
         reward = results["change"].get(tag, {}).get("posescore", {}).get("relative")
         reward = "" if reward is None else \
             f", while its reward, PoseScore, {'rises' if reward > 0 else 'falls'} {abs(100 * reward):.1f}%"
         if read:
-            clauses.append(f"{tag} reads {how} (judged error, px: {numbers}){reward}")
+            clauses.append(f"{tag} reads {how} (judged error, px{', first / second reader' if len(rows[0][1]) > 1 else ''}"
+                           f": {numbers}){reward}")
     if "ceiling" in results["models"]:
-        above = [label for label, values in rows if values["ceiling"] is not None
-                 and values["ceiling"] < values["base"]]
+        above = [label for label, values in rows if all(v["ceiling"] is not None for v in values.values())
+                 and agreement([v["ceiling"] for v in values.values()], [v["base"] for v in values.values()]) == "better"]
         clauses.append(f"the supervised ceiling beats the base on {_names(above)}" if above else
                        "the supervised ceiling beats the base nowhere, so there is no gap to close")
     return "Verdict: " + "; ".join(clauses) + "." if clauses else "No verdict: only the base was evaluated."
@@ -879,7 +910,8 @@ def verdict_sentence(results: dict) -> str:
 def plot_splits(path: Path, results: dict) -> bool:
     """Bars of the judged error per row of judge_rows and per model, the GT renders' on the bench as a line.
     False, and nothing written, where no model has it."""
-    rows, tags = judge_rows(results), list(results["models"])
+    tags = list(results["models"])
+    rows = [(label, count, values[""], gaps) for label, count, values, gaps in judge_rows(results)]  # the first reader
     if not any(v is not None for _, _, values, _ in rows for v in values.values()):
         return False
     fig = Figure(figsize=(2 + 1.6 * len(rows), 3.2))
@@ -972,29 +1004,33 @@ def main(args: Args) -> dict:
     for metric, values in scores.items():
         for tag in recons:
             per_subject[tag][metric] = values[tag]
-    reader_dir = args.run_dir / "pose_reader"
+    readers = load_readers(args.run_dir, args.device) if args.network_metrics else {}
     judge_rows = {}
-    if args.network_metrics and reader_dir.exists():
-        reader = posescore.load_gskel(reader_dir, args.device)
+    if "" in readers:  # the first reader; the second (pose_reader2/) reads beside it where it exists
+        if "_reader2" not in readers:
+            print(f"second reader skipped: {args.run_dir / 'pose_reader2'} not found; verdicts rest on one reader")
         gt = views_to_latents(from_uint8(bench["color"][:count]), from_uint8(bench["normal"][:count]))
         joints = torch.from_numpy(bench["joints"][:count]).float()
         for tag, recon in recons.items():
-            verdict = judge(reader, torch.from_numpy(recon["latents"][:count]).float(), gt, joints)
-            per_subject[tag] |= dict(judged_error_px=verdict["judged_px"], solidity=verdict["solidity"])
-        scores["judged_error_px"] = dict(gt=judge(reader, gt, gt, joints)["judged_px"])
+            verdict = judge(readers, torch.from_numpy(recon["latents"][:count]).float(), gt, joints)
+            per_subject[tag] |= dict(solidity=verdict["solidity"], sureness=verdict["sureness"])
+            per_subject[tag] |= {GAP_METRIC + suffix: verdict["judged_px" + suffix] for suffix in readers}
+        truth = judge(readers, gt, gt, joints)
+        scores |= {GAP_METRIC + suffix: dict(gt=truth["judged_px" + suffix]) for suffix in readers}
         # --- the judge's other rows: held-out scans (in-distribution) and the DrPose poses' GT ---
         models = {tag: args.run_dir / tag for tag in args.models if (args.run_dir / tag).is_dir()}
         for name in args.judge_sets:
             if not (args.run_dir / JUDGE_SETS[name]).exists():  # e.g. a run made with --no-ceiling has no drpose_gt
                 print(f"judge set {name} skipped: {args.run_dir / JUDGE_SETS[name]} not found")
                 continue
-            judge_rows[name] = judge_set(args.run_dir, args.run_dir / JUDGE_SETS[name], models, reader,
+            judge_rows[name] = judge_set(args.run_dir, args.run_dir / JUDGE_SETS[name], models, readers,
                                          args.judge_count, args.seed, args.device)
 
     # --- results.json, results.md ---
     out = args.run_dir / "eval"
     results = summarise(args, per_subject, {metric: values["gt"] for metric, values in scores.items()}, bench, count)
     results["judge_sets"] = judge_rows
+    results["readers"] = {folder: suffix for folder, suffix in READERS.items() if suffix in readers}
     write_json(out / "results.json", results)
     table = write_markdown(out / "results.md", results)
 

@@ -4,8 +4,9 @@ bench split, with the base -> GT gap each closes. Learning curves are this table
     python bench/yardstick.py --run-dir runs/demo --models base ceiling drpose --out bench/results/yardstick.json
 
 Each model generates views of the first --count subjects of every set with its own sampling settings and
-the same noise (evaluate.generate_set); the pose reader (<run-dir>/pose_reader, or --reader) reads the side
-views (evaluate.judge): view joint error, solidity, judged error. `gt` is the GT renders read the same way.
+the same noise (evaluate.generate_set); the judge's readers (<run-dir>/pose_reader and pose_reader2, or
+--readers) read the side views (evaluate.judge): view joint error, solidity, sureness, judged error, each reader's
+quantities with its suffix (evaluate.READERS). `gt` is the GT renders read the same way.
 """
 
 import argparse
@@ -14,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import posescore  # noqa: E402
-from evaluate import JUDGE_SETS, judge_set  # noqa: E402
+from evaluate import JUDGE_SETS, READERS, judge_set  # noqa: E402
 from plumbing import write_json  # noqa: E402
 
 SETS = {**{name: (path, None) for name, path in JUDGE_SETS.items()},
@@ -25,7 +26,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
     parser.add_argument("--models", nargs="+", required=True, help="model folders, or names under --run-dir")
-    parser.add_argument("--reader", type=Path, default=None, help="default <run-dir>/pose_reader")
+    parser.add_argument("--readers", type=Path, nargs="+", default=None,
+                        help="the first and second reader (default <run-dir>/pose_reader <run-dir>/pose_reader2)")
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--count", type=int, default=48, help="subjects per set (the first N)")
     parser.add_argument("--seed", type=int, default=0, help="the sampling noise")
@@ -36,17 +38,20 @@ def main() -> None:
     for name, folder in folders.items():
         if not folder.is_dir():
             parser.error(f"--models {name}: {folder} is not a model folder")
-    reader = posescore.load_gskel(args.reader or args.run_dir / "pose_reader", args.device)
+    paths = args.readers or [args.run_dir / folder for folder in READERS]
+    readers = {suffix: posescore.load_gskel(path, args.device) for path, suffix in zip(paths, READERS.values())
+               if path.exists() or args.readers}
     table = {}
     for name in args.sets:
         path, split = SETS[name]
-        table[name] = judge_set(args.run_dir, args.run_dir / path, folders, reader, args.count, args.seed,
+        table[name] = judge_set(args.run_dir, args.run_dir / path, folders, readers, args.count, args.seed,
                                 args.device, split)
-        gt = table[name]["models"]["gt"]["judged_px"]
-        print(f"{name} ({table[name]['count']}): GT {gt:.2f} | " + " | ".join(
-            f"{tag} {v['judged_px']:.2f} (err {v['side_error_px']:.2f}, solid {v['solidity']:.2f})"
-            for tag, v in table[name]["models"].items() if tag != "gt"), flush=True)
-    write_json(args.out, dict(run_dir=str(args.run_dir), reader=str(args.reader or args.run_dir / "pose_reader"),
+        print(f"{name} ({table[name]['count']}), judged px per reader: " + " | ".join(
+            f"{tag} " + " / ".join(f"{v['judged_px' + s]:.2f}" for s in readers)
+            + f" (sure {v['sureness']:.2f}, solid {v['solidity']:.2f})"
+            for tag, v in table[name]["models"].items()), flush=True)
+    write_json(args.out, dict(run_dir=str(args.run_dir), readers={s: str(p) for p, s in zip(paths, READERS.values())
+                                                                  if s in readers},
                               count=args.count, seed=args.seed, sets=table))
     print(f"wrote {args.out}")
 

@@ -281,6 +281,12 @@ def fake_posescore(view_joint_error):
     fake.load_gskel = lambda folder, device: types.SimpleNamespace(folder=Path(folder).name, resolution=RES)
     fake.view_joint_error = view_joint_error
     fake.solidity, fake.judged_error = (lambda views, gt: torch.ones(views.shape[:2])), posescore.judged_error
+
+    def judge_views(reader, views, gt_views, joints):  # drawn solidly, the reader sure: the judged error is the error
+        error = view_joint_error(reader, views, joints)
+        return dict(error=error, solidity=torch.ones_like(error), sureness=torch.ones_like(error), judged=error)
+
+    fake.judge_views = judge_views
     fake.REWARDS = {"keypoints": broken}
     fake.reward_in_chunks, fake.reward_batch = posescore.reward_in_chunks, posescore.reward_batch
     return fake
@@ -380,7 +386,7 @@ def test_split_table_gap_closed_and_views_only_samples(tmp_path, monkeypatch):
     assert dynamic["gap_closed"]["drpose"] == pytest.approx(0.25)
     assert extreme["gap_closed"]["drpose"] == pytest.approx(-0.25)
     text = (run / "eval" / "results.md").read_text()
-    assert "| dynamic | 2 |" in text and "25%" in text and "-25%" in text
+    assert "| bench dynamic | 2 |" in text and "25%" in text and "-25%" in text
     assert "[2 subjects]" in text  # 3D rows say how many subjects they average
 
 
@@ -456,3 +462,34 @@ def test_report_verdict_when_the_fine_tune_loses_everywhere_and_there_is_no_gap(
     assert "no gap: ceiling not better than base" in page
     only_base = _results({"dynamic": dict(base=3.9)})
     assert evaluate.verdict_sentence(only_base) == "No verdict: only the base was evaluated."
+
+
+def test_two_readers_a_verdict_holds_only_where_both_agree(tmp_path):
+    """With a second reader, every cell shows both readers' judged errors, and the verdict says better or worse
+    only where both readers say so; elsewhere it says the readers disagree."""
+    results = _results({"dynamic": dict(base=4.0, drpose=3.5, ceiling=3.0), "extreme": dict(base=5.0, drpose=4.5, ceiling=4.0),
+                        "val": dict(base=2.0, drpose=2.2, ceiling=1.9)})
+    second = {"dynamic": dict(base=4.2, drpose=3.6, ceiling=3.0), "extreme": dict(base=5.1, drpose=5.4, ceiling=4.1),
+              "val": dict(base=2.1, drpose=2.3, ceiling=2.0)}
+    results["readers"] = {"pose_reader": "", "pose_reader2": "_reader2"}
+    for name, by_model in second.items():
+        if name == "val":
+            for t, v in by_model.items():
+                results["judge_sets"][name]["models"][t]["judged_px_reader2"] = v
+            continue
+        for t, v in by_model.items():
+            results["splits"][name]["models"][t][evaluate.GAP_METRIC + "_reader2"] = v
+        results["splits"][name]["gap_closed_reader2"] = {"drpose": evaluate.gap_closed(by_model["base"], by_model["drpose"],
+                                                                                       by_model["ceiling"])}
+    header, rows = evaluate.headline_rows(results)
+    dynamic = next(r for r in rows if r[0] == "bench dynamic")
+    assert dynamic == ["bench dynamic", "3", "4.000 / 4.200", "3.500 / 3.600", "3.000 / 3.000", "50% / 50%"]
+    assert evaluate.agreement([3.5, 3.6], [4.0, 4.2]) == "better"
+    assert evaluate.agreement([4.5, 5.4], [5.0, 5.1]) == "readers disagree"
+    assert evaluate.agreement([2.2, 2.3], [2.0, 2.1]) == "worse"
+    sentence = evaluate.verdict_sentence(results)
+    assert "drpose reads a better pose than the base on bench dynamic and a worse one on " in sentence
+    assert "the readers disagree on bench extreme" in sentence
+    assert "first / second reader" in sentence and "bench extreme 4.500 / 5.400 against 5.000 / 5.100" in sentence
+    evaluate.write_report(tmp_path / "report.html", results, {}, [])
+    assert "readers disagree" in (tmp_path / "report.html").read_text()

@@ -139,7 +139,7 @@ def test_judge_check_cases_keep_the_front_view_and_the_rules_read_the_table():
     spec.loader.exec_module(jc)
     gt, scans = figure(count=4), figure(count=2, seed=7)
     views = jc.cases(gt, scans, anchor_stride=2, seed=0)
-    assert set(views) == {"clean", *jc.SOLID, *jc.WRONG, *jc.FAINT}
+    assert set(views) == {"clean", *jc.SOLID, *jc.WRONG, *jc.FAINT, *jc.POSE_FREE}
     for name, v in views.items():
         assert v.shape == gt.shape and torch.equal(v[:, 0], gt[:, 0])  # the input view is never edited
     assert torch.equal(views[jc.WRONG[1]][:, 1:], gt.roll(2, 0)[:, 1:])
@@ -148,3 +148,108 @@ def test_judge_check_cases_keep_the_front_view_and_the_rules_read_the_table():
     assert all(rule["passes"] for rule in verdicts.values())
     fooled = dict(fair, **{jc.FAINT[0]: 2.0})  # a faint drawing reading better than a wrong pose
     assert not jc.rules({n: {"judged": v} for n, v in fooled.items()})["faint and fuzzy no better than best wrong"]["passes"]
+
+
+def _judge_check():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("judge_check", Path(__file__).parents[1] / "bench/judge_check.py")
+    jc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jc)
+    return jc
+
+
+def test_judge_check_pose_free_cases_carry_the_ink_and_not_the_limbs():
+    jc = _judge_check()
+    gt = figure(count=20)
+    views = jc.cases(gt, figure(count=2, seed=7), anchor_stride=2, seed=0)
+    assert set(jc.POSE_FREE) <= set(views)
+    mean = views[jc.POSE_FREE[0]]
+    assert torch.allclose(mean[0, 1:], gt[[(0 + 1 * (j + 1)) % 20 for j in range(16)], 1:].mean(0))  # 16 others
+    blob = views[jc.POSE_FREE[1]]
+    assert torch.equal(blob[:, 0], gt[:, 0])
+    ratio = posescore.ink(blob[:, 1:]) / posescore.ink(gt[:, 1:])
+    assert ((ratio > 0.8) & (ratio < 1.25)).all()  # the body's ink ...
+    assert (blob[:, 1:] - gt[:, 1:]).abs().amax((-3, -2, -1)).min() > 0.3  # ... but not the figure
+
+
+def test_judge_check_rules_for_pose_free_and_gamed_views():
+    jc = _judge_check()
+    fair = {"clean": 1.0} | {n: 1.2 for n in jc.SOLID} | {n: 4.0 for n in jc.WRONG} | {n: 9.0 for n in jc.FAINT}
+    fair |= {n: 6.0 for n in jc.POSE_FREE} | {jc.GAMED: 5.0, jc.GAMED_BASE: 3.5}
+    verdicts = jc.rules({n: {"judged": v} for n, v in fair.items()})
+    assert len(verdicts) == 6 and all(rule["passes"] for rule in verdicts.values())
+    blob_fools = dict(fair, **{jc.POSE_FREE[0]: 3.9})  # the mean of many people reads better than a wrong pose
+    assert not jc.rules({n: {"judged": v} for n, v in blob_fools.items()})[
+        "pose-free (a), (b) no better than best wrong"]["passes"]
+    gamed_fools = dict(fair, **{jc.GAMED: 3.4})  # the gamed model's blobs read better than the base's figures
+    assert not jc.rules({n: {"judged": v} for n, v in gamed_fools.items()})[
+        "(c) gamed views no better than the base's"]["passes"]
+
+
+def test_ink_gaussians_keep_mass_centre_and_spread():
+    gt = figure(count=3).flatten(0, 1)  # (N, 6, H, W)
+    blob = posescore.ink_gaussians(gt)
+
+    def moments(views):
+        dark = posescore.darkness(views)
+        grid = torch.arange(32.0) + 0.5
+        mass = dark.sum((-2, -1))
+        u = (dark.sum(-2) * grid).sum(-1) / mass
+        v = (dark.sum(-1) * grid).sum(-1) / mass
+        vv = (dark.sum(-1) * (grid - v[:, None]) ** 2).sum(-1) / mass
+        return mass, u, v, vv
+
+    for a, b in zip(moments(blob), moments(gt)):
+        assert torch.allclose(a, b, rtol=0.15, atol=0.5)
+    cloud = posescore.ink_gaussians(gt, torch.Generator().manual_seed(0), parts=4)
+    assert not torch.allclose(cloud, blob) and cloud.min() >= -1 and cloud.max() <= 1
+
+
+def test_pose_free_images_are_of_the_asked_kinds_and_reproducible():
+    latents = figure(count=20)  # (S, V, 6, H, W)
+    subject, view = torch.arange(6), torch.tensor([0, 1, 2, 3, 4, 5])
+    one = posescore.pose_free_images(latents, subject, view, ("gaussian",), torch.Generator().manual_seed(0))
+    assert torch.allclose(one, posescore.ink_gaussians(latents[subject, view]))
+    mean = posescore.pose_free_images(latents, subject, view, ("mean",), torch.Generator().manual_seed(0))
+    again = posescore.pose_free_images(latents, subject, view, ("mean",), torch.Generator().manual_seed(0))
+    assert torch.equal(mean, again) and not torch.allclose(mean, latents[subject, view])
+
+
+def test_judged_error_pays_for_a_view_the_reader_is_unsure_of():
+    error, solid = torch.full((4,), 2.0), torch.ones(4)
+    sure = torch.tensor([1.0, posescore.SURE_SHARE, posescore.SURE_SHARE / 2, 0.0])
+    judged = judged_error(error, solid, sure)
+    assert judged[0] == judged[1] == 2.0
+    assert judged[2] == pytest.approx(2 + posescore.UNSURE_PENALTY_PX / 2)
+    assert judged[3] == pytest.approx(2 + posescore.UNSURE_PENALTY_PX)
+    assert torch.equal(judged_error(error, solid), error)  # without a sureness, the rule of solidity alone
+
+
+def test_judge_views_reads_an_empty_map_as_no_body(monkeypatch):
+    """A reader whose maps are empty on a view (what a reader trained on pose-free images answers a blob with) is
+    unsure of it, and the judge adds the full penalty; on the GT it is sure."""
+    gskel = posescore.build_gskel(32, (8, 16)).eval()
+    ctx = posescore.GskelContext(gskel=gskel, resolution=32, width=1.0, device=torch.device("cpu"))
+    gt, joints = figure(count=2), torch.randn(2, 55, 3) * 0.3
+    blob = torch.cat([gt[:, :1], box_blur(gt[:, 1:], 12)], 1)  # the body's ink, no sharp limbs
+
+    def logits(net, views):  # confident bones where a sharp dark figure is drawn, empty maps elsewhere
+        out = torch.full((*views.shape[:2], posescore.NUM_BONES, 32, 32), -9.0)
+        out[..., 10, 10] = torch.where((views < -0.5).flatten(2).any(-1), 9.0, -9.0)[..., None]
+        return out
+
+    monkeypatch.setattr(posescore, "gskel_logits", logits)
+    verdict = posescore.judge_views(ctx, blob, gt, joints)
+    assert torch.allclose(verdict["sureness"][:, 0], torch.ones(2))
+    assert (verdict["sureness"][:, 1:] < 0.01).all()
+    assert (verdict["solidity"][:, 1:] > posescore.SOLID_SHARE).all()  # solid: only the sureness pays
+    assert torch.allclose(verdict["judged"][:, 1:], verdict["error"][:, 1:] + posescore.UNSURE_PENALTY_PX, atol=0.2)
+
+
+def test_pose_free_training_flags_are_checked():
+    with pytest.raises(UserError, match="--pose-free"):
+        posescore.TrainArgs(pose_free=1.5).resolved()
+    with pytest.raises(UserError, match="--pose-free-kinds"):
+        posescore.TrainArgs(pose_free=0.5, pose_free_kinds=()).resolved()
