@@ -148,7 +148,7 @@ def read_gate_views(args) -> tuple[torch.Tensor, list[int]]:
     return views, [int(n) for n in names]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
     parser.add_argument("--reward", default="posescore",
@@ -169,7 +169,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None,
                         help="the json of every probe and ascent step (default <run-dir>/gate/reward_gate_<reward>.json)")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     check_args(args)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
