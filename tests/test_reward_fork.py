@@ -74,6 +74,10 @@ def without_ctx(views, batch):
     return views.mean((1, 2, 3, 4)), {}
 
 
+def zero_dim_from_float(views, batch, ctx):
+    return torch.tensor(float(views.mean())), {}
+
+
 def detached(views, batch, ctx):
     return torch.tensor(views.mean().item()).repeat(len(views)), {}
 
@@ -84,9 +88,10 @@ def parts_not_per_subject(views, batch, ctx):
 '''
 EXPECTED = {"plain_float": "returned a float;", "float_in_pair": "returned rewards as a float;",
             "without_ctx": "without_ctx(views, batch) cannot be called as",
+            "zero_dim_from_float": "returned rewards as a float32 tensor of shape ();",
             "detached": "returned rewards with no gradient path to the views",
             "parts_not_per_subject": "returned parts 'mean': a float32 tensor of shape ();"}
-CLI_MISTAKES = ("plain_float", "float_in_pair", "without_ctx", "detached")  # the issue's four
+CLI_MISTAKES = ("plain_float", "float_in_pair", "without_ctx", "zero_dim_from_float", "detached")
 
 
 @pytest.fixture(scope="module")
