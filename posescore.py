@@ -55,9 +55,9 @@ from scipy.stats import spearmanr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from tqdm import tqdm
 
-from prepare_data import (BONE_GROUPS, MASK_THRESHOLD, encoded_normal_min, views_mask, BONES, NUM_BODY_JOINTS, NUM_VIEWS, POSE_KEYS, VIEW_AZIMUTHS, body_forward,
+from prepare_data import (BONE_GROUPS, views_mask, BONES, NUM_BODY_JOINTS, NUM_VIEWS, POSE_KEYS, VIEW_AZIMUTHS, body_forward,
                           from_uint8, load_body_model, load_split, views_to_latents, views_to_pixels, world_to_views,
-                          generate_poses, render_subjects, sample_outfits)
+                          generate_poses, render_subjects, sample_outfits, MASK_THRESHOLD, encoded_normal_min)
 from plumbing import (SEED_MAX, UserError, atomic_dir, run_cli, write_json, with_preset, check_device, check_number,
                       check_finite_weights, guard_output, guard_output_file, provenance, read_json, read_npz_key)
 

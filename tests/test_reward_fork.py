@@ -24,6 +24,7 @@ import plumbing
 import posescore as ps
 import prepare_data as pd
 import pretrain
+from test_reliability import folder_hashes
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 16
@@ -115,10 +116,6 @@ def in_process(main_fn, args_type, argv: list[str], capsys) -> tuple[int, str, s
     return status, out.out, out.err
 
 
-def hashes(root: Path) -> dict:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def one_line(err: str) -> str:
     lines = [line for line in err.splitlines() if not line.startswith("WARNING")]  # smplx's shape-count notice
     assert len(lines) == 1 and lines[0].startswith("error: "), err
@@ -157,13 +154,13 @@ def test_finetune_refuses_each_mistake_in_one_line_before_base_evaluation_and_tr
                                                                                        monkeypatch):
     evaluated = []
     monkeypatch.setattr(finetune, "eval_reward", lambda *a, **k: evaluated.append(1) or 0.0)
-    before = hashes(run)
+    before = folder_hashes(run)
     status, _, err = in_process(finetune.main, finetune.Args, [
         "--run-dir", str(run), "--reward", f"{mistakes}:{name}", "--steps", "2", "--batch-size", "2",
         "--lora-rank", "2", "--num-eval", "2", "--device", "cpu"], capsys)
     assert status == 2 and EXPECTED[name] in one_line(err)
     assert not evaluated  # refused before the base evaluation
-    assert hashes(run) == before and not (run / "drpose").exists() and not (run / "drpose_ckpt").exists()
+    assert folder_hashes(run) == before and not (run / "drpose").exists() and not (run / "drpose_ckpt").exists()
 
 
 def test_finetune_cli_refuses_a_plain_float_reward_in_a_real_process(run, mistakes):
