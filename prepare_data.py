@@ -945,6 +945,8 @@ def check_motion(body, clip: dict, up: str = "auto") -> dict:
         raise UserError(f"{clip['path']}: the body lies down or stands on its head in most frames (head above "
                         f"the pelvis, of {len(pick)} checked frames: {shares}); {fix}")
     hands, hands_from = clip["hands"], clip.get("hands_from", "the layout's")
+    if hands == "none":
+        hands_from = "the layout has none: smplx's relaxed hands"
     if hands == "auto":
         hands, to_zero, to_relaxed = hand_convention(body, clip["left_hand_pose"], clip["right_hand_pose"])
         hands_from = (f"from the data: mean hand pose {to_zero:.2f} rad from zero, {to_relaxed:.2f} from the "

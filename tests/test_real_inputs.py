@@ -263,7 +263,8 @@ def test_each_files_frame_rate_is_printed_with_where_it_came_from(body, tmp_path
     lines = capsys.readouterr().out.splitlines()
     line = lambda path: next(x for x in lines if x.startswith(f"poses: {path}: "))  # noqa: E731
     assert f"{FRAMES} frames at 120 fps (key mocap_framerate)" in line(keyed)
-    assert "at 60 fps (the aistpp layout's default)" in line(aist)
+    assert "at 60 fps (the aistpp layout's default), hands none (the layout has none: smplx's relaxed hands)" \
+        in line(aist)
     pd.read_pose_inputs(pd.Args(pose_source="files", pose_files=keyed, fps=30.0, neighbours=2), body)
     assert "at 30 fps (--fps, the file says 120)" in capsys.readouterr().out
 
