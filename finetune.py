@@ -431,6 +431,13 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     args = dataclasses.replace(
         args, ddim_steps=ddim_steps, guidance=sampling["guidance"] if args.guidance is None else args.guidance,
         early_stop_max=round(0.4 * ddim_steps) if args.early_stop_max is None else args.early_stop_max).check()
+    # The reward's first call, on the base's views of the first pairs (noise of their own): a malformed or
+    # detached reward stops here in one line (posescore.check_reward), before the base evaluation and training.
+    first = posescore.reward_batch(pairs, slice(0, args.batch_size), device)
+    with torch.no_grad(), autocast(device):
+        views = sample_views(unet, first["image"], args.ddim_steps, args.guidance, torch.Generator().manual_seed(
+            args.seed), alphas=alphas, codec=codec)
+    posescore.check_reward(reward_fn, args.reward, views.float().requires_grad_(True), first, reward_ctx)
     torch.manual_seed(args.seed)
     frozen_copy = frozen_bf16(unet) if run.use_cuda else None  # cuda: a bf16 starting model, no adapter toggling
     if args.lora_rank > 0:

@@ -47,10 +47,18 @@ def run_cli(main_fn, args_type) -> None:
     """Parse `args_type` with tyro, check the flags, claim the output folders (`Args.outputs`, see
     `claim_outputs`), run `main_fn(args)`; a UserError or a parse error is one line + exit 2."""
     args = parse_cli(args_type)
-    try:
+    with one_line_errors():
         checked = args.resolved() if hasattr(args, "resolved") else args.check()
         with claim_outputs(getattr(checked, "outputs", ())):
             main_fn(args)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """A UserError raised in the block ends the process as every stage's does: `error: ...`, one line on
+    stderr, exit status 2 (the scripts under bench/ run their main in it)."""
+    try:
+        yield
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -6,6 +6,7 @@
                                                                        # the pose reader (not a reward)
     python posescore.py score --views-dir runs/demo/recon/base         # score generated views vs GT poses
     python posescore.py score --views-dir runs/demo/data/bench/bench.npz   # score GT renders
+    python posescore.py check-reward --reward my_rewards.py:fn         # a reward's tests on the run's GT renders
 
 PoseScore (the paper's reward) is r(x0, theta) = -BCE(g_skel(x0), S(theta)):
     S(theta)   `skeleton_maps`: the body joints projected into the six views, one soft line per bone
@@ -21,17 +22,20 @@ Every reward in REWARDS has one signature, so finetune.py's `--reward NAME` swap
 `--reward module:function` / `path/to/file.py:function` takes one from the user's own code):
     fn(views (B, V, 6, H, W) in [-1, 1], batch, ctx: RewardContext)
         -> (rewards (B,), parts {name: (B,)})      higher is better, differentiable in views
-where batch is the whole (pose, image) pair row (`reward_batch`): joints (B, 55, 3), image (B, 3, H, W)
-in [0, 1], mask (B, H, W) 0/1, the SMPL-X parameters, and anything else pairs.npz holds. The evaluation's
-view joint error (`view_joint_error`) is no registry entry, so editing a reward cannot change it.
+where batch is the whole (pose, image) pair row (`reward_batch`, keys in `BATCH_KEYS`): joints (B, 55, 3),
+image (B, 3, H, W) in [0, 1], mask (B, H, W) 0/1, the SMPL-X parameters, and anything else pairs.npz holds.
+A reward's first call is checked (`check_reward`) before any work; `check-reward` runs its tests. The
+evaluation's view joint error (`view_joint_error`) is no registry entry, so editing a reward cannot change it.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import time
@@ -53,7 +57,7 @@ from tqdm import tqdm
 
 from prepare_data import (BONE_GROUPS, views_mask, BONES, NUM_BODY_JOINTS, NUM_VIEWS, POSE_KEYS, VIEW_AZIMUTHS, body_forward,
                           from_uint8, load_body_model, load_split, views_to_latents, views_to_pixels, world_to_views,
-                          generate_poses, render_subjects, sample_outfits)
+                          generate_poses, render_subjects, sample_outfits, MASK_THRESHOLD, encoded_normal_min)
 from plumbing import (SEED_MAX, UserError, atomic_dir, run_cli, write_json, with_preset, check_device, check_number,
                       check_finite_weights, guard_output, guard_output_file, provenance, read_json, read_npz_key)
 
@@ -202,6 +206,40 @@ class ScoreArgs:
         return self
 
 
+@dataclass
+class CheckArgs:
+    """Test a reward on the run's GT renders before training against it: true pose vs perturbed poses,
+    autograd vs finite differences, batched vs looped. One PASS/FAIL line each; exit status 1 if any fails."""
+
+    reward: str = "posescore"
+    """a name in posescore.REWARDS, or module:function / path/to/file.py:function"""
+    run_dir: Path = Path("runs/demo")
+    """the run folder holding posescore/, body/ and the data"""
+    reward_dir: Path | None = None
+    """the reward's g_skel folder, its ctx (default: <run-dir>/posescore)"""
+    data: Path | None = None
+    """GT renders with their poses, a dataset npz (default: <run-dir>/data/scans/val.npz, the held-out scans)"""
+    count: int = 8
+    """subjects checked, the first N of --data"""
+    levels: tuple[float, ...] = (0.2, 0.4)
+    """std (radians) of the noise added to every body_pose joint for the perturbed poses"""
+    seed: int = 0
+    """seeds the perturbation directions and the finite-difference direction"""
+    device: str = "cpu"
+    """torch device of the reward's g_skel"""
+
+    def check(self) -> "CheckArgs":
+        """Every flag, before any work (one line and exit status 2 for the first bad one)."""
+        check_number(self, "count", 2, high=MAX_BATCH, fix="pass --count 2 or more: batched vs looped needs two")
+        check_number(self, "seed", 0, high=SEED_MAX)
+        if not self.levels or not all(math.isfinite(x) and 0 < x <= math.pi for x in self.levels):
+            raise UserError(f"--levels {' '.join(map(str, self.levels))}: pass one or more noise levels in radians, "
+                            "> 0 and <= pi, e.g. 0.2 0.4")
+        resolve_reward(self.reward)
+        check_device(self.device)
+        return self
+
+
 PRESETS = {
     "demo": dict(steps=400, batch_size=32, channels=(16, 32, 64), width=1.0, num_broad=240, threads=1),
     "full": dict(steps=6000, batch_size=64, channels=(32, 64, 128, 128), width=1.5, num_broad=3000, threads=0),
@@ -307,12 +345,21 @@ def gskel_apply(gskel, images: torch.Tensor, view_ids: torch.Tensor) -> torch.Te
     return logits.to(torch.promote_types(images.dtype, torch.float32))
 
 
-def gskel_logits(gskel, views: torch.Tensor) -> torch.Tensor:
+def gskel_logits(gskel, views: torch.Tensor, view_ids: torch.Tensor | None = None) -> torch.Tensor:
     """(B, V, 6, H, W) -> (B, V, K, H, W) logits; all B * V views go through the U-Net as one batch
-    (GroupNorm normalises per image, so this equals a loop over views)."""
+    (GroupNorm normalises per image, so this equals a loop over views). g_skel reads a view knowing which
+    it is: `view_ids` (V,) are the views' indices in VIEW_AZIMUTHS (default: all six in order; a subset of
+    the views needs its ids, which `select_views` returns)."""
     batch, num_views = views.shape[:2]
-    view_ids = torch.arange(num_views, device=views.device).repeat(batch)  # (B * V,) v fastest
-    logits = gskel_apply(gskel, views.flatten(0, 1), view_ids)
+    if view_ids is None and num_views != NUM_VIEWS:
+        raise UserError(f"gskel_logits got {num_views} views and no view_ids: g_skel labels each view by its index "
+                        "in VIEW_AZIMUTHS; pass view_ids (posescore.select_views returns them with the views)")
+    view_ids = torch.arange(num_views) if view_ids is None else torch.as_tensor(view_ids).reshape(-1)
+    if len(view_ids) != num_views or not ((view_ids >= 0) & (view_ids < NUM_VIEWS)).all():
+        raise UserError(f"gskel_logits: view_ids {view_ids.tolist()} must give one index in 0..{NUM_VIEWS - 1} "
+                        f"(VIEW_AZIMUTHS) per view of the {num_views}; pass the ids posescore.select_views returns")
+    labels = view_ids.to(views.device).repeat(batch)  # (B * V,) v fastest
+    logits = gskel_apply(gskel, views.flatten(0, 1), labels)
     return logits.unflatten(0, (batch, num_views))
 
 
@@ -369,9 +416,12 @@ MULTIVIEW_KEYS = ("color", "normal", "depth")  # six-view ground truth: never in
 def reward_batch(arrays: dict, rows=None, device=None) -> dict:
     """The `batch` every reward gets: the (pose, image) pair rows of a data file as tensors on `device`,
     keyed as in pairs.npz: image (B, 3, H, W) as float in [0, 1], mask (B, H, W) as float 0/1, joints (B, 55, 3),
-    the SMPL-X parameters, outfits, and whatever else the file holds. A six-view file (bench.npz, scans)
-    gives the same row: its multi-view GT and text columns are left out, its mask is the front view's.
+    the SMPL-X parameters, outfits, and whatever else the file holds (`BATCH_KEYS`). A six-view file
+    (bench.npz, scans) gives the same row: its multi-view GT and text columns are left out, its mask is the
+    front view's, and a scans file's front colour view is its image.
     `arrays`: numpy arrays by key (other entries are skipped); `rows`: indices or a slice (default: all)."""
+    if "image" not in arrays and isinstance(arrays.get("color"), np.ndarray):
+        arrays = dict(arrays, image=arrays["color"][:, 0])  # (N, 3, H, W): the front view is the input image
     batch = {}
     for key, value in arrays.items():
         if not isinstance(value, np.ndarray) or key in MULTIVIEW_KEYS or value.dtype.kind not in "biuf":
@@ -384,6 +434,35 @@ def reward_batch(arrays: dict, rows=None, device=None) -> dict:
             value = value.float() / 255  # uint8 -> [0, 1], what the sampler is conditioned on
         batch[key] = value.float() if value.is_floating_point() or key == "mask" else value
     return batch
+
+
+# The `batch` a reward gets, key by key, as `reward_batch` makes it: shape (B subjects, H x W the resolution),
+# dtype, what it is, and which rows have it. Pair rows (data/drpose/pairs.npz) are what finetune.py trains
+# on; bench rows (data/bench/bench.npz) are what the periodic evaluation, `score` and the gate read.
+BATCH_KEYS = {
+    "image": (("B", 3, "H", "W"), torch.float32, "the input image in [0, 1]: the front view the views are sampled from",
+              "both"),
+    "mask": (("B", "H", "W"), torch.float32, "0/1, the person in that image", "both"),
+    "joints": (("B", 55, 3), torch.float32, "SMPL-X joints in metres (y up, body centred), smplx's order", "both"),
+    "global_orient": (("B", 3), torch.float32, "axis-angle of the root", "both"),
+    "body_pose": (("B", 21, 3), torch.float32, "axis-angle of the 21 body joints", "both"),
+    "left_hand_pose": (("B", 15, 3), torch.float32, "axis-angle, relative to smplx's relaxed hand", "both"),
+    "right_hand_pose": (("B", 15, 3), torch.float32, "axis-angle, relative to smplx's relaxed hand", "both"),
+    "betas": (("B", 10), torch.float32, "shape coefficients", "both"),
+    "transl": (("B", 3), torch.float32, "SMPL-X translation, metres", "both"),
+    "outfit_colors": (("B", 5, 3), torch.float32, "RGB in [0, 1] of skin, hair, top, bottom, shoes "
+                      "(prepare_data.REGIONS)", "both"),
+    "outfit_style": (("B", 2), torch.uint8, "0/1: long sleeves, long trousers", "both"),
+    "anchor": (("B",), torch.int64, "the farthest-point anchor a pair belongs to (its temporal neighbours share it)",
+               "pairs"),
+    "scan_distance": (("B",), torch.float32, "the pose's distance to the nearest scan pose (pose_features, metres)",
+                      "bench"),
+}
+
+
+def batch_keys(rows: Literal["pairs", "bench"]) -> dict[str, tuple[tuple, torch.dtype]]:
+    """{key: (shape, dtype)} of the batch a reward gets from pair rows or bench rows (`BATCH_KEYS`)."""
+    return {key: (shape, dtype) for key, (shape, dtype, _, which) in BATCH_KEYS.items() if which in ("both", rows)}
 
 
 @dataclass
@@ -422,6 +501,33 @@ def _check_joints(joints) -> None:
         raise UserError(f"joints must be a (B, 55, 3) or (B, 22, 3) tensor (SMPL-X order, metres), got {shape}")
     if not torch.isfinite(joints).all():
         raise UserError("joints hold NaN or Inf")
+
+
+# Helpers for rewards of one's own: views by azimuth with the ids g_skel and the maps index by, and a
+# foreground mask with a gradient.
+SIDE_AZIMUTHS = VIEW_AZIMUTHS[1:]  # every view but the front one, which shows what the input image shows
+
+
+def select_views(views: torch.Tensor, azimuths=SIDE_AZIMUTHS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, V, C, H, W) views in VIEW_AZIMUTHS order -> (B, V', C, H, W) the views at `azimuths` (degrees, of
+    VIEW_AZIMUTHS) and their (V',) view ids: their indices in VIEW_AZIMUTHS, which `gskel_logits(...,
+    view_ids=)` needs to read them and which index the V axis of `skeleton_maps` and `project_joints`."""
+    unknown = [a for a in azimuths if a not in VIEW_AZIMUTHS]
+    if unknown or not len(azimuths):
+        raise UserError(f"select_views: azimuths {list(azimuths)} must be one or more of VIEW_AZIMUTHS "
+                        f"{list(VIEW_AZIMUTHS)} (degrees); pass e.g. posescore.SIDE_AZIMUTHS")
+    view_ids = torch.tensor([VIEW_AZIMUTHS.index(a) for a in azimuths], device=views.device)
+    return views[:, view_ids], view_ids
+
+
+MASK_SHARPNESS = 50.0  # per unit of encoded normal: 0.02 below the threshold is 73% foreground, 0.1 is 99%
+
+
+def soft_views_mask(views: torch.Tensor, sharpness: float = MASK_SHARPNESS) -> torch.Tensor:
+    """(..., 6, H, W) views -> (..., H, W) in (0, 1): `prepare_data.views_mask` with a gradient, a sigmoid of
+    how far the encoded normal's smallest channel lies below MASK_THRESHOLD. It covers the whole figure
+    (colour ink misses light clothes and skin); 0 on the white background, about 1 on any surface."""
+    return torch.sigmoid(sharpness * (MASK_THRESHOLD - encoded_normal_min(views)))
 
 
 def maps_and_bce(views: torch.Tensor, batch: dict, ctx: RewardContext):
@@ -523,13 +629,25 @@ def load_reward_context(reward_dir: Path, device="cpu", lpips_weights: Path | No
 
 def resolve_reward(spec: str) -> Callable:
     """A reward by name in REWARDS, or from the user's own code: `module:function` (an importable
-    module) or `path/to/file.py:function`. Anything that does not resolve is refused in one line."""
+    module) or `path/to/file.py:function`. Anything that does not resolve, or whose parameters cannot take
+    (views, batch, ctx), is refused in one line."""
     if spec in REWARDS:
-        return REWARDS[spec]
-    if ":" not in spec:
+        fn = REWARDS[spec]
+    elif ":" not in spec:
         raise UserError(f"--reward {spec} is not in posescore.REWARDS {sorted(REWARDS)}; pass one of them, or "
                         "module:function or path/to/file.py:function for a reward of your own")
-    return _import_reward(spec)
+    else:
+        fn = _import_reward(spec)
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without one: the first call tells
+        return fn
+    try:
+        signature.bind(None, None, None)
+    except TypeError:
+        raise UserError(f"--reward {spec}: {_function_name(fn)}{signature} cannot be called as {REWARD_SIGNATURE}; "
+                        "give it those three parameters (ctx may go unused)") from None
+    return fn
 
 
 @functools.lru_cache(maxsize=None)
@@ -554,6 +672,77 @@ def _import_reward(spec: str) -> Callable:
     if not callable(getattr(module, name, None)):
         raise UserError(f"--reward {spec}: {where} has no function {name}; pass module:function")
     return getattr(module, name)
+
+
+# --- the reward's first call, checked: what comes back, and that it has a gradient ----------------------
+
+REWARD_SIGNATURE = "fn(views, batch, ctx) -> (rewards (B,), parts {name: (B,)})"
+
+
+def _function_name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def _described(value) -> str:
+    """What a reward returned, in a few words: 'a float', 'a float32 tensor of shape (4, 6)', ..."""
+    if torch.is_tensor(value):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} (" + ", ".join(map(_described, value[:3])) + \
+            (", ..." if len(value) > 3 else "") + ")"
+    if isinstance(value, dict):
+        return f"a dict of {len(value)}"
+    return f"a {type(value).__name__}"
+
+
+def check_reward(fn: Callable, spec: str, views: torch.Tensor, batch: dict, ctx) -> tuple[torch.Tensor, dict]:
+    """Call a reward once on B subjects and return its (rewards, parts), or refuse in one line naming it,
+    what came back and REWARD_SIGNATURE: anything but a pair of a (B,) float tensor and a dict of (B,)
+    tensors, non-finite rewards, parameters that cannot take (views, batch, ctx); and, when `views`
+    require grad, rewards with no gradient path to them (a float made a tensor, .item(), numpy, .detach()),
+    which DrPose would train on as a constant. finetune.py, `score`, `check-reward` and the gate call it
+    before any work."""
+    size, function = views.shape[0], _function_name(fn)
+    name = f"--reward {spec}" + ("" if spec.endswith(f":{function}") else f" ({function})")
+    shape = f"a reward is {REWARD_SIGNATURE}, here B = {size}"
+    try:
+        out = fn(views, batch, ctx)
+    except TypeError as err:
+        if err.__traceback__.tb_next is not None:  # raised inside the reward: its own bug, its own traceback
+            raise
+        raise UserError(f"{name} cannot be called as {REWARD_SIGNATURE} ({err}); give it those three "
+                        "parameters") from None
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise UserError(f"{name} returned {_described(out)}; {shape}: return the pair (rewards, parts)")
+    rewards, parts = out
+    if not torch.is_tensor(rewards) or not rewards.is_floating_point() or tuple(rewards.shape) != (size,):
+        raise UserError(f"{name} returned rewards as {_described(rewards)}; {shape}: return one float per subject, "
+                        "a tensor computed from views")
+    if not isinstance(parts, dict) or not all(isinstance(k, str) and torch.is_tensor(v) and v.is_floating_point()
+                                              and tuple(v.shape) == (size,) for k, v in parts.items()):
+        got = _described(parts) if not isinstance(parts, dict) else "parts " + ", ".join(
+            f"{k!r}: {_described(v)}" for k, v in parts.items())
+        raise UserError(f"{name} returned {got}; {shape}: parts maps names to (B,) float tensors (or is empty)")
+    if not torch.isfinite(rewards).all():
+        raise UserError(f"{name} returned non-finite rewards {rewards.tolist()} on the first batch; {shape}, finite: "
+                        "keep divisions and logs away from zero")
+    if views.requires_grad and torch.is_grad_enabled():
+        (grad,) = torch.autograd.grad(rewards.sum(), views, allow_unused=True) if rewards.requires_grad else (None,)
+        if grad is None:
+            raise UserError(f"{name} returned rewards with no gradient path to the views (a float made a tensor, "
+                            f".item(), numpy or .detach()?), so training would not move; {shape}, differentiable in "
+                            "views: compute them from views with torch operations")
+    return rewards, parts
+
+
+def checked_reward(spec: str, views: torch.Tensor, batch: dict, ctx, count: int = 2) -> Callable:
+    """`resolve_reward(spec)`, its first call checked (`check_reward`) on the first `count` rows of
+    `views` (N, V, 6, H, W) and `batch`, with gradients; the reward function."""
+    fn = resolve_reward(spec)
+    rows = {k: v[:count] for k, v in batch.items()}
+    with torch.enable_grad():
+        check_reward(fn, spec, views[:count].detach().clone().requires_grad_(True), rows, ctx)
+    return fn
 
 
 def maps_to_rgb(maps: torch.Tensor) -> torch.Tensor:
@@ -691,7 +880,7 @@ def solid_mess(views: torch.Tensor, generator: torch.Generator, strength: float 
 def darkness(views: torch.Tensor) -> torch.Tensor:
     """(..., 6, H, W) -> (..., H, W) in [0, 1]: 1 - the smallest encoded normal channel; 0 on the background,
     >= 0.21 on any solid surface. The figure's ink, per pixel."""
-    return 1 - ((views[..., 3:, :, :] + 1) / 2).amin(-3).clamp(0, 1)
+    return 1 - encoded_normal_min(views).clamp(0, 1)
 
 
 def ink_gaussians(views: torch.Tensor, generator: torch.Generator | None = None, parts: int = 1) -> torch.Tensor:
@@ -885,20 +1074,25 @@ def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, lo
 
 # --- validation: map quality, joint error, true vs perturbed poses -----------------------------
 
-def perturbed_joints(body, arrays: dict, levels, seed: int) -> torch.Tensor:
-    """(L, N, 55, 3) joints of each subject's pose with noise level * eps added to every body_pose
-    joint (eps ~ N(0, 1), drawn once per subject so the pose moves further along one direction
-    as the level grows). Orientation, shape and translation stay."""
+def perturbed_poses(body, arrays: dict, levels, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each subject's pose with noise level * eps added to every body_pose joint (eps ~ N(0, 1), drawn once
+    per subject so the pose moves further along one direction as the level grows): body_pose (L, N, 21, 3)
+    and joints (L, N, 55, 3). Orientation, shape and translation stay."""
     generator = torch.Generator().manual_seed(seed)
     device = body.v_template.device
     params = {k: torch.from_numpy(arrays[k]).float().to(device) for k in POSE_KEYS if k in arrays}
     direction = torch.randn(params["body_pose"].shape, generator=generator).to(device)
-    out = []
+    poses, out = [], []
     with torch.no_grad():
         for level in levels:
-            _, joints = body_forward(body, dict(params, body_pose=params["body_pose"] + level * direction))
-            out.append(joints.cpu())
-    return torch.stack(out)
+            poses.append(params["body_pose"] + level * direction)
+            out.append(body_forward(body, dict(params, body_pose=poses[-1]))[1].cpu())
+    return torch.stack(poses).cpu(), torch.stack(out)
+
+
+def perturbed_joints(body, arrays: dict, levels, seed: int) -> torch.Tensor:
+    """(L, N, 55, 3) joints of `perturbed_poses`."""
+    return perturbed_poses(body, arrays, levels, seed)[1]
 
 
 def reward_in_chunks(fn, latents: torch.Tensor, batch: dict, ctx: RewardContext, chunk: int = 16):
@@ -1005,7 +1199,8 @@ def score(args: ScoreArgs) -> None:
     args.check()
     ctx = load_reward_context(args.reward_dir or args.run_dir / "posescore", args.device, args.lpips_weights)
     latents, batch, names = read_scored_views(args)
-    rewards, parts = reward_in_chunks(resolve_reward(args.reward), latents, batch, ctx, args.batch_size)
+    fn = checked_reward(args.reward, latents, batch, ctx)  # a malformed reward: one line, before any scoring
+    rewards, parts = reward_in_chunks(fn, latents, batch, ctx, args.batch_size)
     result = dict(reward=args.reward, views=str(args.views_dir), count=len(names), mean=rewards.mean().item(),
                   parts_mean={k: v.mean().item() for k, v in parts.items()},
                   per_sample=[dict(name=n, reward=rewards[i].item(), **{k: v[i].item() for k, v in parts.items()})
@@ -1018,6 +1213,93 @@ def score(args: ScoreArgs) -> None:
     if out is not None:
         write_json(out, result)
         print(f"wrote {out}")
+
+
+# --- check-reward: the README's tests of a reward, on the run's GT renders ------------------------
+
+RANK_SHARE = 0.9  # the true pose must score above a perturbed one in at least this share of (subject, level) pairs
+FD_STEP, FD_TOLERANCE = 1e-7, 1e-3  # float64 central differences, and the relative agreement asked of autograd
+
+
+def ranks_true_pose_higher(fn, views, batch, ctx, body, arrays: dict, levels, seed: int) -> tuple[bool, str]:
+    """The reward of GT renders with their own pose against the same renders with perturbed poses
+    (`perturbed_poses`: batch body_pose and joints replaced)."""
+    poses, joints = perturbed_poses(body, arrays, levels, seed)  # (L, N, 21, 3), (L, N, 55, 3)
+    with torch.no_grad():
+        true = fn(views, batch, ctx)[0]  # (N,)
+        moved = torch.stack([fn(views, dict(batch, body_pose=poses[i], joints=joints[i]), ctx)[0]
+                             for i in range(len(levels))])  # (L, N)
+    share = (true[None] > moved).float().mean().item()
+    return share >= RANK_SHARE, (f"true pose above perturbed in {share:.0%} of {moved.numel()} (subject, level) pairs "
+                                 f"at {', '.join(map(str, levels))} rad (needs {RANK_SHARE:.0%})")
+
+
+def gradient_matches_finite_differences(fn, views, batch, ctx, seed: int, count: int = 2) -> tuple[bool, str]:
+    """Autograd against float64 central differences along a random direction and at the three entries of
+    largest gradient, on the first `count` subjects (g_skel made float64 too). The renders get noise of
+    0.01 first: 8-bit renders tie exactly (the background's three normal channels), where a min or max
+    has no derivative; generated views never do."""
+    generator = torch.Generator().manual_seed(seed)
+    views = views[:count].double()
+    views = (views + 0.01 * torch.randn(views.shape, generator=generator, dtype=views.dtype)).requires_grad_(True)
+    batch = {k: v[:count].double() if v.is_floating_point() else v[:count] for k, v in batch.items()}
+    ctx = dataclasses.replace(ctx, gskel=copy.deepcopy(ctx.gskel).double())
+    try:
+        (grad,) = torch.autograd.grad(fn(views, batch, ctx)[0].sum(), views)
+    except Exception as err:  # a reward tied to float32 (its own network, a dtype)
+        return False, (f"float64 views raised {type(err).__name__}: {err}; compute in views.dtype so the check can "
+                       "compare in float64")
+    if not grad.abs().sum() > 0:
+        return False, "the gradient is zero at every pixel of the GT renders: training would not move"
+    directions = [torch.randn(views.shape, generator=generator, dtype=views.dtype)]
+    for index in grad.abs().flatten().topk(3).indices:
+        directions.append(torch.zeros(views.numel(), dtype=views.dtype).index_fill_(0, index, 1).view(views.shape))
+    worst = 0.0
+    with torch.no_grad():
+        for direction in directions:
+            plus, minus = (fn(views + sign * FD_STEP * direction, batch, ctx)[0].sum() for sign in (1, -1))
+            numeric, analytic = ((plus - minus) / (2 * FD_STEP)).item(), (grad * direction).sum().item()
+            worst = max(worst, abs(numeric - analytic) / max(abs(numeric), abs(analytic), 1e-9))
+    return worst <= FD_TOLERANCE, (f"autograd vs finite differences along {len(directions)} directions (a random one, "
+                                   f"the 3 largest entries): worst relative gap {worst:.1e} (needs <= {FD_TOLERANCE:g})")
+
+
+def batched_equals_looped(fn, spec: str, views, batch, ctx) -> tuple[bool, str]:
+    """Rewards and parts of all subjects in one call against one call per subject."""
+    with torch.no_grad():
+        together = fn(views, batch, ctx)
+        alone = [check_reward(fn, spec, views[i:i + 1], {k: v[i:i + 1] for k, v in batch.items()}, ctx)
+                 for i in range(len(views))]
+    gaps = {"rewards": (together[0] - torch.cat([r for r, _ in alone])).abs().max().item()}
+    gaps |= {k: (v - torch.cat([p[k] for _, p in alone])).abs().max().item() for k, v in together[1].items()}
+    scale = max(together[0].abs().max().item(), 1e-6)
+    worst = max(gaps, key=gaps.get)
+    return gaps[worst] <= 1e-5 + 1e-4 * scale, (f"{len(views)} subjects in one call vs one at a time: largest gap "
+                                                 f"{gaps[worst]:.1e} ({worst})")
+
+
+def check_reward_command(args: CheckArgs) -> None:
+    args.check()
+    data_path = args.data or args.run_dir / "data" / "scans" / "val.npz"
+    ctx = load_reward_context(args.reward_dir or args.run_dir / "posescore", args.device)
+    data = load_view_latents(data_path, keys=("joints", *POSE_KEYS))
+    count = min(args.count, len(data["latents"]))
+    if count < 2 or data["latents"].shape[-1] != ctx.resolution:
+        raise UserError(f"{data_path} holds {count} subjects at {data['latents'].shape[-1]} px; the check needs 2 or "
+                        f"more at g_skel's {ctx.resolution} px: pass another --data or --reward-dir")
+    views, batch = data["latents"][:count], {k: v[:count] for k, v in data["batch"].items()}
+    fn = checked_reward(args.reward, views, batch, ctx)  # a malformed reward: one line, exit status 2
+    body = load_body_model(args.run_dir / "body", args.device)
+    print(f"check-reward {args.reward}: {count} subjects of {data_path}, GT renders")
+    results = {"ranks the true pose higher": ranks_true_pose_higher(
+                   fn, views, batch, ctx, body, {k: data[k][:count] for k in POSE_KEYS}, args.levels, args.seed),
+               "gradients match finite differences": gradient_matches_finite_differences(fn, views, batch, ctx,
+                                                                                         args.seed),
+               "batched equals looped": batched_equals_looped(fn, args.reward, views, batch, ctx)}
+    for name, (passed, detail) in results.items():
+        print(f"{'PASS' if passed else 'FAIL'} {name}: {detail}")
+    if not all(passed for passed, _ in results.values()):
+        raise SystemExit(1)
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -1082,11 +1364,12 @@ def _train(args: TrainArgs) -> None:
 
 
 def main(args) -> None:
-    train(args) if isinstance(args, TrainArgs) else score(args)
+    {TrainArgs: train, ScoreArgs: score, CheckArgs: check_reward_command}[type(args)](args)
 
 
 Command = Union[Annotated[TrainArgs, tyro.conf.subcommand("train")],
-                Annotated[ScoreArgs, tyro.conf.subcommand("score")]]
+                Annotated[ScoreArgs, tyro.conf.subcommand("score")],
+                Annotated[CheckArgs, tyro.conf.subcommand("check-reward")]]
 
 if __name__ == "__main__":
     run_cli(main, Command)

@@ -66,7 +66,8 @@ class Args:
     pose_layout: Literal["auto", "amass-smplh", "amass-smplx", "motionx", "smpl72", "aistpp"] = "auto"
     """the files' layout (POSE_LAYOUTS); auto tells them apart by file type, keys and width"""
     pose_columns: str | None = None
-    """any other packed array: its columns per SMPL-X part, e.g. global_orient=0:3,body_pose=3:66[,hands=absolute]"""
+    """any other packed array: its columns per SMPL-X part, e.g. global_orient=0:3,body_pose=3:66, and the hands'
+    convention (hands=relative, the default; absolute; auto: read off each file's data)"""
     pose_keys: str | None = None
     """nested files: key paths per part, e.g. body_pose=person_data.0.smpl_pose (poses=KEY: the packed array)"""
     up: Literal["auto", "y", "z", "-y"] = "auto"
@@ -227,10 +228,16 @@ def latents_to_views(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 MASK_THRESHOLD = 0.8
 
 
+def encoded_normal_min(latents: torch.Tensor) -> torch.Tensor:
+    """(..., 6, H, W) view latents -> (..., H, W) the smallest channel of the encoded normal (n + 1) / 2:
+    1 on the background, <= 0.79 on any surface. What the foreground mask and the judge's ink read."""
+    return ((latents[..., 3:, :, :] + 1) / 2).amin(-3)
+
+
 def views_mask(latents: torch.Tensor) -> torch.Tensor:
-    """(..., 6, H, W) view latents -> (..., H, W) {0, 1} foreground, read off the normal channels."""
-    normal = (latents[..., 3:, :, :] + 1) / 2
-    return (normal.amin(-3) < MASK_THRESHOLD).float()
+    """(..., 6, H, W) view latents -> (..., H, W) {0, 1} foreground, read off the normal channels (a hard
+    threshold, no gradient; posescore.soft_views_mask is its differentiable twin)."""
+    return (encoded_normal_min(latents) < MASK_THRESHOLD).float()
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -645,7 +652,8 @@ class PoseLayout:
     fps_keys: tuple[str, ...]  # keys that hold the frame rate
     fps: float | None  # the dataset's documented rate, when its files carry none
     up: str  # the world up axis of the dataset (y, z or -y)
-    hands: str  # "absolute" (AMASS: flat hand = 0), "relative" (to the relaxed mean, smplx's default), "none"
+    hands: str  # "absolute" (AMASS: flat hand = 0), "relative" (to the relaxed mean, smplx's default), "auto"
+    #             (decided per file from the data: `hand_convention`), "none"
 
 
 _ROOT_BODY = dict(global_orient=(0, 3), body_pose=(3, 66))  # the root, then SMPL-X's 21 body joints
@@ -654,9 +662,11 @@ POSE_LAYOUTS = {
     "amass-smplh": PoseLayout("AMASS", (".npz",), "poses", 156,  # root 3, body 63, hands 90
                               dict(_ROOT_BODY, left_hand_pose=(66, 111), right_hand_pose=(111, 156)),
                               ("poses", "trans", "betas"), "trans", _AMASS_FPS, None, "z", "absolute"),
+    # AMASS-style SMPL-X files come in both hand conventions (AMASS: absolute; BEAT2 builds smplx with
+    # flat_hand_mean=False: relative), so each file's is read off its data.
     "amass-smplx": PoseLayout("AMASS", (".npz",), "poses", 165,  # root 3, body 63, jaw 3, eyes 6, hands 90
                               dict(_ROOT_BODY, left_hand_pose=(75, 120), right_hand_pose=(120, 165)),
-                              ("poses", "trans", "betas"), "trans", _AMASS_FPS, None, "z", "absolute"),
+                              ("poses", "trans", "betas"), "trans", _AMASS_FPS, None, "z", "auto"),
     "motionx": PoseLayout("Motion-X", (".npy",), None, 322,  # + jaw 3, face 150, trans 3, betas 10
                           dict(_ROOT_BODY, left_hand_pose=(66, 111), right_hand_pose=(111, 156), transl=(309, 312),
                                betas=(312, 322)), (), None, (), None, "y", "relative"),
@@ -678,8 +688,8 @@ GENERATED_CLIP_FRAMES = 48  # frames per generated pool clip
 GENERATED_FPS = 30.0  # their nominal rate (1.6 s of motion): the default spacing picks every 2nd frame
 
 
-def _width_hint(width: int) -> str:
-    """Which layouts have a pose array `width` wide, or the widths there are."""
+def _width_hint(width: int, suffix: str) -> str:
+    """Which layouts have a pose array `width` wide, or the widths there are in files of this type (`suffix`)."""
     names = [n for n, layout in POSE_LAYOUTS.items() if layout.width == width]
     other = "; any other layout: name its columns with --pose-columns"
     if names:
@@ -687,9 +697,9 @@ def _width_hint(width: int) -> str:
             f"{n} (a {'/'.join(POSE_LAYOUTS[n].suffixes)} file" +
             (f" with keys {', '.join(POSE_LAYOUTS[n].required)})" if POSE_LAYOUTS[n].required else ")")
             for n in names) + other
-    known = sorted({layout.width for layout in POSE_LAYOUTS.values()})
-    return "known widths: " + ", ".join(f"{w} ({'/'.join(n for n, l in POSE_LAYOUTS.items() if l.width == w)})"
-                                        for w in known) + other
+    of_type = {n: layout.width for n, layout in POSE_LAYOUTS.items() if suffix.lower() in layout.suffixes}
+    return f"known widths of {suffix} files: " + ", ".join(
+        f"{w} ({'/'.join(n for n, nw in of_type.items() if nw == w)})" for w in sorted(set(of_type.values()))) + other
 
 
 def _checked(path: Path, array, width: int, what: str) -> np.ndarray:
@@ -698,7 +708,7 @@ def _checked(path: Path, array, width: int, what: str) -> np.ndarray:
         raise UserError(f"{path}: {what} holds a pickled object, not an array; save it as a numeric array")
     array = np.asarray(array)
     if array.ndim != 2 or array.shape[1] != width or array.dtype.kind not in "fiu":
-        hint = _width_hint(array.shape[1]) if array.ndim == 2 else "expected one row per frame"
+        hint = _width_hint(array.shape[1], path.suffix) if array.ndim == 2 else "expected one row per frame"
         raise UserError(f"{path}: {what} has shape {array.shape}, expected (frames, {width}); {hint}")
     if len(array) == 0:
         raise UserError(f"{path}: {what} has no frames; drop this file")
@@ -735,13 +745,14 @@ def _detect_layout(path: Path, arrays: dict) -> str:
     matching = [n for n in candidates if POSE_LAYOUTS[n].width == width]
     if len(matching) != 1:
         raise UserError(f"{path}: cannot tell its layout (pose array shape {np.shape(pose)}); "
-                        f"{_width_hint(width or 0)}")
+                        f"{_width_hint(width or 0, path.suffix)}")
     return matching[0]
 
 
 def load_motion(path: Path, layout: str = "auto", columns: dict | None = None, keys: dict | None = None) -> dict:
     """One motion file as it is: POSE_KEYS arrays (frames, ...) in the file's own world and hand convention, plus
-    path, layout, fps (None when unknown), up (the layout's) and hands; `columns`, `keys`: see _load_mapped."""
+    path, layout, fps (None when unknown) and fps_from (where it came from), up (the layout's) and hands;
+    `columns`, `keys`: see _load_mapped."""
     path = Path(path)
     arrays = _read_motion_file(path)
     if columns or keys:
@@ -784,7 +795,8 @@ def load_motion(path: Path, layout: str = "auto", columns: dict | None = None, k
                             "drop it")
     fps_key = next((key for key in spec.fps_keys if key in arrays), None)
     fps = spec.fps if fps_key is None else read_scalar(path, arrays, fps_key, "frames per second; or pass --fps")
-    return _checked_angles(dict(clip, path=path, layout=name, fps=fps, up=spec.up, hands=spec.hands,
+    fps_from = f"key {fps_key}" if fps_key is not None else f"the {name} layout's default" if fps else None
+    return _checked_angles(dict(clip, path=path, layout=name, fps=fps, fps_from=fps_from, up=spec.up, hands=spec.hands,
                                 unscaled=name == "aistpp" and "smpl_scaling" not in arrays))
 
 
@@ -805,7 +817,7 @@ MAPPED_WIDTHS = dict(global_orient=(3,), body_pose=(63, 69), left_hand_pose=(45,
 
 
 def parse_pose_map(text: str | None, flag: str) -> dict:
-    """--pose-columns 'part=start:stop,...' (and hands=absolute|relative) -> {part: (start, stop)};
+    """--pose-columns 'part=start:stop,...' (and hands=absolute|relative|auto) -> {part: (start, stop)};
     --pose-keys 'part=key.path,...' (and poses=, the array the columns index) -> {part: key path}."""
     extra = ("hands",) if flag == "--pose-columns" else ("poses",)
     out = {}
@@ -816,7 +828,7 @@ def parse_pose_map(text: str | None, flag: str) -> dict:
             fits = start.isdigit() and stop.isdigit() and int(stop) - int(start) in MAPPED_WIDTHS[part]
             value = (int(start), int(stop)) if fits else None
         elif part == "hands":
-            value = value if value in ("absolute", "relative") else None
+            value = value if value in ("absolute", "relative", "auto") else None
         if part not in (*MAPPED_WIDTHS, *extra) or not value or part in out:
             raise UserError(f"{flag}: cannot read {item!r}; give PART=VALUE once per part of "
                             f"{', '.join((*MAPPED_WIDTHS, *extra))} (column spans: 3, body_pose 63 or 69, hands 45)")
@@ -858,9 +870,11 @@ def _load_mapped(path: Path, arrays: dict, columns: dict, keys: dict) -> dict:
         clip[part] = value.reshape((len(value),) + POSE_KEYS[part])
     frames = len(clip["global_orient"])
     clip = {key: clip.get(key, np.zeros((frames,) + shape)) for key, shape in POSE_KEYS.items()}
-    fps = next((read_scalar(path, arrays, k, "frames per second") for k in ("fps", *_AMASS_FPS) if k in arrays), None)
-    return dict(clip, path=path, layout="mapped", fps=fps, up="y", hands=columns.get("hands", "relative"),
-                unscaled=False)
+    fps_key = next((k for k in ("fps", *_AMASS_FPS) if k in arrays), None)
+    fps = None if fps_key is None else read_scalar(path, arrays, fps_key, "frames per second")
+    return dict(clip, path=path, layout="mapped", fps=fps, fps_from=fps_key and f"key {fps_key}", up="y",
+                hands=columns.get("hands", "relative"), unscaled=False,
+                hands_from="--pose-columns" if "hands" in columns else "the default of --pose-columns / --pose-keys")
 
 
 def load_y_up(path: Path, layout: str) -> dict:
@@ -902,10 +916,22 @@ def upright_share(body, global_orient: np.ndarray, body_pose: np.ndarray) -> flo
     return float(((up[:, 1] / up.norm(dim=1).clamp(min=1e-9)) > UPRIGHT_COS).float().mean())
 
 
+def hand_convention(body, left_hand_pose: np.ndarray, right_hand_pose: np.ndarray) -> tuple[str, float, float]:
+    """A clip's hand convention read off its data: hand poses (frames, 15, 3) x2 stored relative to smplx's
+    relaxed mean (flat_hand_mean=False, e.g. BEAT2) rest near zero; stored absolute (AMASS: a flat hand is
+    zero) they rest near that mean. Returns 'relative' or 'absolute' and the distances (rad, over all 90
+    numbers) of the clip's mean hand pose to zero and to the body model's relaxed mean."""
+    mean_pose = np.concatenate([left_hand_pose, right_hand_pose], 1).reshape(len(left_hand_pose), -1).mean(0)  # (90,)
+    relaxed = torch.cat([body.left_hand_mean, body.right_hand_mean]).double().cpu().numpy()  # (90,)
+    to_zero, to_relaxed = float(np.linalg.norm(mean_pose)), float(np.linalg.norm(mean_pose - relaxed))
+    return ("relative" if to_zero <= to_relaxed else "absolute"), to_zero, to_relaxed
+
+
 def check_motion(body, clip: dict, up: str = "auto") -> dict:
     """A clip from `load_motion` in our conventions: y-up (the axis `up`, or with 'auto' the first of the
     layout's, y, z, -y under which the body stands upright; upright under none is refused), hands relative
-    to the relaxed mean."""
+    to the relaxed mean (hands 'auto': the file's convention read off its data, `hand_convention`).
+    `read_as` says how its up axis and hands were read, for the log."""
     frames = len(clip["body_pose"])
     pick = np.unique(np.linspace(0, frames - 1, min(frames, UP_CHECK_FRAMES)).round().astype(int))
     tried = {}
@@ -918,7 +944,17 @@ def check_motion(body, clip: dict, up: str = "auto") -> dict:
         fix = "fix the file's root orientation or drop the file" + ("" if up == "auto" else ", or pass --up auto")
         raise UserError(f"{clip['path']}: the body lies down or stands on its head in most frames (head above "
                         f"the pelvis, of {len(pick)} checked frames: {shares}); {fix}")
-    out = dict(clip, up=axis, global_orient=_up_to_y(clip["global_orient"], axis), hands="relative")
+    hands, hands_from = clip["hands"], clip.get("hands_from", "the layout's")
+    if hands == "none":
+        hands_from = "the layout has none: smplx's relaxed hands"
+    if hands == "auto":
+        hands, to_zero, to_relaxed = hand_convention(body, clip["left_hand_pose"], clip["right_hand_pose"])
+        hands_from = (f"from the data: mean hand pose {to_zero:.2f} rad from zero, {to_relaxed:.2f} from the "
+                      "relaxed mean")
+    up_from = "--up" if up != "auto" else "the layout's" if axis == clip["up"] and clip["layout"] != "mapped" else \
+        f"the first axis the body stands upright in: {tried[axis]:.0%} of {len(pick)} checked frames"
+    out = dict(clip, up=axis, global_orient=_up_to_y(clip["global_orient"], axis), hands="relative",
+               read_as=f"hands {hands} ({hands_from}), up {axis} ({up_from})")
     if axis != "y":  # rotate the whole body about the origin: the root joint (J0) moves, so transl does
         rotation = Rotation.from_euler(UP_TO_Y[axis][1], UP_TO_Y[axis][0], degrees=True)
         with torch.no_grad():
@@ -926,7 +962,7 @@ def check_motion(body, clip: dict, up: str = "auto") -> dict:
             root_dirs = torch.einsum("n,nkl->kl", body.J_regressor[0], body.shapedirs).double().numpy()  # (3, 10)
         root = rest_root + clip["betas"] @ root_dirs.T  # (frames, 3)
         out["transl"] = rotation.apply(root + clip["transl"]) - root
-    if clip["hands"] == "absolute":  # to smplx's flat_hand_mean=False: subtract this body's relaxed mean
+    if hands == "absolute":  # to smplx's flat_hand_mean=False: subtract this body's relaxed mean
         out["left_hand_pose"] = clip["left_hand_pose"] - body.left_hand_mean.reshape(15, 3).double().numpy()
         out["right_hand_pose"] = clip["right_hand_pose"] - body.right_hand_mean.reshape(15, 3).double().numpy()
     return out
@@ -956,6 +992,9 @@ def read_pose_inputs(args: Args, body) -> list[dict]:
     spacing = f"--neighbour-spacing {args.neighbour_spacing:.3f} s"
     kept, short = [], []
     for clip in clips:
+        if args.fps is not None:
+            said = clip["fps"] not in (None, args.fps)
+            clip["fps_from"] = "--fps" + (f", the file says {clip['fps']:g}" if said else "")
         clip["fps"] = args.fps or clip["fps"]
         if clip["fps"] is None:
             raise UserError(f"{clip['path']}: the {clip['layout']} file carries no frame rate; pass --fps with the "
@@ -975,7 +1014,11 @@ def read_pose_inputs(args: Args, body) -> list[dict]:
     unscaled = [c["path"] for c in kept if c["unscaled"]]
     if unscaled:
         print(f"poses: {len(unscaled)} AIST++ files carry no smpl_scaling; smpl_trans taken as metres: {some(unscaled)}")
-    rotated = [c["path"] for c in kept if c["up"] != getattr(POSE_LAYOUTS.get(c["layout"]), "up", "y")]  # mapped: y
+    for clip in kept:  # how each file was read: a wrong frame rate, hand convention or up axis shows here
+        print(f"poses: {clip['path']}: {clip['layout']}, {len(clip['body_pose'])} frames at {clip['fps']:g} fps "
+              f"({clip['fps_from']}), {clip['read_as']}")
+    # Files of a known layout that stand upright only in another axis than the layout's (a mapped file has none).
+    rotated = [c["path"] for c in kept if c["layout"] in POSE_LAYOUTS and c["up"] != POSE_LAYOUTS[c["layout"]].up]
     print(f"poses: {len(kept)} files ({dict(Counter(c['layout'] for c in kept))}), "
           f"{sum(len(c['body_pose']) for c in kept)} frames, up axis {dict(Counter(c['up'] for c in kept))}"
           + (f"; not the layout's own up axis: {some(rotated)}" if rotated else ""))

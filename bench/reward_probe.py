@@ -2,9 +2,12 @@
 
     python bench/reward_probe.py --run-dir runs/demo --reward posescore            # the paper's reward
     python bench/reward_probe.py --reward posescore --realism-weight 0.3           # with DrPose's realism term
-    python bench/reward_probe.py --reward my_reward --check-dir runs/demo/pose_check   # a forked reward
+    python bench/reward_probe.py --reward my_rewards.py:fn --check-dir runs/demo/pose_check   # a forked reward
+    python bench/reward_probe.py --views runs/demo/recon/drpose                    # another model's views
 
-Three probes, all on the bench (data/bench/) and the base model's generated views (recon/base/):
+Three probes, all on the bench (data/bench/) and the generator's views of its subjects (--views: default
+the base model's, recon/base/ as `python reconstruct.py --model base` makes it; or an npz with key
+`latents` (N, 6, 6, H, W), row i the views of bench subject i; the rows named base below are these views):
 
 1. Ascent (the gate). From the base's generated views, Adam on the views themselves (the generator's
    output space: pixels here, latents in a latent model) maximising the reward (minus `--realism-weight`
@@ -18,11 +21,12 @@ Three probes, all on the bench (data/bench/) and the base model's generated view
    DIR`) reads the same views, in case the reader itself is being fooled.
 2. Blur: the five side views blurred (Gaussian, --sigma px): the same pose, less certain. A reward that
    ranks them above the sharp ones pays for hedging.
-3. Swap: the side views of the next subject: sharp, the wrong pose.
+3. Swap: the side views of the next subject: sharp, the wrong pose (so --count is at least 2).
 
-Prints a markdown table and writes --out (default bench/results/reward_gate_<reward>.json) with every
-logged ascent step. Reads <run-dir>/data/bench/, recon/base/, base/, posescore/ (or --reward-dir),
-pose_reader/.
+The reward's first call is checked first (posescore.check_reward): a malformed or detached reward, like
+any bad flag or missing file, is one line and exit status 2 before any probe. Prints a markdown table
+and writes --out (default <run-dir>/gate/reward_gate_<reward>.json) with every logged ascent step.
+Reads <run-dir>/data/bench/, the views, base/, posescore/ (or --reward-dir), pose_reader/.
 """
 
 import argparse
@@ -37,8 +41,8 @@ from skimage.filters import gaussian
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import posescore  # noqa: E402
 from finetune import Reference, realism_penalty  # noqa: E402
-from plumbing import write_json  # noqa: E402
-from prepare_data import from_uint8, load_split, views_to_latents  # noqa: E402
+from plumbing import UserError, guard_output_file, one_line_errors, read_npz_key, write_json  # noqa: E402
+from prepare_data import NUM_VIEWS, from_uint8, load_split, views_to_latents  # noqa: E402
 from pretrain import load_model  # noqa: E402
 
 PASS_SHARE = 0.2  # the ascent must close this share of the base -> GT side-view gap
@@ -66,11 +70,11 @@ def side_error(views: torch.Tensor, batch: dict, gskel_ctx) -> float:
     return float(posescore.reward_in_chunks(sides, views, batch, gskel_ctx)[0].mean())
 
 
-def mean_reward(views: torch.Tensor, batch: dict, reward: str, ctx) -> float:
-    return float(posescore.reward_in_chunks(posescore.resolve_reward(reward), views, batch, ctx)[0].mean())
+def mean_reward(views: torch.Tensor, batch: dict, reward_fn, ctx) -> float:
+    return float(posescore.reward_in_chunks(reward_fn, views, batch, ctx)[0].mean())
 
 
-def ascent(views, images, batch, args, reward_ctx, readers, base, gt_reward) -> list[dict]:
+def ascent(views, images, batch, args, reward_fn, reward_ctx, readers, base, gt_reward) -> list[dict]:
     """Adam on the views; a log line every --log-every steps."""
     x = views.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=args.lr)
@@ -79,7 +83,7 @@ def ascent(views, images, batch, args, reward_ctx, readers, base, gt_reward) -> 
     for step in range(args.steps + 1):
         if step % args.log_every == 0 or step == args.steps:
             with torch.no_grad():
-                line = dict(step=step, reward=mean_reward(x.detach(), batch, args.reward, reward_ctx),
+                line = dict(step=step, reward=mean_reward(x.detach(), batch, reward_fn, reward_ctx),
                             seconds=round(time.time() - start, 1))
                 line |= {f"side_error_{name}": side_error(x.detach(), batch, ctx) for name, ctx in readers.items()}
             line["reached_gt"] = line["reward"] >= gt_reward
@@ -87,7 +91,7 @@ def ascent(views, images, batch, args, reward_ctx, readers, base, gt_reward) -> 
             print(json.dumps(line))
         if step == args.steps:
             break
-        rewards, _ = posescore.resolve_reward(args.reward)(x, batch, reward_ctx)
+        rewards, _ = reward_fn(x, batch, reward_ctx)
         objective = rewards.mean()
         if args.realism_weight > 0:
             realism = realism_penalty(Reference(None, base.unet), base.codec, x, images, base.alphas,
@@ -111,7 +115,40 @@ def verdict(log: list[dict], base_side: float, gt_side: float) -> dict:
                      "the reward first reaches the GT renders' value (else at the last step)")
 
 
-def main() -> None:
+def gate_out(args) -> Path:
+    """Where the gate's json goes: --out, or <run-dir>/gate/reward_gate_<reward>.json."""
+    name = Path(args.reward).name.replace(":", "_")  # a name, or file.py:function
+    return args.out or args.run_dir / "gate" / f"reward_gate_{name}.json"
+
+
+def check_args(args) -> None:
+    """Every flag, before any work: one line and exit status 2 for the first bad one."""
+    if args.steps < 1 or args.log_every < 1 or not args.lr > 0 or args.realism_weight < 0:
+        raise UserError("--steps and --log-every must be >= 1, --lr > 0, --realism-weight >= 0; pass such values")
+    if args.count is not None and args.count < 2:
+        raise UserError(f"--count {args.count}: the swap probe gives each subject the next one's side views, so "
+                        "it needs 2 or more; pass --count 2 or more, or leave it out for every subject")
+    posescore.resolve_reward(args.reward)
+    guard_output_file(gate_out(args), "--out")
+
+
+def read_gate_views(args) -> tuple[torch.Tensor, list[int]]:
+    """The generator's views (N, V, 6, H, W) and the bench subjects they show, from --views: a
+    reconstruct.py folder (default <run-dir>/recon/base) or an npz of `latents`, row i = bench subject i."""
+    source = args.views or args.run_dir / "recon" / "base"
+    made_by = f"python reconstruct.py --run-dir {args.run_dir} --model base"
+    if source.suffix == ".npz":
+        latents = read_npz_key(source, "latents", f"{made_by}, or save the views as latents (N, 6, 6, H, W)",
+                               shape=(None, NUM_VIEWS, 6, None, None))
+        return torch.from_numpy(latents), list(range(len(latents)))
+    if not any(source.glob("[0-9]" * 5 + "/views.npz")):
+        raise UserError(f"{source} holds no generated views ({{i:05d}}/views.npz); make them with `{made_by}`, or "
+                        "pass --views FILE.npz with key latents (N, 6, 6, H, W), row i = bench subject i")
+    views, _, names = posescore.read_scored_views(posescore.ScoreArgs(views_dir=source, run_dir=args.run_dir))
+    return views, [int(n) for n in names]
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
     parser.add_argument("--reward", default="posescore",
@@ -123,30 +160,37 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="Adam steps of the ascent")
     parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate on views in [-1, 1]")
     parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--count", type=int, default=None, help="the first N bench subjects (default all)")
+    parser.add_argument("--views", type=Path, default=None,
+                        help="the generator's views: a reconstruct.py folder, or an npz with key latents (N, 6, 6, H, "
+                             "W), row i = bench subject i (default <run-dir>/recon/base)")
+    parser.add_argument("--count", type=int, default=None,
+                        help="the first N subjects of --views (default all; at least 2, for the swap probe)")
     parser.add_argument("--sigma", type=float, default=2.0, help="blur probe: Gaussian sigma, px")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    try:
-        posescore.resolve_reward(args.reward)
-    except posescore.UserError as err:
-        parser.error(str(err))
-    if args.steps < 1 or args.log_every < 1 or args.lr <= 0 or args.realism_weight < 0:
-        parser.error("--steps and --log-every must be >= 1, --lr > 0, --realism-weight >= 0")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the json of every probe and ascent step (default <run-dir>/gate/reward_gate_<reward>.json)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    check_args(args)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
 
     bench = load_split(args.run_dir / "data/bench/bench.npz", expect_keys=("color", "normal", "joints", "image"))
-    views, _, names = posescore.read_scored_views(posescore.ScoreArgs(views_dir=args.run_dir / "recon" / "base",
-                                                                      run_dir=args.run_dir))
+    views, index = read_gate_views(args)
     count = min(len(views), args.count or len(views))
-    index = [int(n) for n in names[:count]]
-    views = views[:count]
+    if count < 2 or max(index[:count]) >= len(bench["joints"]) or views.shape[-1] != bench["color"].shape[-1]:
+        raise UserError(f"the gate needs views of 2 or more bench subjects at {bench['color'].shape[-1]} px; --views "
+                        f"gives {len(views)} at {views.shape[-1]} px for the bench's {len(bench['joints'])}: pass "
+                        "the views of this run's bench")
+    index, views = index[:count], views[:count]
     gt = views_to_latents(from_uint8(bench["color"][index]), from_uint8(bench["normal"][index]))
     batch = posescore.reward_batch(bench, index)  # the pair rows: joints, image, mask, ...
     images = batch["image"]
     reward_ctx = posescore.load_reward_context(args.reward_dir or args.run_dir / "posescore")
+    reward_fn = posescore.checked_reward(args.reward, views, batch, reward_ctx)  # malformed: one line, exit 2
     readers = {"reader": posescore.load_gskel(args.run_dir / "pose_reader")}
     if args.check_dir is not None:
         readers["check"] = posescore.load_gskel(args.check_dir)
@@ -157,12 +201,12 @@ def main() -> None:
     rows = {"GT renders": gt, f"GT, side views blurred (sigma {args.sigma:g} px)": blur_sides(gt, args.sigma),
             "GT, side views of another subject": other_sides(gt), "base views": views,
             "base, side views blurred": blur_sides(views, args.sigma)}
-    table = {name: dict(reward=mean_reward(v, batch, args.reward, reward_ctx),
+    table = {name: dict(reward=mean_reward(v, batch, reward_fn, reward_ctx),
                         **{f"side_error_{r}": side_error(v, batch, ctx) for r, ctx in readers.items()})
              for name, v in rows.items()}
 
     # --- probe 1: ascent in the generator's output space ---
-    log = ascent(views, images, batch, args, reward_ctx, readers, base, table["GT renders"]["reward"])
+    log = ascent(views, images, batch, args, reward_fn, reward_ctx, readers, base, table["GT renders"]["reward"])
     result = verdict(log, table["base views"]["side_error_reader"], table["GT renders"]["side_error_reader"])
     if "check" in readers:
         at = next(line for line in log if line["step"] == result["judged_at_step"])
@@ -178,11 +222,12 @@ def main() -> None:
     last = log[-1]
     print(f"| ascent, step {last['step']} | " + " | ".join(f"{last[c]:.4f}" for c in cols) + " |")
     print(f"\ngate: {'PASS' if result['passes'] else 'FAIL'} ({json.dumps(result)})")
-    out = args.out or Path(__file__).parent / "results" / f"reward_gate_{Path(args.reward).name.replace(':', '_')}.json"
+    out = gate_out(args)
     write_json(out, dict(args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                          subjects=count, probes=table, ascent=log, gate=result))
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors():
+        main()

@@ -343,7 +343,8 @@ def test_a_reward_from_the_users_own_file_reads_the_whole_pair_row(run, tmp_path
     out = ft.drpose(tiny_args(run, reward=spec, steps=1))
     seen = posescore.resolve_reward(spec).__globals__["SEEN"]
     rows = plumbing.step_rows(0, len(pairs["image"]), 2, 1, 0, 0)
-    batch = seen[0]
+    assert len(seen) == 2  # the start-up check of the reward's output (posescore.check_reward), then step 1
+    batch = seen[1]
     assert {"image", "mask", "joints", "body_pose"} <= set(batch) and not {"color", "normal"} & set(batch)
     assert torch.equal(batch["mask"], torch.from_numpy(pairs["mask"][rows.numpy()]).float())
     assert torch.equal(batch["image"], torch.from_numpy(pairs["image"][rows.numpy()]).float() / 255)

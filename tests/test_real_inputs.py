@@ -232,8 +232,12 @@ def test_unknown_width_names_the_layouts_of_that_width_or_lists_them(tmp_path):
     with pytest.raises(pd.UserError, match=r"156-wide pose array is amass-smplh \(a \.npz file with keys poses"):
         pd.load_motion(tmp_path / "amass_as_npy.npy")
     np.savez(tmp_path / "odd.npz", poses=np.zeros((5, 99)))
-    with pytest.raises(pd.UserError, match=r"known widths: 72 \(smpl72/aistpp\), 156 \(amass-smplh\), 165 \(amass-smplx\)"):
+    with pytest.raises(pd.UserError, match=r"known widths of .npz files: 72 \(smpl72\), 156 \(amass-smplh\), "
+                                           r"165 \(amass-smplx\);"):
         pd.load_motion(tmp_path / "odd.npz")
+    np.save(tmp_path / "odd.npy", np.zeros((5, 99)))  # an .npy is never AIST++ (.pkl only)
+    with pytest.raises(pd.UserError, match=r"known widths of .npy files: 72 \(smpl72\), 322 \(motionx\);"):
+        pd.load_motion(tmp_path / "odd.npy")
     with pytest.raises(pd.UserError, match=r"expected \(frames, 165\); a 156-wide pose array is amass-smplh"):
         pd.load_motion(write_motion("amass-smplh", tmp_path / "h.npz", _file_params("z")), "amass-smplx")
 
@@ -246,6 +250,48 @@ def test_no_frame_rate_and_no_fps_flag_is_a_clear_error(body, tmp_path, fast_mai
     assert str(path) in str(err.value)
     args = pd.Args(pose_source="files", pose_files=path, fps=20.0, **TINY)
     assert pd.read_pose_inputs(args, body)[0]["fps"] == 20.0  # --fps gives it
+
+
+def test_each_files_frame_rate_is_printed_with_where_it_came_from(body, tmp_path, capsys):
+    """A key of the file, --fps (which wins, saying what the file said), or the layout's documented rate."""
+    motions = tmp_path / "motions"
+    motions.mkdir()
+    keyed = write_motion("amass-smplh", motions / "keyed.npz", _file_params("z", seed=40), fps=120.0)
+    aist = write_motion("aistpp", motions / "dance.pkl", _file_params("y", seed=41))
+    clips = pd.read_pose_inputs(pd.Args(pose_source="files", pose_files=motions, neighbours=2), body)
+    assert [c["fps"] for c in clips] == [60.0, 120.0]  # sorted by path: dance.pkl, keyed.npz
+    lines = capsys.readouterr().out.splitlines()
+    line = lambda path: next(x for x in lines if x.startswith(f"poses: {path}: "))  # noqa: E731
+    assert f"{FRAMES} frames at 120 fps (key mocap_framerate)" in line(keyed)
+    assert "at 60 fps (the aistpp layout's default), hands none (the layout has none: smplx's relaxed hands)" \
+        in line(aist)
+    pd.read_pose_inputs(pd.Args(pose_source="files", pose_files=keyed, fps=30.0, neighbours=2), body)
+    assert "at 30 fps (--fps, the file says 120)" in capsys.readouterr().out
+
+
+def test_amass_smplx_hands_are_read_in_the_convention_each_files_data_shows(body, body_dir, tmp_path, capsys):
+    """AMASS stores SMPL-X hands absolute (a flat hand is zero), BEAT2 relative to smplx's relaxed mean: the
+    same layout, told apart per file by where its hands rest, and posed as stock smplx poses that convention."""
+    relaxed = torch.cat([body.left_hand_mean, body.right_hand_mean]).double().numpy()  # (90,)
+    p = _file_params("z", seed=42)
+    motions = tmp_path / "motions"
+    motions.mkdir()
+    written = {kind: dict(p, hands=p["hands"] + offset) for kind, offset in (("absolute", relaxed), ("relative", 0))}
+    paths = {kind: write_motion("amass-smplx", motions / f"{kind}.npz", q) for kind, q in written.items()}
+    clips = {c["path"]: c for c in pd.read_pose_inputs(pd.Args(pose_source="files", pose_files=motions,
+                                                               neighbours=2), body)}
+    lines = capsys.readouterr().out.splitlines()
+    for kind, path in paths.items():
+        assert pd.hand_convention(body, *(written[kind]["hands"][:, s].reshape(-1, 15, 3)
+                                          for s in (slice(0, 45), slice(45, 90))))[0] == kind
+        line = next(x for x in lines if x.startswith(f"poses: {path}: amass-smplx"))
+        assert f"hands {kind} (from the data: mean hand pose" in line and "up z (the layout's)" in line
+        expected = stock_joints(body_dir, written[kind], "z", hands=written[kind]["hands"], flat=kind == "absolute",
+                                betas=p["betas"][:10])
+        assert np.abs(our_joints(body, clips[path]) - expected).max() < 1e-4
+        wrong = stock_joints(body_dir, written[kind], "z", hands=written[kind]["hands"], flat=kind != "absolute",
+                             betas=p["betas"][:10])
+        assert np.abs(our_joints(body, clips[path]) - wrong).max() > 1e-2  # the convention moves the fingers
 
 
 def test_a_pickle_naming_os_system_is_refused_and_never_run(tmp_path):
@@ -455,7 +501,7 @@ def test_nested_estimator_output_loads_through_pose_keys(body, body_dir, tmp_pat
         assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
-def test_files_through_pose_keys_run_end_to_end(tmp_path, fast_main):
+def test_files_through_pose_keys_run_end_to_end(tmp_path, fast_main, capsys):
     run, call = fast_main
     path = tmp_path / "track.pkl"
     with open(path, "wb") as fh:
@@ -463,6 +509,11 @@ def test_files_through_pose_keys_run_end_to_end(tmp_path, fast_main):
     call(pose_source="files", pose_files=path, pose_keys=ESTIMATOR_KEYS, fps=30.0, neighbours=2)
     manifest = pd.read_manifest(run / "data" / "drpose", "")
     assert manifest["pose_files"]["layouts"] == ["mapped"]
+    out = capsys.readouterr().out
+    # a mapped file has no layout, so no "layout's own up axis" to differ from; its line says how -y was found
+    assert "layout's own up axis" not in out
+    assert f"poses: {path}: mapped, {FRAMES} frames at 30 fps (--fps), hands relative (the default of " in out
+    assert "up -y (the first axis the body stands upright in" in out
 
 
 def test_the_readmes_pose_columns_examples_read_their_layouts_files_as_the_layouts_do(tmp_path):

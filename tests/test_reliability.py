@@ -557,11 +557,11 @@ def test_drpose_stops_at_a_nan_loss_or_gradient_with_the_last_good_checkpoint(wo
     calls = []
 
     def reward_breaking_at_step_3(views, batch, ctx):
-        calls.append(1)
+        calls.append(1)  # call 1 is the start-up check of the reward's output (posescore.check_reward)
         rewards, parts = posescore.posescore_reward(views, batch, ctx)
-        if len(calls) == 3 and broken == "loss":
+        if len(calls) == 4 and broken == "loss":
             rewards = rewards * float("nan")
-        elif len(calls) == 3:  # a finite value whose gradient is NaN: 0 * d sqrt(x)/dx at x = 0
+        elif len(calls) == 4:  # a finite value whose gradient is NaN: 0 * d sqrt(x)/dx at x = 0
             rewards = rewards + 0 * (views * 0).sqrt().sum()
         return rewards, parts
 
