@@ -294,8 +294,9 @@ def realism_penalty(reference: Reference, codec: LatentCodec, views: torch.Tenso
     """(B,) the starting model's denoising error on the generated views (`pretrain.denoising_error`).
     Views the base finds unlikely (a reward network's adversarial strokes, blobs) cost more than views
     it could have drawn. The gradient reaches the views only; checkpointing is off for this pass, as
-    its recomputation in backward would run with the adapters on again."""
-    with reference.network() as network:
+    its recomputation in backward would run with the adapters on again. On CUDA it runs under bf16 autocast,
+    as every other U-Net call does: the frozen copy there is bf16, and float32 views must meet it cast."""
+    with reference.network() as network, autocast(views.device):
         checkpointing = network.is_gradient_checkpointing
         network.disable_gradient_checkpointing()
         try:
