@@ -379,3 +379,25 @@ def test_the_gates_docs_name_only_flags_it_has():
     for command in commands:
         for flag in re.findall(r"(--[a-z][a-z-]*)", command):
             assert flag in flags, f"{flag} in `{command}`"
+
+
+def test_gate_passes_only_where_every_reader_closes_40_percent_on_every_split():
+    """The verdict is read at the first step whose reward reaches the GT renders' value: every reader on every
+    bench split must have closed 40% of the base -> GT gap in judged error there; the last step is reported."""
+    gate = load_gate()
+    readers, splits = ("pose_reader", "pose_reader2"), {"all": None, "dynamic": None, "extreme": None}
+    flat = lambda v: {f"judged_{r}_{s}": v for r in readers for s in splits}  # noqa: E731
+    table = {"base views": flat(5.0), "GT renders": flat(1.0)}
+    log = [dict(step=0, reached_gt=False, **flat(5.0)), dict(step=10, reached_gt=True, **flat(3.0)),
+           dict(step=20, reached_gt=True, **flat(1.0))]
+    result = gate.verdict(log, table, readers, splits)
+    assert result["judged_at_step"] == 10 and result["passes"]  # 50% everywhere at step 10
+    assert result["gap_closed"]["pose_reader2_extreme"] == pytest.approx(0.5)
+    assert result["gap_closed_last_step"]["pose_reader_dynamic"] == pytest.approx(1.0)
+    log[1]["judged_pose_reader2_extreme"] = 3.6  # the second reader closes 35% on extreme: no pass
+    assert not gate.verdict(log, table, readers, splits)["passes"]
+    log[1]["judged_pose_reader2_extreme"] = 3.0
+    log[1]["judged_pose_reader_all"] = 4.9  # "all" is not a split of its own: it does not decide
+    assert gate.verdict(log, table, readers, splits)["passes"]
+    never = [dict(line, reached_gt=False) for line in log]  # the reward never reaches GT: judged at the last step
+    assert gate.verdict(never, table, readers, splits)["judged_at_step"] == 20
