@@ -105,6 +105,13 @@ class TrainArgs:
     """augmentation: strength of `solid_mess` (speckle, blotches, blur up to a blob, colour shifts, pixels
     missing or added at the limbs; 1 puts each on up to half the views), so the pose reader reads a
     correct pose drawn messily as correct; 0 = off (the reward's g_skel, as in the paper)"""
+    adv_eps: float = 0.0
+    """adversarial training: each training image is first moved within an L2 ball of this radius (a view
+    latent (6, H, W) in [-1, 1]) to raise g_skel's loss by --adv-steps of projected gradient ascent, targets
+    unchanged (PGD, Madry et al.). A robust g_skel has perceptually aligned gradients, so an ascent on its
+    reward draws limbs rather than noise. 0 = off (as in the paper)"""
+    adv_steps: int = 3
+    """PGD steps per training batch when --adv-eps > 0"""
     pose_free: float = 0.0
     """share of each batch replaced by pose-free images of the same views (a body's ink, no limbs; see
     `pose_free_images`) whose target is empty maps, so that a reader answers a blob with "no skeleton" rather
@@ -153,6 +160,8 @@ class TrainArgs:
         check_number(self, "seed", 0, high=SEED_MAX)
         check_number(self, "threads", 0, high=1024)
         check_number(self, "pose_free", 0, high=1, fix="pass a share from 0 (off) to 1")
+        check_number(self, "adv_eps", 0, high=100, fix="pass an L2 radius >= 0 (about 1 moves each value ~1%)")
+        check_number(self, "adv_steps", 1, high=100)
         if self.pose_free > 0 and not self.pose_free_kinds:
             raise UserError("--pose-free-kinds is empty; pass one or more of " + " ".join(POSE_FREE_KINDS))
         if self.init is None and (not self.channels or len(self.channels) > MAX_LEVELS or any(
@@ -593,7 +602,59 @@ def posescore_dice_reward(views: torch.Tensor, batch: dict, ctx: RewardContext):
     return rewards, parts
 
 
-REWARDS = {"posescore": posescore_reward, "keypoints": keypoints_reward, "posescore_dice": posescore_dice_reward}
+SMOOTH_DRAWS, SMOOTH_STD = 4, 0.15  # noisy copies PoseScore is averaged over, and their noise std (views in [-1, 1])
+
+
+def posescore_smooth_reward(views: torch.Tensor, batch: dict, ctx: RewardContext):
+    """PoseScore averaged over SMOOTH_DRAWS copies of the views with Gaussian noise of std SMOOTH_STD added: the
+    reward of a randomly smoothed g_skel, as RSA-FT averages the reward's gradient over perturbed samples. A
+    pixel-level adversarial direction raises one copy's score and not the others', so an ascent on the average
+    follows what the copies agree on. The noise is the same on every call and for every subject (a fixed
+    generator), so the reward is a deterministic function of the views."""
+    generator = torch.Generator().manual_seed(0)
+    noise = SMOOTH_STD * torch.randn((SMOOTH_DRAWS, 1, *views.shape[1:]), generator=generator)  # (D, 1, V, 6, H, W)
+    scores = [posescore_reward((views + n.to(views)).clamp(-1, 1), batch, ctx) for n in noise]
+    rewards = torch.stack([r for r, _ in scores]).mean(0)
+    return rewards, {key: torch.stack([p[key] for _, p in scores]).mean(0) for key in scores[0][1]}
+
+
+def median3(views: torch.Tensor) -> torch.Tensor:
+    """(..., C, H, W) -> the same after a 3x3 median per channel (edges replicated); differentiable almost
+    everywhere (the gradient reaches the median pixel of each window)."""
+    flat = F.pad(views.reshape(-1, 1, *views.shape[-2:]), (1, 1, 1, 1), mode="replicate")
+    return flat.unfold(2, 3, 1).unfold(3, 3, 1).flatten(-2).median(-1).values.reshape(views.shape)
+
+
+def posescore_median_reward(views: torch.Tensor, batch: dict, ctx: RewardContext):
+    """PoseScore of the views after a 3x3 median: an isolated stroke or speckle pixel, the raw material of a
+    pixel-level attack on g_skel, is gone before g_skel reads the view; limbs two pixels wide stay."""
+    return posescore_reward(median3(views), batch, ctx)
+
+
+CONTRAST_DRAWS, CONTRAST_M = 4, 0.15  # wrong poses each view is contrasted with, and their joints' offset std (m)
+
+
+def posescore_contrast_reward(views: torch.Tensor, batch: dict, ctx: RewardContext):
+    """How much better g_skel's maps match the pose than nearby wrong poses: the mean BCE against CONTRAST_DRAWS
+    wrong poses (every joint moved by a fixed Gaussian offset of std CONTRAST_M in 3D) minus the BCE against the
+    pose. A hedge (maps spread over every possible pose) or an erased figure matches the wrong poses as well as
+    the right one and earns about 0; only maps with the pose's own bones in place earn more. The offsets are
+    the same on every call and for every subject (a fixed generator)."""
+    logits, target, bce = maps_and_bce(views, batch, ctx)  # (B, V, K)
+    joints = batch["joints"].to(logits.device, logits.dtype)
+    generator = torch.Generator().manual_seed(0)
+    offsets = CONTRAST_M * torch.randn((CONTRAST_DRAWS, 1, *joints.shape[1:]), generator=generator)  # (D, 1, J, 3)
+    wrong = torch.stack([F.binary_cross_entropy_with_logits(
+        logits, skeleton_maps(joints + offset.to(joints), ctx.resolution, ctx.width), reduction="none").mean((-2, -1))
+        for offset in offsets]).mean(0)  # (B, V, K)
+    margin = wrong - bce
+    parts = {"bce": -bce.mean((1, 2))} | {f"view_{az:03d}": margin[:, v].mean(1) for v, az in enumerate(VIEW_AZIMUTHS)}
+    return margin.mean((1, 2)), parts
+
+
+REWARDS = {"posescore": posescore_reward, "keypoints": keypoints_reward, "posescore_dice": posescore_dice_reward,
+           "posescore_smooth": posescore_smooth_reward, "posescore_median": posescore_median_reward,
+           "posescore_contrast": posescore_contrast_reward}
 # The rewards stage 2 validates (true vs perturbed poses), by name: the paper's and the two the
 # README's findings are about. A forked reward is validated by bench/reward_probe.py, not here, so
 # one that needs more from the context than g_skel cannot break this stage.
@@ -1020,6 +1081,24 @@ def warmup_cosine(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, steps))))
 
 
+def adversarial_images(gskel, images: torch.Tensor, view: torch.Tensor, target: torch.Tensor, eps: float, steps: int,
+                       pos_weight: torch.Tensor) -> torch.Tensor:
+    """(N, 6, H, W) images moved within an L2 ball of radius `eps` (per image) to raise g_skel's BCE against the
+    unchanged `target` maps: `steps` of normalised gradient ascent, each projected back onto the ball."""
+    delta = torch.zeros_like(images)
+    step_size = 2.5 * eps / steps
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = F.binary_cross_entropy_with_logits(gskel_apply(gskel, (images + delta).clamp(-1, 1), view), target,
+                                                  pos_weight=pos_weight)
+        grad, = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            delta = delta + step_size * grad / grad.flatten(1).norm(dim=1).clamp(min=1e-12)[:, None, None, None]
+            norm = delta.flatten(1).norm(dim=1)
+            delta = delta * (eps / norm.clamp(min=eps))[:, None, None, None]  # back onto the ball
+    return (images + delta).clamp(-1, 1).detach()
+
+
 def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, log_path: Path | None = None):
     """Fit g_skel by per-pixel BCE on single views. latents (N, V, 6, H, W), joints (N, 55, 3).
     Targets are drawn on the fly (a full set of maps would be N*V*K*H*W floats). Returns g_skel."""
@@ -1052,6 +1131,8 @@ def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, lo
         target = draw_bones(pix, resolution, args.width)  # (N, K, H, W): only the views in the batch
         if args.pose_free > 0:
             target = target * (~free).to(target)[:, None, None, None]
+        if args.adv_eps > 0:
+            images = adversarial_images(gskel, images, view.to(device), target, args.adv_eps, args.adv_steps, pos_weight)
         logits = gskel_apply(gskel, images, view.to(device))
         loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight)
         if not torch.isfinite(loss):  # NaN guard: stop before the weights take a bad step; nothing is written

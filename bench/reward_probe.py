@@ -143,7 +143,8 @@ def verdict(log: list[dict], table: dict, readers, splits) -> dict:
 
 def sheet_rows(gt: torch.Tensor, start: torch.Tensor, final: torch.Tensor, splits: dict, per_split: int = 3) -> list:
     """Rows for the contact sheet: the first `per_split` subjects of each split, GT / start / final colour views."""
-    to_uint8 = lambda v: ((v[:, :3] + 1) * 127.5).round().clamp(0, 255).byte().numpy()  # noqa: E731 (V, 3, H, W)
+    def to_uint8(views):  # (V, 6, H, W) -> (V, 3, 3H, 3W) colour, enlarged for the eye
+        return ((views[:, :3] + 1) * 127.5).round().clamp(0, 255).byte().numpy().repeat(3, 2).repeat(3, 3)
     rows = []
     for split, mask in splits.items():
         if split == "all" and len(splits) > 1:
