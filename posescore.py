@@ -631,6 +631,12 @@ def posescore_median_reward(views: torch.Tensor, batch: dict, ctx: RewardContext
     return posescore_reward(median3(views), batch, ctx)
 
 
+def posescore_lowpass_reward(views: torch.Tensor, batch: dict, ctx: RewardContext):
+    """PoseScore of the views after a 3x3 box blur twice (g_skel trains under such blur, see `augment`): the
+    gradient that reaches the views is low-pass too, so an ascent moves regions, not single pixels."""
+    return posescore_reward(box_blur(views, 2), batch, ctx)
+
+
 CONTRAST_DRAWS, CONTRAST_M = 4, 0.15  # wrong poses each view is contrasted with, and their joints' offset std (m)
 
 
@@ -654,7 +660,7 @@ def posescore_contrast_reward(views: torch.Tensor, batch: dict, ctx: RewardConte
 
 REWARDS = {"posescore": posescore_reward, "keypoints": keypoints_reward, "posescore_dice": posescore_dice_reward,
            "posescore_smooth": posescore_smooth_reward, "posescore_median": posescore_median_reward,
-           "posescore_contrast": posescore_contrast_reward}
+           "posescore_contrast": posescore_contrast_reward, "posescore_lowpass": posescore_lowpass_reward}
 # The rewards stage 2 validates (true vs perturbed poses), by name: the paper's and the two the
 # README's findings are about. A forked reward is validated by bench/reward_probe.py, not here, so
 # one that needs more from the context than g_skel cannot break this stage.
