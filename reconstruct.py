@@ -449,12 +449,14 @@ class SubsetSkinner:
         self.template = body.v_template[self.index].detach()  # (P, 3)
         self.shapedirs = body.shapedirs[self.index, :, :10].detach()  # (P, 3, 10)
         self.weights = body.lbs_weights[self.index].detach()  # (P, 55)
+        # The rest joints are linear in the shape (prepare_data.body_joints): regressed once, not per call.
+        self.rest_joints = (body.J_regressor @ body.v_template).detach()  # (55, 3)
+        self.joint_dirs = torch.einsum("jn,nkl->jkl", body.J_regressor, body.shapedirs[:, :, :10]).detach()  # (55, 3, 10)
 
     def __call__(self, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
         body, batch = self.body, params["body_pose"].shape[0]
         betas = params["betas"].reshape(batch, -1)[:, :10]
-        shaped = body.v_template + torch.einsum("bl,nkl->bnk", betas, body.shapedirs[:, :, :10])
-        rest_joints = torch.einsum("jn,bnk->bjk", body.J_regressor, shaped)  # (B, 55, 3)
+        rest_joints = self.rest_joints + torch.einsum("bl,jkl->bjk", betas, self.joint_dirs)  # (B, 55, 3)
         zeros = params["body_pose"].new_zeros(batch, 3, 3)
         full = torch.cat([params["global_orient"].reshape(batch, 1, 3), params["body_pose"].reshape(batch, 21, 3),
                           zeros, body.left_hand_mean.reshape(1, 15, 3).expand(batch, -1, -1),

@@ -18,8 +18,8 @@ from scipy.spatial.transform import Rotation
 
 import evaluate
 import posescore
-from evaluate import (Args, chamfer_cm, fscore, geometry_metrics, mpjpe_mm, normal_consistency, pa_mpjpe_mm,
-                      point_to_surface_cm, procrustes_align, ssim)
+from evaluate import (Args, chamfer_cm, closest_on_triangles, fscore, geometry_metrics, mpjpe_mm, normal_consistency,
+                      pa_mpjpe_mm, point_to_surface_cm, procrustes_align, ssim)
 from evaluate import read_metrics
 from prepare_data import views_to_latents
 from plumbing import UserError
@@ -55,6 +55,32 @@ def test_point_to_surface_is_the_known_offset_from_a_box():
     inner = rng.uniform(-0.4, 0.4, size=(50, 2))
     points = np.concatenate([np.c_[np.full(50, 0.53), inner], np.c_[inner[:, 0], np.full(50, -0.53), inner[:, 1]]])
     assert point_to_surface_cm(points, box) == pytest.approx(3.0, abs=1e-6)
+
+
+def test_closest_point_on_a_triangle_matches_a_dense_sampling_of_it():
+    rng = np.random.default_rng(2)
+    a, b, c = (rng.normal(0, 1, (400, 3)) for _ in range(3))
+    c[:20] = a[:20] + 1e-9 * rng.normal(0, 1, (20, 3))  # nearly degenerate triangles too
+    p = rng.normal(0, 2, (400, 3))
+    closest = closest_on_triangles(p, a, b, c)
+    s, t = np.meshgrid(np.linspace(0, 1, 301), np.linspace(0, 1, 301))
+    s, t = s[s + t <= 1], t[s + t <= 1]  # barycentric grid over each triangle
+    dense = a[:, None] + s[None, :, None] * (b - a)[:, None] + t[None, :, None] * (c - a)[:, None]
+    dense_dist = np.linalg.norm(dense - p[:, None], axis=2).min(1)
+    exact = np.linalg.norm(closest - p, axis=1)
+    spacing = np.linalg.norm(np.stack([b - a, c - a]), axis=2).max(0) / 300
+    assert (exact <= dense_dist + 1e-9).all() and (dense_dist - exact <= spacing).all()
+
+
+def test_point_to_surface_equals_the_closest_point_over_every_triangle():
+    mesh = trimesh.creation.icosphere(subdivisions=3)
+    mesh.vertices *= np.array([0.3, 0.9, 0.2])  # an elongated body of uneven triangles
+    rng = np.random.default_rng(3)
+    points = rng.normal(0, 0.6, (300, 3))
+    tri = mesh.triangles
+    every = np.stack([np.linalg.norm(closest_on_triangles(np.repeat(p[None], len(tri), 0), *tri.transpose(1, 0, 2))
+                                     - p, axis=1).min() for p in points])
+    assert point_to_surface_cm(points, mesh) == pytest.approx(100 * every.mean(), rel=1e-12)
 
 
 def test_concentric_spheres_give_the_offset():
