@@ -65,9 +65,10 @@ from tqdm import tqdm
 from prepare_data import (NUM_BODY_JOINTS, ORTHO_HALF_EXTENT, VIEW_AZIMUTHS, from_uint8, latents_to_views,
                           load_split, view_rotations, views_mask, views_to_latents)
 from plumbing import (SEED_MAX, UserError, atomic_write, check_device, check_name, check_number, guard_output,
-                      provenance, read_manifest, read_npz_key, run_cli, with_preset, write_json)
+                      provenance, read_json, read_manifest, read_npz_key, run_cli, with_preset, write_json)
 import posescore
-from pretrain import load_model, psnr, sample_views
+from pretrain import CONFIG_NAME, psnr
+from reconstruct import JUDGE_SETS, judge_views
 
 
 @dataclass
@@ -90,9 +91,10 @@ class Args:
     """also score the generated views with the networks: PoseScore (run_dir/posescore/) and the view
     joint error (run_dir/pose_reader/), each when its folder exists"""
     judge_sets: tuple[str, ...] = ("val", "drpose_gt")
-    """datasets besides the bench whose views every model generates here, for the judge's rows:
-    `val` (held-out scans: the in-distribution row) and `drpose_gt` (the DrPose poses' GT renders: the
-    ceiling's own training poses). Needs <run-dir>/<model>/ model folders and pose_reader/; () skips"""
+    """datasets besides the bench whose views every model makes, for the judge's rows: `val` (held-out scans:
+    the in-distribution row) and `drpose_gt` (the DrPose poses' GT renders: the ceiling's own training poses).
+    Views reconstruct.py kept under recon/<model>/ are read, others generated here with the model folder its
+    manifest names. Needs pose_reader/; () skips"""
     judge_count: int = 48
     """subjects of each judge set (the first N)"""
     max_grids: int | None = None
@@ -328,8 +330,9 @@ def load_bench(run_dir: Path) -> dict:
 
 
 def load_recon(run_dir: Path, tag: str, bench: dict) -> dict:
-    """One model's reconstructions: latents (N, V, 6, H, W), joints (N, 55, 3), mesh paths; a views-only
-    sample (reconstruct.py --fit-every) has NaN joints and no mesh."""
+    """One model's reconstructions: latents (N, V, 6, H, W), joints (N, 55, 3), mesh paths and the model folder
+    that generated them (None for given views); a views-only sample (reconstruct.py --fit-every) has NaN joints
+    and no mesh."""
     folder = run_dir / "recon" / tag
     made_by = recon_command(run_dir, tag)
     manifest = read_manifest(folder, made_by)
@@ -359,8 +362,28 @@ def load_recon(run_dir: Path, tag: str, bench: dict) -> dict:
     if latents.shape[1:] != (len(VIEW_AZIMUTHS), 6) + bench["color"].shape[-2:]:
         raise UserError(f"{folder}: views.npz latents have shape {latents.shape[1:]}, expected "
                         f"(V, 6, H, W) = {(len(VIEW_AZIMUTHS), 6) + bench['color'].shape[-2:]}; re-run `{made_by}`")
-    return dict(latents=latents, joints=np.stack(joints), mesh_paths=meshes,
+    # The model folder that generated these views (stored relative to the run folder): the judge's other rows
+    # are generated with the same one, wherever it lies (a committed model under pretrained/, say).
+    model = run_dir / manifest["model"] if isinstance(manifest.get("model"), str) else None
+    return dict(latents=latents, joints=np.stack(joints), mesh_paths=meshes, model=model,
                 meshes=[load_mesh(path, made_by) if path else None for path in meshes])  # read once, checked now
+
+
+def model_label(folder: Path | None, run_dir: Path) -> str | None:
+    """How a fine-tuned model was made, from its model_config.json: `live` (trained inside this run folder) or
+    `committed` (weights from elsewhere, e.g. pretrained/), the samples it trained on (steps x batch x processes)
+    and, where its config says, the CPU or GPU it trained on. None without a model folder."""
+    if folder is None or not (folder / CONFIG_NAME).is_file():
+        return None
+    config = read_json(folder / CONFIG_NAME, f"python finetune.py --out {folder}")
+    args = config.get("drpose" if config.get("stage") == "finetune" else "train_args")
+    args = args if isinstance(args, dict) else {}
+    trained_on = config.get("trained_on") if isinstance(config.get("trained_on"), dict) else {}
+    numbers = [config.get("step"), args.get("batch_size"), trained_on.get("processes", 1)]
+    samples = math.prod(numbers) if all(isinstance(n, int) for n in numbers) else None
+    device = {"cpu": "CPU", "cuda": "GPU"}.get(trained_on.get("device", args.get("device")))
+    where = "live" if folder.resolve().is_relative_to(run_dir.resolve()) else "committed"
+    return ", ".join([where] + ([f"{samples:,} samples"] if samples is not None else []) + ([device] if device else []))
 
 
 def load_mesh(path: Path, made_by: str):
@@ -461,21 +484,7 @@ def summary(values: np.ndarray) -> dict:
 GAP_METRIC = "judged_error_px"  # the judge: the pose reader's side-view error with the penalty for faint drawing
 
 
-JUDGE_SETS = {"val": "data/scans/val.npz", "drpose_gt": "data/drpose_gt/train.npz"}
 JUDGE_SET_LABELS = {"val": "val (held-out scans: in-distribution)", "drpose_gt": "DrPose poses (the ceiling's training set)"}
-
-
-@torch.no_grad()
-def generate_set(model_dir: Path, images: torch.Tensor, seed: int, device, chunk: int = 16) -> torch.Tensor:
-    """A model's views of images (N, 3, H, W) in [0, 1] -> (N, V, 6, H, W), with the model's own
-    sampling settings and noise from its own generator (seed), so every model sees the same noise."""
-    model = load_model(model_dir, device)
-    generator = torch.Generator().manual_seed(seed + 12345)
-    sampling = model.config["sampling"]
-    out = [sample_views(model.unet, images[i:i + chunk].to(device), sampling["num_steps"], sampling["guidance"],
-                        generator, alphas=model.alphas, codec=model.codec).float().cpu()
-           for i in range(0, len(images), chunk)]
-    return torch.cat(out)
 
 
 def judge(reader, views: torch.Tensor, gt_views: torch.Tensor, joints: torch.Tensor) -> dict[str, np.ndarray]:
@@ -490,7 +499,8 @@ def judge(reader, views: torch.Tensor, gt_views: torch.Tensor, joints: torch.Ten
 def judge_set(run_dir: Path, data_path: Path, models: dict[str, Path], reader, count: int, seed: int,
               device, split: str | None = None) -> dict:
     """{model tag or 'gt': {quantity: mean}} of the judge on the first `count` subjects of a dataset
-    (of its bench `split` only, when given)."""
+    (of its bench `split` only, when given). Each model's views: those reconstruct.py kept of these images
+    under recon/<tag>/, or generated now (reconstruct.judge_views)."""
     arrays = load_split(data_path, expect_keys=("color", "normal", "joints"), made_by=bench_command(run_dir))
     if split is not None:
         arrays = {k: v[np.array([str(x) for x in arrays["split"]]) == split] for k, v in arrays.items()}
@@ -500,7 +510,7 @@ def judge_set(run_dir: Path, data_path: Path, models: dict[str, Path], reader, c
     images = from_uint8(arrays["image"][:count]) if "image" in arrays else (gt[:, 0, :3] + 1) / 2
     out = {"gt": judge(reader, gt, gt, joints)}
     for tag, folder in models.items():
-        out[tag] = judge(reader, generate_set(folder, images, seed, device), gt, joints)
+        out[tag] = judge(reader, judge_views(run_dir / "recon" / tag, folder, images, seed, device), gt, joints)
     return dict(count=count, models={tag: {k: float(v.mean()) for k, v in values.items()}
                                      for tag, values in out.items()})
 
@@ -620,7 +630,7 @@ def split_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     tags = list(results["models"])
     others = [t for t in tags if t not in ("base", "ceiling")]
     has_gap = any("gap_closed" in entry for entry in results["splits"].values())
-    header = ["split", "subjects"] + [f"{t}: {metric_label(GAP_METRIC, results)}" for t in tags]
+    header = ["split", "subjects"] + [f"{labelled(results, t)}: {metric_label(GAP_METRIC, results)}" for t in tags]
     header += [f"{t}: gap closed" for t in others] if has_gap else []
     rows = []
     for name, entry in results.get("judge_sets", {}).items():  # in-distribution and training-fit rows first
@@ -663,7 +673,7 @@ def write_markdown(path: Path, results: dict) -> str:
              "on held-out scans, the DrPose poses and each bench split; gap closed = (base - model) / "
              "(base - ceiling), the share of the way from the base to the supervised ceiling (the base "
              "fine-tuned on six-view renders of the DrPose poses).")
-    text = "\n".join(lines) + "\n\n" + note + "\n"
+    text = weights_line(results) + "\n\n" + "\n".join(lines) + "\n\n" + note + "\n"
     with atomic_write(path) as tmp:
         tmp.write_text(text)
     return "\n".join(lines)
@@ -870,7 +880,8 @@ def headline_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     tags = list(results["models"])
     others = [t for t in tags if t not in ("base", "ceiling")]
     has_gap = "base" in tags and "ceiling" in tags and bool(others)
-    header = ["", "subjects", *tags] + ([f"{t}: gap closed" for t in others] if has_gap else [])
+    header = ["", "subjects", *[labelled(results, t) for t in tags]] + (
+        [f"{t}: gap closed" for t in others] if has_gap else [])
     rows = []
     for label, count, values, gaps in judge_rows(results):
         row = [label, str(count)] + ["n/a" if values[t] is None else f"{values[t]:.3f}" for t in tags]
@@ -879,6 +890,26 @@ def headline_rows(results: dict) -> tuple[list[str], list[list[str]]]:
                     for t in others]
         rows.append(row)
     return header, rows
+
+
+def labelled(results: dict, tag: str) -> str:
+    """A model's tag with how it was made (model_label), e.g. `drpose (live, 80 samples, CPU)`."""
+    label = results.get("labels", {}).get(tag)
+    return f"{tag} ({label})" if label else tag
+
+
+def weights_line(results: dict) -> str:
+    """The report's first line: whether the verdict reads committed GPU-trained weights or only live runs."""
+    labels = results.get("labels", {})
+    committed = [labelled(results, t) for t, label in labels.items() if label.startswith("committed")]
+    live = [labelled(results, t) for t, label in labels.items() if label.startswith("live")]
+    if committed:
+        return (f"Committed weights, evaluated here beside the base: {_names(committed)}; the verdict reads them"
+                + (f". Live runs of this machine, which show the loop running: {_names(live)}." if live else "."))
+    return ("No committed GPU-trained weights are evaluated here (`make demo` evaluates pretrained/demo_drpose and "
+            "pretrained/demo_ceiling where they exist), so this verdict cannot show the method"
+            + (f": every fine-tuned model is a live run of this machine, {_names(live)}, which shows the loop "
+               "running." if live else "."))
 
 
 def _names(items: list[str]) -> str:
@@ -893,7 +924,8 @@ def verdict_sentence(results: dict) -> str:
         return ("No verdict: it needs a base model and the judge (evaluate `--models base ...` on a run with "
                 "pose_reader/).")
     clauses = []
-    for tag in [t for t in results["models"] if t not in ("base", "ceiling")]:
+    fine_tunes = [t for t in results["models"] if t not in ("base", "ceiling")]
+    for tag in sorted(fine_tunes, key=lambda t: not results.get("labels", {}).get(t, "").startswith("committed")):
         read = {label: (values[tag], values["base"]) for label, values in rows if values[tag] is not None}
         better, worse = [n for n, (v, b) in read.items() if v < b], [n for n, (v, b) in read.items() if v > b]
         on = lambda names: "every row" if len(names) == len(read) else _names(names)  # noqa: E731
@@ -905,12 +937,13 @@ def verdict_sentence(results: dict) -> str:
         reward = "" if reward is None else \
             f", while its reward, PoseScore, {'rises' if reward > 0 else 'falls'} {abs(100 * reward):.1f}%"
         if read:
-            clauses.append(f"{tag} reads {how} (judged error, px: {numbers}){reward}")
+            clauses.append(f"{labelled(results, tag)} reads {how} (judged error, px: {numbers}){reward}")
     if "ceiling" in results["models"]:
         above = [label for label, values in rows if values["ceiling"] is not None
                  and values["ceiling"] < values["base"]]
-        clauses.append(f"the supervised ceiling beats the base on {_names(above)}" if above else
-                       "the supervised ceiling beats the base nowhere, so there is no gap to close")
+        ceiling = labelled(results, "ceiling").replace("ceiling", "the supervised ceiling", 1)
+        clauses.append(f"{ceiling} beats the base on {_names(above)}" if above else
+                       f"{ceiling} beats the base nowhere, so there is no gap to close")
     return "Verdict: " + "; ".join(clauses) + "." if clauses else "No verdict: only the base was evaluated."
 
 
@@ -959,6 +992,7 @@ def write_report(path: Path, results: dict, figures: dict[str, str], grids: list
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}"
         "figcaption{color:#444;font-size:90%;margin-bottom:1.5em}</style></head><body>",
         f"<h1>DrPose evaluation: {esc(results['run_dir'])}</h1>",
+        f"<p><b>{esc(weights_line(results))}</b></p>",
         f"<h2>Result</h2><p>The pose the generated views show, judged on the side views by the pose reader (a "
         f"network trained apart from the reward): {esc(metric_label(GAP_METRIC, results))}, lower is better"
         + (f"; the GT renders of the bench read {gt['mean']:.3f}" if gt else "") + ". Gap closed = (base - model) / "
@@ -1021,7 +1055,7 @@ def main(args: Args) -> dict:
             per_subject[tag] |= dict(judged_error_px=verdict["judged_px"], solidity=verdict["solidity"])
         scores["judged_error_px"] = dict(gt=judge(reader, gt, gt, joints)["judged_px"])
         # --- the judge's other rows: held-out scans (in-distribution) and the DrPose poses' GT ---
-        models = {tag: args.run_dir / tag for tag in args.models if (args.run_dir / tag).is_dir()}
+        models = {tag: recon["model"] for tag, recon in recons.items() if recon["model"] and recon["model"].is_dir()}
         for name in args.judge_sets:
             if not (args.run_dir / JUDGE_SETS[name]).exists():  # e.g. a run made with --no-ceiling has no drpose_gt
                 print(f"judge set {name} skipped: {args.run_dir / JUDGE_SETS[name]} not found")
@@ -1033,6 +1067,8 @@ def main(args: Args) -> dict:
     out = args.run_dir / "eval"
     results = summarise(args, per_subject, {metric: values["gt"] for metric, values in scores.items()}, bench, count)
     results["judge_sets"] = judge_rows
+    results["labels"] = {tag: label for tag in args.models if tag != "base"
+                         and (label := model_label(recons[tag]["model"], args.run_dir)) is not None}
     write_json(out / "results.json", results)
     table = write_markdown(out / "results.md", results)
 
@@ -1050,6 +1086,7 @@ def main(args: Args) -> dict:
         plot_grid(out / "grids" / f"{i:05d}.png", i, bench, recons, title)
         grids.append((title, f"grids/{i:05d}.png"))
     write_report(out / "report.html", results, figures, grids)
+    print(weights_line(results))
     print(table)
     print(f"report: {out / 'report.html'}")
     return results
