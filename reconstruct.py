@@ -513,7 +513,9 @@ def silhouette_loss(pix: torch.Tensor, mask: torch.Tensor, outside: torch.Tensor
             cover.append(pix.new_zeros(()))
             continue
         centres = torch.stack([cols, rows], -1).to(pix.dtype) + 0.5  # (Q, 2)
-        nearest = torch.cdist(centres, pix[v]).amin(1)  # (Q,)
+        with torch.no_grad():  # which vertex is nearest needs no gradient; its distance does
+            index = torch.cdist(centres, pix[v]).argmin(1)  # (Q,)
+        nearest = (centres - pix[v][index]).norm(dim=-1)  # (Q,)
         cover.append((nearest - 0.5).clamp(min=0).pow(2).mean())
     return (weights * (inside_term + torch.stack(cover))).sum() / weights.sum()
 
