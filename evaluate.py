@@ -906,7 +906,7 @@ def weights_line(results: dict) -> str:
     if committed:
         return (f"Committed weights, evaluated here beside the base: {_names(committed)}; the verdict reads them"
                 + (f". Live runs of this machine, which show the loop running: {_names(live)}." if live else "."))
-    return ("No committed GPU-trained weights are evaluated here (`make demo` evaluates pretrained/demo_drpose and "
+    return ("No committed GPU-trained weights are evaluated here (make demo evaluates pretrained/demo_drpose and "
             "pretrained/demo_ceiling where they exist), so this verdict cannot show the method"
             + (f": every fine-tuned model is a live run of this machine, {_names(live)}, which shows the loop "
                "running." if live else "."))

@@ -482,3 +482,54 @@ def test_report_verdict_when_the_fine_tune_loses_everywhere_and_there_is_no_gap(
     assert "no gap: ceiling not better than base" in page
     only_base = _results({"dynamic": dict(base=3.9)})
     assert evaluate.verdict_sentence(only_base) == "No verdict: only the base was evaluated."
+
+
+# --- which weights: live runs and committed models -------------------------------------------------
+
+def test_labels_say_live_or_committed_samples_and_device(tmp_path):
+    run = tmp_path / "run"
+
+    def folder(path: Path, **config) -> Path:
+        path.mkdir(parents=True)
+        (path / "model_config.json").write_text(json.dumps(config))
+        return path
+
+    drpose = folder(run / "drpose", stage="finetune", step=20, drpose=dict(batch_size=4, device="auto"),
+                    trained_on=dict(device="cpu", processes=1))
+    ceiling = folder(run / "ceiling", stage="pretrain", step=20, train_args=dict(batch_size=4, device="auto"),
+                     trained_on=dict(device="cpu", processes=1))
+    older = folder(run / "older", stage="finetune", step=100, drpose=dict(batch_size=4, device="auto"))
+    committed = folder(tmp_path / "pretrained" / "demo_drpose", stage="finetune", step=400,
+                       drpose=dict(batch_size=16, device="auto"), trained_on=dict(device="cuda", processes=4))
+    assert evaluate.model_label(drpose, run) == evaluate.model_label(ceiling, run) == "live, 80 samples, CPU"
+    assert evaluate.model_label(older, run) == "live, 400 samples"  # no record of where it trained: not guessed
+    assert evaluate.model_label(committed, run) == "committed, 25,600 samples, GPU"
+    assert evaluate.model_label(None, run) is None and evaluate.model_label(run / "gone", run) is None
+
+
+def test_the_report_opens_with_which_weights_the_verdict_reads(tmp_path):
+    errors = {"dynamic": dict(base=4.0, drpose=4.4, ceiling=3.0), "extreme": dict(base=5.0, drpose=4.6, ceiling=4.0)}
+    results = _results(errors)
+    results["labels"] = dict(drpose="live, 80 samples, CPU", ceiling="live, 80 samples, CPU")
+    line = evaluate.weights_line(results)
+    assert line.startswith("No committed GPU-trained weights are evaluated here")
+    assert "pretrained/demo_drpose" in line and "drpose (live, 80 samples, CPU)" in line
+    evaluate.write_report(tmp_path / "report.html", results, {}, [])
+    page = (tmp_path / "report.html").read_text()
+    assert page.index(line) < page.index("<table>")
+    assert "<th>drpose (live, 80 samples, CPU)</th>" in page
+    assert evaluate.verdict_sentence(results).startswith("Verdict: drpose (live, 80 samples, CPU) reads ")
+
+    for row in errors.values():  # a committed DrPose beside the live one: it leads the verdict
+        row["committed_drpose"] = row["base"] - 0.5
+    results = _results(errors)
+    results["labels"] = dict(drpose="live, 80 samples, CPU", ceiling="committed, 25,600 samples, GPU",
+                             committed_drpose="committed, 25,600 samples, GPU")
+    line = evaluate.weights_line(results)
+    assert line.startswith("Committed weights, evaluated here beside the base: ceiling (committed, 25,600 samples, "
+                           "GPU) and committed_drpose (committed, 25,600 samples, GPU); the verdict reads them")
+    assert "Live runs of this machine, which show the loop running: drpose (live, 80 samples, CPU)." in line
+    verdict = evaluate.verdict_sentence(results)
+    assert verdict.startswith("Verdict: committed_drpose (committed, 25,600 samples, GPU) reads a better pose than "
+                              "the base on every row")
+    assert "; drpose (live, 80 samples, CPU) reads " in verdict
