@@ -71,9 +71,9 @@ from prepare_data import (BACKGROUND, NUM_BODY_JOINTS, NUM_VIEWS, ORTHO_HALF_EXT
                           body_forward, body_joints, from_uint8, latents_to_views, load_body_model, load_split,
                           render_views, to_uint8, vertex_normals, view_rotations, views_to_latents, views_mask,
                           views_to_pixels, world_to_views)
-from plumbing import (SEED_MAX, UserError, atomic_dir, atomic_write, check_device, check_name, check_number, check_output,
-                      contact_sheet, guard_output, provenance, read_json, read_manifest, read_npz_key, run_cli,
-                      run_relative, with_preset, write_json)
+from plumbing import (SEED_MAX, UserError, atomic_dir, atomic_write, check_device, check_name, check_number,
+                      check_output, contact_sheet, guard_output, provenance, read_json, read_manifest, read_npz_key,
+                      run_cli, run_relative, with_preset, write_json)
 import posescore
 from posescore import draw_bones, gskel_logits, joints_from_maps, project_joints, skeleton_maps
 from pretrain import MAX_GUIDANCE, SCHEDULER, load_model, sample_views, weights_sha256
@@ -465,7 +465,8 @@ class SubsetSkinner:
         self.weights = body.lbs_weights[self.index].detach()  # (P, 55)
         # The rest joints are linear in the shape (prepare_data.body_joints): regressed once, not per call.
         self.rest_joints = (body.J_regressor @ body.v_template).detach()  # (55, 3)
-        self.joint_dirs = torch.einsum("jn,nkl->jkl", body.J_regressor, body.shapedirs[:, :, :10]).detach()  # (55, 3, 10)
+        self.joint_dirs = torch.einsum("jn,nkl->jkl", body.J_regressor,
+                                       body.shapedirs[:, :, :10]).detach()  # (55, 3, 10)
 
     def __call__(self, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
         body, batch = self.body, params["body_pose"].shape[0]
