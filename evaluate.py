@@ -23,8 +23,9 @@ Protocol (also written into results.json):
   sampled uniformly by area (`num_samples` points, numpy Generator seeded per subject, so every
   model meets the same GT samples). Chamfer = the mean of the two directions' mean Euclidean (L2,
   not squared) nearest-sample distances, in cm. P2S = mean exact distance from the predicted
-  samples to the GT surface (trimesh closest points), in cm. Normal consistency = mean |cos| between
-  a sample's face normal and its nearest sample's, both directions averaged (absolute value, as in
+  samples to the GT surface (the closest point on each triangle near enough to hold it), in cm.
+  Normal consistency = mean |cos| between a sample's face normal and its nearest sample's, both
+  directions averaged (absolute value, as in
   Occupancy Networks: a carved mesh's orientation is not guaranteed). F-score = harmonic mean of
   precision (predicted samples within tau of the GT samples) and recall (the reverse); tau = 5 cm by
   default: under one demo pixel (2.2 m / 32 px = 6.9 cm) and 1.5 full pixels (3.4 cm), so a score
@@ -64,9 +65,10 @@ from tqdm import tqdm
 from prepare_data import (NUM_BODY_JOINTS, ORTHO_HALF_EXTENT, VIEW_AZIMUTHS, from_uint8, latents_to_views,
                           load_split, view_rotations, views_mask, views_to_latents)
 from plumbing import (SEED_MAX, UserError, atomic_write, check_device, check_name, check_number, guard_output,
-                      provenance, read_manifest, read_npz_key, run_cli, with_preset, write_json)
+                      provenance, read_json, read_manifest, read_npz_key, run_cli, with_preset, write_json)
 import posescore
-from pretrain import load_model, psnr, sample_views
+from pretrain import CONFIG_NAME, psnr
+from reconstruct import JUDGE_SETS, judge_views
 
 
 @dataclass
@@ -89,9 +91,10 @@ class Args:
     """also score the generated views with the networks: PoseScore (run_dir/posescore/) and the view
     joint error (run_dir/pose_reader/), each when its folder exists"""
     judge_sets: tuple[str, ...] = ("val", "drpose_gt")
-    """datasets besides the bench whose views every model generates here, for the judge's rows:
-    `val` (held-out scans: the in-distribution row) and `drpose_gt` (the DrPose poses' GT renders: the
-    ceiling's own training poses). Needs <run-dir>/<model>/ model folders and pose_reader/; () skips"""
+    """datasets besides the bench whose views every model makes, for the judge's rows: `val` (held-out scans:
+    the in-distribution row) and `drpose_gt` (the DrPose poses' GT renders: the ceiling's own training poses).
+    Views reconstruct.py kept under recon/<model>/ are read, others generated here with the model folder its
+    manifest names. Needs pose_reader/; () skips"""
     judge_count: int = 48
     """subjects of each judge set (the first N)"""
     max_grids: int | None = None
@@ -186,10 +189,46 @@ def chamfer_cm(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(100 * 0.5 * (_nearest(pred, gt)[0].mean() + _nearest(gt, pred)[0].mean()))
 
 
+def closest_on_triangles(p: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """The closest point (N, 3) to each point p (N, 3) on the triangle (a, b, c) (N, 3 each): its vertex,
+    edge or face region, as in Ericson's Real-Time Collision Detection, 5.1.5, over arrays."""
+    ab, ac = b - a, c - a
+    d1, d2 = (ab * (p - a)).sum(1), (ac * (p - a)).sum(1)
+    d3, d4 = (ab * (p - b)).sum(1), (ac * (p - b)).sum(1)
+    d5, d6 = (ab * (p - c)).sum(1), (ac * (p - c)).sum(1)
+    va, vb, vc = d3 * d6 - d5 * d4, d5 * d2 - d1 * d6, d1 * d4 - d3 * d2  # barycentric areas
+    with np.errstate(divide="ignore", invalid="ignore"):  # the regions below replace what divides by zero
+        out = a + (vb / (va + vb + vc))[:, None] * ab + (vc / (va + vb + vc))[:, None] * ac  # inside the face
+        regions = [  # (where, the closest point there), later ones win, as Ericson's early returns do
+            ((va <= 0) & (d4 >= d3) & (d5 >= d6), b + ((d4 - d3) / ((d4 - d3) + (d5 - d6)))[:, None] * (c - b)),
+            ((vb <= 0) & (d2 >= 0) & (d6 <= 0), a + (d2 / (d2 - d6))[:, None] * ac),
+            ((d6 >= 0) & (d5 <= d6), c), ((vc <= 0) & (d1 >= 0) & (d3 <= 0), a + (d1 / (d1 - d3))[:, None] * ab),
+            ((d3 >= 0) & (d4 <= d3), b), ((d1 <= 0) & (d2 <= 0), a)]
+    for where, point in regions:
+        out[where] = point[where]
+    return out
+
+
 def point_to_surface_cm(points: np.ndarray, mesh) -> float:
-    """Mean exact distance (cm) from points (P, 3) to the surface of `mesh`."""
-    _, dist, _ = trimesh.proximity.closest_point(mesh, points)
-    return 100 * float(np.mean(dist))
+    """Mean exact distance (cm) from points (P, 3) to the surface of `mesh`. Only triangles that can hold the
+    closest point are measured: with u the distance to the triangle whose centre is nearest and r a
+    triangle's radius about its centre, one whose centre lies further than u + r cannot."""
+    triangles = np.asarray(mesh.triangles, dtype=np.float64)  # (F, 3, 3)
+    centres = triangles.mean(1)
+    radius = np.linalg.norm(triangles - centres[:, None], axis=2).max(1)  # (F,)
+    tree = cKDTree(centres)
+    _, nearest = tree.query(points)
+    bound = np.linalg.norm(closest_on_triangles(points, *triangles[nearest].transpose(1, 0, 2)) - points, axis=1)
+    candidates = tree.query_ball_point(points, bound + radius.max())
+    point = np.repeat(np.arange(len(points)), [len(c) for c in candidates])
+    face = np.concatenate(candidates).astype(np.int64)
+    near = np.linalg.norm(points[point] - centres[face], axis=1) <= bound[point] + radius[face]
+    point, face = point[near], face[near]
+    dist = np.linalg.norm(closest_on_triangles(points[point], *triangles[face].transpose(1, 0, 2)) - points[point],
+                          axis=1)
+    best = bound.copy()
+    np.minimum.at(best, point, dist)
+    return 100 * float(np.mean(best))
 
 
 def normal_consistency(pred: np.ndarray, pred_normals: np.ndarray, gt: np.ndarray,
@@ -293,8 +332,9 @@ def load_bench(run_dir: Path) -> dict:
 
 
 def load_recon(run_dir: Path, tag: str, bench: dict) -> dict:
-    """One model's reconstructions: latents (N, V, 6, H, W), joints (N, 55, 3), mesh paths; a views-only
-    sample (reconstruct.py --fit-every) has NaN joints and no mesh."""
+    """One model's reconstructions: latents (N, V, 6, H, W), joints (N, 55, 3), mesh paths and the model folder
+    that generated them (None for given views); a views-only sample (reconstruct.py --fit-every) has NaN joints
+    and no mesh."""
     folder = run_dir / "recon" / tag
     made_by = recon_command(run_dir, tag)
     manifest = read_manifest(folder, made_by)
@@ -324,8 +364,28 @@ def load_recon(run_dir: Path, tag: str, bench: dict) -> dict:
     if latents.shape[1:] != (len(VIEW_AZIMUTHS), 6) + bench["color"].shape[-2:]:
         raise UserError(f"{folder}: views.npz latents have shape {latents.shape[1:]}, expected "
                         f"(V, 6, H, W) = {(len(VIEW_AZIMUTHS), 6) + bench['color'].shape[-2:]}; re-run `{made_by}`")
-    return dict(latents=latents, joints=np.stack(joints), mesh_paths=meshes,
+    # The model folder that generated these views (stored relative to the run folder): the judge's other rows
+    # are generated with the same one, wherever it lies (a committed model under pretrained/, say).
+    model = run_dir / manifest["model"] if isinstance(manifest.get("model"), str) else None
+    return dict(latents=latents, joints=np.stack(joints), mesh_paths=meshes, model=model,
                 meshes=[load_mesh(path, made_by) if path else None for path in meshes])  # read once, checked now
+
+
+def model_label(folder: Path | None, run_dir: Path) -> str | None:
+    """How a fine-tuned model was made, from its model_config.json: `live` (trained inside this run folder) or
+    `committed` (weights from elsewhere, e.g. pretrained/), the samples it trained on (steps x batch x processes)
+    and, where its config says, the CPU or GPU it trained on. None without a model folder."""
+    if folder is None or not (folder / CONFIG_NAME).is_file():
+        return None
+    config = read_json(folder / CONFIG_NAME, f"python finetune.py --out {folder}")
+    args = config.get("drpose" if config.get("stage") == "finetune" else "train_args")
+    args = args if isinstance(args, dict) else {}
+    trained_on = config.get("trained_on") if isinstance(config.get("trained_on"), dict) else {}
+    numbers = [config.get("step"), args.get("batch_size"), trained_on.get("processes", 1)]
+    samples = math.prod(numbers) if all(isinstance(n, int) for n in numbers) else None
+    device = {"cpu": "CPU", "cuda": "GPU"}.get(trained_on.get("device", args.get("device")))
+    where = "live" if folder.resolve().is_relative_to(run_dir.resolve()) else "committed"
+    return ", ".join([where] + ([f"{samples:,} samples"] if samples is not None else []) + ([device] if device else []))
 
 
 def load_mesh(path: Path, made_by: str):
@@ -429,21 +489,7 @@ GAP_METRIC = "judged_error_px"  # the judge: the pose reader's side-view error w
 READERS = {"pose_reader": "", "pose_reader2": "_reader2"}
 
 
-JUDGE_SETS = {"val": "data/scans/val.npz", "drpose_gt": "data/drpose_gt/train.npz"}
 JUDGE_SET_LABELS = {"val": "val (held-out scans: in-distribution)", "drpose_gt": "DrPose poses (the ceiling's training set)"}
-
-
-@torch.no_grad()
-def generate_set(model_dir: Path, images: torch.Tensor, seed: int, device, chunk: int = 16) -> torch.Tensor:
-    """A model's views of images (N, 3, H, W) in [0, 1] -> (N, V, 6, H, W), with the model's own
-    sampling settings and noise from its own generator (seed), so every model sees the same noise."""
-    model = load_model(model_dir, device)
-    generator = torch.Generator().manual_seed(seed + 12345)
-    sampling = model.config["sampling"]
-    out = [sample_views(model.unet, images[i:i + chunk].to(device), sampling["num_steps"], sampling["guidance"],
-                        generator, alphas=model.alphas, codec=model.codec).float().cpu()
-           for i in range(0, len(images), chunk)]
-    return torch.cat(out)
 
 
 def judge(readers: dict, views: torch.Tensor, gt_views: torch.Tensor, joints: torch.Tensor) -> dict[str, np.ndarray]:
@@ -453,7 +499,7 @@ def judge(readers: dict, views: torch.Tensor, gt_views: torch.Tensor, joints: to
     side_error_px, solidity, sureness, judged_px plus the reader's suffix."""
     out = {}
     for suffix, reader in readers.items():
-        verdict = posescore.judge_views(reader, views, gt_views, joints)
+        verdict = posescore.judge_verdict(reader, views, gt_views, joints)
         out |= {f"{key}{suffix}": verdict[name][:, 1:].mean(1).numpy() for key, name in (
             ("side_error_px", "error"), ("solidity", "solidity"), ("sureness", "sureness"), ("judged_px", "judged"))}
     return out
@@ -468,7 +514,8 @@ def load_readers(run_dir: Path, device) -> dict:
 def judge_set(run_dir: Path, data_path: Path, models: dict[str, Path], readers: dict, count: int, seed: int,
               device, split: str | None = None) -> dict:
     """{model tag or 'gt': {quantity: mean}} of the judge (`judge`, every reader) on the first `count` subjects
-    of a dataset (of its bench `split` only, when given)."""
+    of a dataset (of its bench `split` only, when given). Each model's views: those reconstruct.py kept of these
+    images under recon/<tag>/, or generated now (reconstruct.judge_views)."""
     arrays = load_split(data_path, expect_keys=("color", "normal", "joints"), made_by=bench_command(run_dir))
     if split is not None:
         arrays = {k: v[np.array([str(x) for x in arrays["split"]]) == split] for k, v in arrays.items()}
@@ -478,7 +525,7 @@ def judge_set(run_dir: Path, data_path: Path, models: dict[str, Path], readers: 
     images = from_uint8(arrays["image"][:count]) if "image" in arrays else (gt[:, 0, :3] + 1) / 2
     out = {"gt": judge(readers, gt, gt, joints)}
     for tag, folder in models.items():
-        out[tag] = judge(readers, generate_set(folder, images, seed, device), gt, joints)
+        out[tag] = judge(readers, judge_views(run_dir / "recon" / tag, folder, images, seed, device), gt, joints)
     return dict(count=count, models={tag: {k: float(v.mean()) for k, v in values.items()}
                                      for tag, values in out.items()})
 
@@ -541,7 +588,8 @@ def summarise(args: Args, per_subject: dict, gt_values: dict, bench: dict, count
             surface_samples=args.num_samples, sampling_seed=args.seed,
             chamfer="mean of both directions' mean Euclidean (L2, not squared) nearest-sample distance, cm "
                     "(identical surfaces score a small floor from sampling that shrinks as samples grow)",
-            p2s="mean exact distance from predicted samples to the GT surface (trimesh), cm",
+            p2s="mean exact distance from predicted samples to the GT surface (closest point on every triangle "
+                "that can hold it), cm",
             normal_consistency="mean |cos| to the nearest sample's face normal, both directions",
             fscore_threshold_cm=args.fscore_cm,
             mpjpe="22 SMPL-X body joints, pelvis-aligned, mm", pa_mpjpe="after similarity Procrustes, mm",
@@ -600,7 +648,7 @@ def split_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     others = [t for t in tags if t not in ("base", "ceiling")]
     rows = judge_rows(results)
     has_gap = "base" in tags and "ceiling" in tags and bool(others)
-    header = ["split", "subjects"] + [f"{t}: {metric_label(GAP_METRIC, results)}" for t in tags]
+    header = ["split", "subjects"] + [f"{labelled(results, t)}: {metric_label(GAP_METRIC, results)}" for t in tags]
     header += [f"{t}: gap closed" for t in others] if has_gap else []
     return header, [[label, str(count)] + [_per_reader(values, t, "{:.3f}") for t in tags]
                     + ([_per_reader(gaps, t, "{:.0%}") for t in others] if has_gap else [])
@@ -632,7 +680,7 @@ def write_markdown(path: Path, results: dict) -> str:
              "on held-out scans, the DrPose poses and each bench split; gap closed = (base - model) / "
              "(base - ceiling), the share of the way from the base to the supervised ceiling (the base "
              "fine-tuned on six-view renders of the DrPose poses).")
-    text = "\n".join(lines) + "\n\n" + note + "\n"
+    text = weights_line(results) + "\n\n" + "\n".join(lines) + "\n\n" + note + "\n"
     with atomic_write(path) as tmp:
         tmp.write_text(text)
     return "\n".join(lines)
@@ -849,7 +897,8 @@ def headline_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     tags = list(results["models"])
     others = [t for t in tags if t not in ("base", "ceiling")]
     has_gap = "base" in tags and "ceiling" in tags and bool(others)
-    header = ["", "subjects", *tags] + ([f"{t}: gap closed" for t in others] if has_gap else [])
+    header = ["", "subjects", *[labelled(results, t) for t in tags]] + (
+        [f"{t}: gap closed" for t in others] if has_gap else [])
     rows = []
     for label, count, values, gaps in judge_rows(results):
         row = [label, str(count)] + [_per_reader(values, t, "{:.3f}") for t in tags]
@@ -866,6 +915,26 @@ def agreement(model: list[float], base: list[float]) -> str:
     return says.pop() if len(says) == 1 else "readers disagree"
 
 
+def labelled(results: dict, tag: str) -> str:
+    """A model's tag with how it was made (model_label), e.g. `drpose (live, 80 samples, CPU)`."""
+    label = results.get("labels", {}).get(tag)
+    return f"{tag} ({label})" if label else tag
+
+
+def weights_line(results: dict) -> str:
+    """The report's first line: whether the verdict reads committed GPU-trained weights or only live runs."""
+    labels = results.get("labels", {})
+    committed = [labelled(results, t) for t, label in labels.items() if label.startswith("committed")]
+    live = [labelled(results, t) for t, label in labels.items() if label.startswith("live")]
+    if committed:
+        return (f"Committed weights, evaluated here beside the base: {_names(committed)}; the verdict reads them"
+                + (f". Live runs of this machine, which show the loop running: {_names(live)}." if live else "."))
+    return ("No committed GPU-trained weights are evaluated here (make demo evaluates pretrained/demo_drpose and "
+            "pretrained/demo_ceiling where they exist), so this verdict cannot show the method"
+            + (f": every fine-tuned model is a live run of this machine, {_names(live)}, which shows the loop "
+               "running." if live else "."))
+
+
 def _names(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
@@ -880,7 +949,8 @@ def verdict_sentence(results: dict) -> str:
         return ("No verdict: it needs a base model and the judge (evaluate `--models base ...` on a run with "
                 "pose_reader/).")
     clauses = []
-    for tag in [t for t in results["models"] if t not in ("base", "ceiling")]:
+    fine_tunes = [t for t in results["models"] if t not in ("base", "ceiling")]
+    for tag in sorted(fine_tunes, key=lambda t: not results.get("labels", {}).get(t, "").startswith("committed")):
         read = {label: ([v[tag] for v in values.values()], [v["base"] for v in values.values()])
                 for label, values in rows if all(v[tag] is not None for v in values.values())}
         said = {label: agreement(m, b) for label, (m, b) in read.items()}
@@ -897,13 +967,14 @@ def verdict_sentence(results: dict) -> str:
         reward = "" if reward is None else \
             f", while its reward, PoseScore, {'rises' if reward > 0 else 'falls'} {abs(100 * reward):.1f}%"
         if read:
-            clauses.append(f"{tag} reads {how} (judged error, px{', first / second reader' if len(rows[0][1]) > 1 else ''}"
-                           f": {numbers}){reward}")
+            clauses.append(f"{labelled(results, tag)} reads {how} (judged error, px"
+                           f"{', first / second reader' if len(rows[0][1]) > 1 else ''}: {numbers}){reward}")
     if "ceiling" in results["models"]:
         above = [label for label, values in rows if all(v["ceiling"] is not None for v in values.values())
                  and agreement([v["ceiling"] for v in values.values()], [v["base"] for v in values.values()]) == "better"]
-        clauses.append(f"the supervised ceiling beats the base on {_names(above)}" if above else
-                       "the supervised ceiling beats the base nowhere, so there is no gap to close")
+        ceiling = labelled(results, "ceiling").replace("ceiling", "the supervised ceiling", 1)
+        clauses.append(f"{ceiling} beats the base on {_names(above)}" if above else
+                       f"{ceiling} beats the base nowhere, so there is no gap to close")
     return "Verdict: " + "; ".join(clauses) + "." if clauses else "No verdict: only the base was evaluated."
 
 
@@ -953,6 +1024,7 @@ def write_report(path: Path, results: dict, figures: dict[str, str], grids: list
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}"
         "figcaption{color:#444;font-size:90%;margin-bottom:1.5em}</style></head><body>",
         f"<h1>DrPose evaluation: {esc(results['run_dir'])}</h1>",
+        f"<p><b>{esc(weights_line(results))}</b></p>",
         f"<h2>Result</h2><p>The pose the generated views show, judged on the side views by the pose reader (a "
         f"network trained apart from the reward): {esc(metric_label(GAP_METRIC, results))}, lower is better"
         + (f"; the GT renders of the bench read {gt['mean']:.3f}" if gt else "") + ". Gap closed = (base - model) / "
@@ -1018,7 +1090,7 @@ def main(args: Args) -> dict:
         truth = judge(readers, gt, gt, joints)
         scores |= {GAP_METRIC + suffix: dict(gt=truth["judged_px" + suffix]) for suffix in readers}
         # --- the judge's other rows: held-out scans (in-distribution) and the DrPose poses' GT ---
-        models = {tag: args.run_dir / tag for tag in args.models if (args.run_dir / tag).is_dir()}
+        models = {tag: recon["model"] for tag, recon in recons.items() if recon["model"] and recon["model"].is_dir()}
         for name in args.judge_sets:
             if not (args.run_dir / JUDGE_SETS[name]).exists():  # e.g. a run made with --no-ceiling has no drpose_gt
                 print(f"judge set {name} skipped: {args.run_dir / JUDGE_SETS[name]} not found")
@@ -1031,6 +1103,8 @@ def main(args: Args) -> dict:
     results = summarise(args, per_subject, {metric: values["gt"] for metric, values in scores.items()}, bench, count)
     results["judge_sets"] = judge_rows
     results["readers"] = {folder: suffix for folder, suffix in READERS.items() if suffix in readers}
+    results["labels"] = {tag: label for tag in args.models if tag != "base"
+                         and (label := model_label(recons[tag]["model"], args.run_dir)) is not None}
     write_json(out / "results.json", results)
     table = write_markdown(out / "results.md", results)
 
@@ -1048,6 +1122,7 @@ def main(args: Args) -> dict:
         plot_grid(out / "grids" / f"{i:05d}.png", i, bench, recons, title)
         grids.append((title, f"grids/{i:05d}.png"))
     write_report(out / "report.html", results, figures, grids)
+    print(weights_line(results))
     print(table)
     print(f"report: {out / 'report.html'}")
     return results

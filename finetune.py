@@ -460,7 +460,7 @@ def drpose(args: Args, hook: Callable[[int], None] | None = None) -> Path:
                   reward_gskel=run_relative(reward_dir, run_dir), method=args.method, reward=args.reward,
                   lora_rank=args.lora_rank, data=dict(seed=args.seed, batch_size=args.batch_size, pairs=len(pairs["image"])))
     record = dict(base_config, stage="finetune", run=provenance(args), format="drpose-i2mv",
-                  drpose=jsonable(dataclasses.asdict(args)),
+                  trained_on=dict(device=device.type, processes=world), drpose=jsonable(dataclasses.asdict(args)),
                   sampling=dict(sampling, guidance=args.guidance, num_steps=args.ddim_steps))
     generator = torch.Generator().manual_seed(args.seed * 1000 + 17 + run.rank)  # noise, plans, realism draws
     unet, optimizer, step = run.start(unet, optimizer, trainable, generator,

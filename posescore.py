@@ -1045,7 +1045,7 @@ def judged_error(error_px: torch.Tensor, solid: torch.Tensor, sure: torch.Tensor
     return judged
 
 
-def judge_views(reader: GskelContext, views: torch.Tensor, gt_views: torch.Tensor, joints: torch.Tensor) -> dict:
+def judge_verdict(reader: GskelContext, views: torch.Tensor, gt_views: torch.Tensor, joints: torch.Tensor) -> dict:
     """The judge of one reader on (N, V, 6, H, W) generated views against the GT renders and joints of the same
     people, per view (N, V): the reader's error (px), the solidity (share of the GT's ink), the sureness (its
     confidence as a share of its confidence on the GT render, capped at 1) and the judged error."""
@@ -1234,15 +1234,39 @@ def map_quality(ctx: GskelContext, latents: torch.Tensor, joints: torch.Tensor) 
                 subjects=len(latents)), pred
 
 
+class RememberedGskel(torch.nn.Module):
+    """A frozen g_skel that runs once per distinct input and replays its output after: validation asks
+    every reward about the same views under six poses, and g_skel's maps of a view do not depend on the
+    pose (18 passes of the network become one)."""
+
+    def __init__(self, gskel):
+        super().__init__()
+        self.gskel, self.seen = gskel, []
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.gskel.dtype
+
+    def forward(self, images: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor):
+        for (seen_images, seen_time, seen_labels), output in self.seen:
+            if seen_images.shape == images.shape and torch.equal(seen_images, images) \
+                    and torch.equal(seen_time, timestep) and torch.equal(seen_labels, class_labels):
+                return output
+        output = self.gskel(images, timestep, class_labels=class_labels)
+        self.seen.append(((images, timestep, class_labels), output))
+        return output
+
+
 def validate(ctx: RewardContext, splits: dict, body, args: TrainArgs, folder: Path) -> dict:
     """Every validation number for every split, and maps.png (views | target | predicted)."""
     results, rows = {}, []
     for name, data in splits.items():
-        quality, pred = map_quality(ctx, data["latents"], data["joints_t"])
+        remembered = dataclasses.replace(ctx, gskel=RememberedGskel(ctx.gskel))  # one split's views at a time
+        quality, pred = map_quality(remembered, data["latents"], data["joints_t"])
         moved = perturbed_joints(body, data, args.perturb_levels, args.seed)
         results[name] = dict(quality, **{
             f"true_vs_perturbed_{reward}": true_vs_perturbed(REWARDS[reward], data["latents"], data["batch"],
-                                                             moved, args.perturb_levels, ctx)
+                                                             moved, args.perturb_levels, remembered)
             for reward in VALIDATED_REWARDS})
         for n in range(min(2, len(pred))):  # two subjects per split: colour | normal | target | predicted
             views = (data["latents"][n] + 1) / 2  # (V, 6, H, W)

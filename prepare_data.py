@@ -397,8 +397,10 @@ def body_joints(body, params: dict) -> torch.Tensor:
     """(B, 55, 3) joints by forward kinematics alone (no mesh): for pools of many thousand poses."""
     batch, zeros = params["body_pose"].shape[0], params["body_pose"].new_zeros
     betas = params.get("betas", zeros(batch, 10))
-    shaped = body.v_template + torch.einsum("bl,nkl->bnk", betas, body.shapedirs)
-    rest_joints = torch.einsum("jn,bnk->bjk", body.J_regressor, shaped)
+    # The rest joints are linear in the shape: regress the template and the shape directions once, not
+    # a shaped mesh per pose (a pool of thousands of poses would hold thousands of meshes).
+    rest_joints = body.J_regressor @ body.v_template + torch.einsum(
+        "bl,jkl->bjk", betas, torch.einsum("jn,nkl->jkl", body.J_regressor, body.shapedirs))
     hands = [params.get(key, zeros(batch, 15, 3)).reshape(batch, 15, 3) + mean.reshape(1, 15, 3)
              for key, mean in (("left_hand_pose", body.left_hand_mean), ("right_hand_pose", body.right_hand_mean))]
     full_pose = torch.cat([params["global_orient"].reshape(batch, 1, 3), params["body_pose"].reshape(batch, 21, 3),
@@ -435,43 +437,58 @@ def _edge_weights(pix: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
     return torch.stack([w_a, w_b, 1 - w_a - w_b], dim=-1)
 
 
+RASTER_CHUNK = 16  # images rasterized at a time: their (images x faces) arrays stay a few MB, in cache
+
+
 @torch.no_grad()
 def rasterize(pix: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, resolution: int) -> torch.Tensor:
     """pix (M, N, 2) pixel coords, depth (M, N) (larger = nearer) -> (M, H, W) nearest face, -1 for none."""
+    return torch.cat([_rasterize_images(pix[i:i + RASTER_CHUNK], depth[i:i + RASTER_CHUNK], faces, resolution)
+                      for i in range(0, pix.shape[0], RASTER_CHUNK)])
+
+
+def _rasterize_images(pix: torch.Tensor, depth: torch.Tensor, faces: torch.Tensor, resolution: int) -> torch.Tensor:
     num_images, device = pix.shape[0], pix.device
-    tri_pix = pix[:, faces]  # (M, F, 3, 2)
-    # Pixel centres j + 0.5 inside the triangle's box: columns ceil(min - 0.5) .. floor(max - 0.5).
-    corner0, corner1, corner2 = tri_pix.unbind(2)
-    lower = torch.minimum(torch.minimum(corner0, corner1), corner2)
-    upper = torch.maximum(torch.maximum(corner0, corner1), corner2)
-    lo = torch.ceil(lower - 0.5).clamp(0, resolution).long()  # (M, F, 2)
-    hi = torch.floor(upper - 0.5).clamp(-1, resolution - 1).long()
-    side = hi - lo + 1
-    span = torch.maximum(side[..., 0], side[..., 1]) * (torch.minimum(side[..., 0], side[..., 1]) > 0)
-    # Back faces never own a pixel of a closed mesh (v points down: front faces are clockwise); drop them.
-    edge1, edge2 = tri_pix[:, :, 1] - tri_pix[:, :, 0], tri_pix[:, :, 2] - tri_pix[:, :, 0]
-    span = span * ((edge1[..., 0] * edge2[..., 1] - edge1[..., 1] * edge2[..., 0]) < 0)
-    tri_depth = depth[:, faces]  # (M, F, 3)
+    # Each corner's u and v as its own (M, F) array: every test below is one pass over contiguous memory.
+    u = [pix[..., 0].index_select(1, faces[:, k]) for k in range(3)]
+    v = [pix[..., 1].index_select(1, faces[:, k]) for k in range(3)]
+    # Pixel centres j + 0.5 inside the triangle's box: columns ceil(min - 0.5) .. floor(max - 0.5) (whole
+    # numbers, exact in float).
+    u_lo = torch.ceil(torch.minimum(torch.minimum(u[0], u[1]), u[2]) - 0.5).clamp_(0, resolution)
+    v_lo = torch.ceil(torch.minimum(torch.minimum(v[0], v[1]), v[2]) - 0.5).clamp_(0, resolution)
+    u_hi = torch.floor(torch.maximum(torch.maximum(u[0], u[1]), u[2]) - 0.5).clamp_(-1, resolution - 1)
+    v_hi = torch.floor(torch.maximum(torch.maximum(v[0], v[1]), v[2]) - 0.5).clamp_(-1, resolution - 1)
+    u_side, v_side = u_hi - u_lo + 1, v_hi - v_lo + 1
+    # Most triangles of a body mesh hold no pixel centre at these sizes; back faces never own a pixel of a
+    # closed mesh (v points down: front faces are clockwise). Only the rest go on.
+    keep = (u_side > 0) & (v_side > 0)
+    keep &= (u[1] - u[0]) * (v[2] - v[0]) - (v[1] - v[0]) * (u[2] - u[0]) < 0
+    image_idx, face_idx = torch.nonzero(keep, as_tuple=True)  # (T,) each
+    span = torch.maximum(u_side, v_side)[image_idx, face_idx].long()
+    lo = torch.stack([u_lo[image_idx, face_idx], v_lo[image_idx, face_idx]], -1).long()  # (T, 2)
+    hi = torch.stack([u_hi[image_idx, face_idx], v_hi[image_idx, face_idx]], -1).long()
+    tri_pix = torch.stack([torch.stack([c[image_idx, face_idx] for c in u], -1),
+                           torch.stack([c[image_idx, face_idx] for c in v], -1)], -1)  # (T, 3, 2)
+    tri_depth = depth[image_idx[:, None], faces[face_idx]]  # (T, 3)
     zbuffer = torch.full((num_images * resolution * resolution,), -torch.inf, device=device)
     cand_keys, cand_depth, cand_face = [], [], []
     size = 1
     # Triangles are bucketed by box size so each bucket is one dense (triangles x size^2) batch.
     while True:
-        in_bucket = (span > size // 2) & (span <= size) if size > 1 else span == 1
-        image_idx, face_idx = torch.nonzero(in_bucket, as_tuple=True)
-        if len(face_idx):
+        in_bucket = torch.nonzero((span > size // 2) & (span <= size) if size > 1 else span == 1, as_tuple=True)[0]
+        if len(in_bucket):
             offsets = torch.stack(torch.meshgrid(torch.arange(size, device=device),
                                                  torch.arange(size, device=device), indexing="xy"), -1).reshape(-1, 2)
-            cols_rows = lo[image_idx, face_idx][:, None, :] + offsets[None]  # (T, S*S, 2)
-            valid = (cols_rows <= hi[image_idx, face_idx][:, None, :]).all(-1)
+            cols_rows = lo[in_bucket][:, None, :] + offsets[None]  # (t, S*S, 2)
+            valid = (cols_rows <= hi[in_bucket][:, None, :]).all(-1)
             centres = cols_rows.float() + 0.5
-            weights = _edge_weights(centres, tri_pix[image_idx, face_idx][:, None])  # (T, S*S, 3)
+            weights = _edge_weights(centres, tri_pix[in_bucket][:, None])  # (t, S*S, 3)
             valid &= (weights >= -1e-6).all(-1)
-            z = (weights * tri_depth[image_idx, face_idx][:, None]).sum(-1)
-            key = (image_idx[:, None] * resolution + cols_rows[..., 1]) * resolution + cols_rows[..., 0]
+            z = (weights * tri_depth[in_bucket][:, None]).sum(-1)
+            key = (image_idx[in_bucket][:, None] * resolution + cols_rows[..., 1]) * resolution + cols_rows[..., 0]
             cand_keys.append(key[valid])
             cand_depth.append(z[valid])
-            cand_face.append(face_idx[:, None].expand_as(key)[valid])
+            cand_face.append(face_idx[in_bucket][:, None].expand_as(key)[valid])
         if size >= resolution:
             break
         size *= 2

@@ -657,7 +657,8 @@ def train_base(args: Args, hook: Callable[[int], None] | None = None) -> Path:
     # What must match to resume: the network, the data size, the data order and the devices.
     expect = dict(resolution=resolution, world=world, ema_decay=args.ema_decay, replay_share=args.replay_share,
                   data=dict(seed=args.seed, batch_size=args.batch_size, subjects=len(train["image"])))
-    record = model_record(resolution, codec, args, args.steps)
+    record = dict(model_record(resolution, codec, args, args.steps),
+                  trained_on=dict(device=device.type, processes=world))  # what evaluate labels a model with
     generator = torch.Generator().manual_seed(args.seed * 1000 + run.rank)  # noise, t, dropout
     unet, optimizer, step = run.start(unet, optimizer, list(unet.parameters()), generator,
                                       lambda s: warmup_cosine(s, args.steps, args.lr, args.warmup_steps),

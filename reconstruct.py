@@ -31,6 +31,9 @@ Writes runs/<name>/recon/<tag>/ (tag: the model folder's name, `oracle` or --tag
     {i:05d}/body.json    fitted SMPL-X params; world = scale * smplx(params, transl=0) + transl
     {i:05d}/joints.npz   key `joints` (55, 3) metres, the centred world frame of the GT
     {i:05d}/mesh.ply     carved mesh, metres, same frame, vertex colours
+    judge_<set>.npz      the model's views of a judge set (--judge-sets: held-out scans, the DrPose poses), key
+                         `latents` (N, V, 6, H, W), and what made them (`model_sha256`, `images_sha256`, `seed`):
+                         evaluate.py's judge reads them instead of generating the same views again (`judge_views`)
 Each sample folder is written atomically; a re-run skips complete ones (resume after a kill), so a
 folder without manifest.json is unfinished whatever it holds.
 
@@ -45,8 +48,10 @@ resolution.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -66,12 +71,12 @@ from prepare_data import (BACKGROUND, NUM_BODY_JOINTS, NUM_VIEWS, ORTHO_HALF_EXT
                           body_forward, body_joints, from_uint8, latents_to_views, load_body_model, load_split,
                           render_views, to_uint8, vertex_normals, view_rotations, views_to_latents, views_mask,
                           views_to_pixels, world_to_views)
-from plumbing import (SEED_MAX, UserError, atomic_dir, check_device, check_name, check_number, check_output,
-                      contact_sheet, guard_output, provenance, read_json, read_manifest, read_npz_key, run_cli,
-                      run_relative, with_preset, write_json)
+from plumbing import (SEED_MAX, UserError, atomic_dir, atomic_write, check_device, check_name, check_number,
+                      check_output, contact_sheet, guard_output, provenance, read_json, read_manifest, read_npz_key,
+                      run_cli, run_relative, with_preset, write_json)
 import posescore
 from posescore import draw_bones, gskel_logits, joints_from_maps, project_joints, skeleton_maps
-from pretrain import MAX_GUIDANCE, SCHEDULER, load_model, sample_views
+from pretrain import MAX_GUIDANCE, SCHEDULER, load_model, sample_views, weights_sha256
 
 
 @dataclass
@@ -106,6 +111,11 @@ class Args:
     reward's posescore/, so that what DrPose optimised is not also what measures it)"""
     count: int | None = None
     """reconstruct only the first N samples (default: all)"""
+    judge_sets: tuple[str, ...] = ("val", "drpose_gt")
+    """with the run's bench as input, also generate the model's views of these datasets (JUDGE_SETS; a missing one
+    is skipped), which evaluate.py's judge reads beside the bench; () skips them"""
+    judge_count: int = 48
+    """subjects of each judge set (the first N; evaluate.py --judge-count)"""
     fit_every: int | None = None
     """fit the body and carve a mesh for every N-th sample only; the others get their generated views
     alone, which is all the pose metrics need (the pose reader reads views). Demo 3 (the 3D fit is
@@ -141,6 +151,10 @@ class Args:
     def check(self) -> "Args":
         """Every flag, before any work (one line and exit status 2 for the first bad one)."""
         check_number(self, "count", 1)
+        check_number(self, "judge_count", 1, high=100_000)
+        unknown = [name for name in self.judge_sets if name not in JUDGE_SETS]
+        if unknown:
+            raise UserError(f"--judge-sets {' '.join(unknown)}: not a judge set; pass any of {' '.join(JUDGE_SETS)}")
         check_number(self, "fit_every", 1)
         check_number(self, "ddim_steps", 1, high=SCHEDULER["num_train_timesteps"])
         check_number(self, "threads", 1, high=1024)
@@ -449,12 +463,15 @@ class SubsetSkinner:
         self.template = body.v_template[self.index].detach()  # (P, 3)
         self.shapedirs = body.shapedirs[self.index, :, :10].detach()  # (P, 3, 10)
         self.weights = body.lbs_weights[self.index].detach()  # (P, 55)
+        # The rest joints are linear in the shape (prepare_data.body_joints): regressed once, not per call.
+        self.rest_joints = (body.J_regressor @ body.v_template).detach()  # (55, 3)
+        self.joint_dirs = torch.einsum("jn,nkl->jkl", body.J_regressor,
+                                       body.shapedirs[:, :, :10]).detach()  # (55, 3, 10)
 
     def __call__(self, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
         body, batch = self.body, params["body_pose"].shape[0]
         betas = params["betas"].reshape(batch, -1)[:, :10]
-        shaped = body.v_template + torch.einsum("bl,nkl->bnk", betas, body.shapedirs[:, :, :10])
-        rest_joints = torch.einsum("jn,bnk->bjk", body.J_regressor, shaped)  # (B, 55, 3)
+        rest_joints = self.rest_joints + torch.einsum("bl,jkl->bjk", betas, self.joint_dirs)  # (B, 55, 3)
         zeros = params["body_pose"].new_zeros(batch, 3, 3)
         full = torch.cat([params["global_orient"].reshape(batch, 1, 3), params["body_pose"].reshape(batch, 21, 3),
                           zeros, body.left_hand_mean.reshape(1, 15, 3).expand(batch, -1, -1),
@@ -497,7 +514,9 @@ def silhouette_loss(pix: torch.Tensor, mask: torch.Tensor, outside: torch.Tensor
             cover.append(pix.new_zeros(()))
             continue
         centres = torch.stack([cols, rows], -1).to(pix.dtype) + 0.5  # (Q, 2)
-        nearest = torch.cdist(centres, pix[v]).amin(1)  # (Q,)
+        with torch.no_grad():  # which vertex is nearest needs no gradient; its distance does
+            index = torch.cdist(centres, pix[v]).argmin(1)  # (Q,)
+        nearest = (centres - pix[v][index]).norm(dim=-1)  # (Q,)
         cover.append((nearest - 0.5).clamp(min=0).pow(2).mean())
     return (weights * (inside_term + torch.stack(cover))).sum() / weights.sum()
 
@@ -760,6 +779,68 @@ def write_sample(folder: Path, latents: torch.Tensor, image: torch.Tensor, resul
     mesh.export(folder / "mesh.ply")
 
 
+# --- the judge sets: the model's views of datasets besides the bench -----------------------------------
+# evaluate.py's judge reads every model's views of held-out scans (the in-distribution row) and of the DrPose
+# poses' GT renders (the ceiling's own training poses). They are generated here, in the model's own stage, so
+# that `make demo` makes them beside the other models' work; evaluate generates them itself where none are kept.
+
+JUDGE_SETS = {"val": "data/scans/val.npz", "drpose_gt": "data/drpose_gt/train.npz"}  # name -> file in the run
+
+
+@torch.no_grad()
+def generate_set(model_dir: Path, images: torch.Tensor, seed: int, device, chunk: int = 16) -> torch.Tensor:
+    """A model's views of images (N, 3, H, W) in [0, 1] -> (N, V, 6, H, W), with the model's own
+    sampling settings and noise from its own generator (seed), so every model sees the same noise."""
+    model = load_model(model_dir, device)
+    generator = torch.Generator().manual_seed(seed + 12345)
+    sampling = model.config["sampling"]
+    out = [sample_views(model.unet, images[i:i + chunk].to(device), sampling["num_steps"], sampling["guidance"],
+                        generator, alphas=model.alphas, codec=model.codec).float().cpu()
+           for i in range(0, len(images), chunk)]
+    return torch.cat(out)
+
+
+def images_sha256(images: torch.Tensor) -> str:
+    return hashlib.sha256(images.float().contiguous().numpy().tobytes()).hexdigest()
+
+
+def judge_views(folder: Path, model_dir: Path, images: torch.Tensor, seed: int, device) -> torch.Tensor:
+    """What generate_set(model_dir, images, seed) returns: read from a judge_<set>.npz of the reconstruction
+    folder `folder` made by the same weights from the same images and seed, else generated now."""
+    made_by = dict(model_sha256=weights_sha256(model_dir), images_sha256=images_sha256(images), seed=str(seed))
+    for path in sorted(Path(folder).glob("judge_*.npz")):
+        try:
+            with np.load(path) as kept:
+                if set(made_by) <= set(kept.files) and all(str(kept[k]) == v for k, v in made_by.items()):
+                    return torch.from_numpy(kept["latents"])
+        except (OSError, ValueError, zipfile.BadZipFile):  # unreadable: as if it were not there
+            continue
+    return generate_set(model_dir, images, seed, device)
+
+
+def write_judge_views(args: Args, out: Path, model_dir: Path) -> dict[str, int]:
+    """recon/<tag>/judge_<set>.npz for every --judge-sets dataset the run holds (see judge_views); returns
+    {set: subjects}. The images are the first --judge-count subjects' front views, as evaluate.py takes them."""
+    written = {}
+    for name in args.judge_sets:
+        data = args.run_dir / JUDGE_SETS[name]
+        if not data.exists():  # e.g. a run made with prepare_data.py --no-ceiling has no drpose_gt
+            continue
+        arrays = load_split(data, expect_keys=("color", "normal"),
+                            made_by=f"python prepare_data.py --run-dir {args.run_dir}")
+        count = min(args.judge_count, len(arrays["color"]))
+        gt = views_to_latents(from_uint8(arrays["color"][:count]), from_uint8(arrays["normal"][:count]))
+        images = from_uint8(arrays["image"][:count]) if "image" in arrays else (gt[:, 0, :3] + 1) / 2
+        path = out / f"judge_{name}.npz"
+        if not path.exists():  # a re-run keeps what an earlier one made
+            views = generate_set(model_dir, images, args.seed, args.device)
+            with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+                np.savez(handle, latents=views.numpy(), model_sha256=weights_sha256(model_dir),
+                         images_sha256=images_sha256(images), seed=str(args.seed))
+        written[name] = count
+    return written
+
+
 # --- main ---------------------------------------------------------------------------------------------
 
 def resolve_model(args: Args) -> Path:
@@ -865,8 +946,10 @@ def reconstruct_all(args: Args) -> Path:
         if fit:  # per-stage seconds of full samples only, so the numbers stay comparable
             timings.append(time.time() - tick)
             stages.append(dict(generate=generate_seconds, **result["seconds"], write=time.time() - write_tick))
-    write_json(out / "manifest.json", dict(recipe, stage="reconstruct", count=count, complete=True, sampling=dict(
-        num_steps=steps, guidance=guidance, generator="torch.Generator().manual_seed(seed * 100003 + i)"),
+    judged = write_judge_views(args, out, resolve_model(args)) if generate and args.input is None else {}
+    write_json(out / "manifest.json", dict(
+        recipe, stage="reconstruct", count=count, complete=True, judge_sets=judged, sampling=dict(
+            num_steps=steps, guidance=guidance, generator="torch.Generator().manual_seed(seed * 100003 + i)"),
         seconds_per_sample=float(np.mean(timings)) if timings else None,
         seconds_per_stage={k: float(np.mean([s[k] for s in stages])) for k in stages[0]} if stages else None,
         device=args.device, run=provenance(args)))

@@ -8,7 +8,7 @@ a body's ink (a blob, the mean of many people, what a gamed DrPose model draws) 
     python bench/judge_check.py --tables cpu.json gpu.json                # one table of several machines' runs
 
 GT renders of the DrPose poses (data/drpose_gt/train.npz) are drawn again under known edits, and each case is
-read on the side views (1..5; the front view is the input's own) with the judge (posescore.judge_views):
+read on the side views (1..5; the front view is the input's own) with the judge (posescore.judge_verdict):
     error      the reader's view joint error, px
     solidity   the share of the GT render's ink the views draw
     sureness   the reader's confidence as a share of its confidence on the GT render
@@ -93,7 +93,7 @@ def read_cases(views: dict, gt: torch.Tensor, joints: torch.Tensor, reader) -> d
     table = {}
     for name, v in views.items():
         rows = slice(None, len(v))  # the gamed views cover the first 48 subjects only
-        verdict = posescore.judge_views(reader, v, gt[rows], joints[rows])
+        verdict = posescore.judge_verdict(reader, v, gt[rows], joints[rows])
         table[name] = {key: value[:, 1:].mean().item() for key, value in verdict.items()}  # side views
     return table
 

@@ -13,7 +13,7 @@ the base model's, recon/base/ as `python reconstruct.py --model base` makes it; 
    output space: pixels here, latents in a latent model) maximising the reward (minus `--realism-weight`
    times the frozen base's denoising error of the views, as `finetune.py --realism-weight` trains it: the
    whole DrPose objective where it acts on the views). Every few steps: the reward, and the judge of each
-   reader (pose_reader/ and pose_reader2/, or --readers; posescore.judge_views: the reader's side-view joint
+   reader (pose_reader/ and pose_reader2/, or --readers; posescore.judge_verdict: the reader's side-view joint
    error plus the penalties for a faint drawing and for a view it sees no body in), per bench split. A
    reward PASSES when, at the step its value first reaches the GT renders' level (or at the last step, if it
    never does), the ascent has lowered the judged error by at least 40% of the base -> GT gap, for every
@@ -69,7 +69,7 @@ def other_sides(views: torch.Tensor) -> torch.Tensor:
 
 def judged(views: torch.Tensor, gt: torch.Tensor, joints: torch.Tensor, reader) -> np.ndarray:
     """(N,) one reader's judged error (px) per subject, mean over the side views 1..5, as evaluate.py judges."""
-    return posescore.judge_views(reader, views, gt, joints)["judged"][:, 1:].mean(1).numpy()
+    return posescore.judge_verdict(reader, views, gt, joints)["judged"][:, 1:].mean(1).numpy()
 
 
 def readings(views: torch.Tensor, gt: torch.Tensor, joints: torch.Tensor, readers: dict, splits: dict) -> dict:

@@ -4,7 +4,7 @@ bench split, with the base -> GT gap each closes. Learning curves are this table
     python bench/yardstick.py --run-dir runs/demo --models base ceiling drpose --out bench/results/yardstick.json
 
 Each model generates views of the first --count subjects of every set with its own sampling settings and
-the same noise (evaluate.generate_set); the judge's readers (<run-dir>/pose_reader and pose_reader2, or
+the same noise (reconstruct.generate_set); the judge's readers (<run-dir>/pose_reader and pose_reader2, or
 --readers) read the side views (evaluate.judge): view joint error, solidity, sureness, judged error, each reader's
 quantities with its suffix (evaluate.READERS). `gt` is the GT renders read the same way.
 """

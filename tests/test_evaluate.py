@@ -18,8 +18,8 @@ from scipy.spatial.transform import Rotation
 
 import evaluate
 import posescore
-from evaluate import (Args, chamfer_cm, fscore, geometry_metrics, mpjpe_mm, normal_consistency, pa_mpjpe_mm,
-                      point_to_surface_cm, procrustes_align, ssim)
+from evaluate import (Args, chamfer_cm, closest_on_triangles, fscore, geometry_metrics, mpjpe_mm, normal_consistency,
+                      pa_mpjpe_mm, point_to_surface_cm, procrustes_align, ssim)
 from evaluate import read_metrics
 from prepare_data import views_to_latents
 from plumbing import UserError
@@ -55,6 +55,32 @@ def test_point_to_surface_is_the_known_offset_from_a_box():
     inner = rng.uniform(-0.4, 0.4, size=(50, 2))
     points = np.concatenate([np.c_[np.full(50, 0.53), inner], np.c_[inner[:, 0], np.full(50, -0.53), inner[:, 1]]])
     assert point_to_surface_cm(points, box) == pytest.approx(3.0, abs=1e-6)
+
+
+def test_closest_point_on_a_triangle_matches_a_dense_sampling_of_it():
+    rng = np.random.default_rng(2)
+    a, b, c = (rng.normal(0, 1, (400, 3)) for _ in range(3))
+    c[:20] = a[:20] + 1e-9 * rng.normal(0, 1, (20, 3))  # nearly degenerate triangles too
+    p = rng.normal(0, 2, (400, 3))
+    closest = closest_on_triangles(p, a, b, c)
+    s, t = np.meshgrid(np.linspace(0, 1, 301), np.linspace(0, 1, 301))
+    s, t = s[s + t <= 1], t[s + t <= 1]  # barycentric grid over each triangle
+    dense = a[:, None] + s[None, :, None] * (b - a)[:, None] + t[None, :, None] * (c - a)[:, None]
+    dense_dist = np.linalg.norm(dense - p[:, None], axis=2).min(1)
+    exact = np.linalg.norm(closest - p, axis=1)
+    spacing = np.linalg.norm(np.stack([b - a, c - a]), axis=2).max(0) / 300
+    assert (exact <= dense_dist + 1e-9).all() and (dense_dist - exact <= spacing).all()
+
+
+def test_point_to_surface_equals_the_closest_point_over_every_triangle():
+    mesh = trimesh.creation.icosphere(subdivisions=3)
+    mesh.vertices *= np.array([0.3, 0.9, 0.2])  # an elongated body of uneven triangles
+    rng = np.random.default_rng(3)
+    points = rng.normal(0, 0.6, (300, 3))
+    tri = mesh.triangles
+    every = np.stack([np.linalg.norm(closest_on_triangles(np.repeat(p[None], len(tri), 0), *tri.transpose(1, 0, 2))
+                                     - p, axis=1).min() for p in points])
+    assert point_to_surface_cm(points, mesh) == pytest.approx(100 * every.mean(), rel=1e-12)
 
 
 def test_concentric_spheres_give_the_offset():
@@ -282,11 +308,11 @@ def fake_posescore(view_joint_error):
     fake.view_joint_error = view_joint_error
     fake.solidity, fake.judged_error = (lambda views, gt: torch.ones(views.shape[:2])), posescore.judged_error
 
-    def judge_views(reader, views, gt_views, joints):  # drawn solidly, the reader sure: the judged error is the error
+    def judge_verdict(reader, views, gt_views, joints):  # drawn solidly, the reader sure: the judged error is the error
         error = view_joint_error(reader, views, joints)
         return dict(error=error, solidity=torch.ones_like(error), sureness=torch.ones_like(error), judged=error)
 
-    fake.judge_views = judge_views
+    fake.judge_verdict = judge_verdict
     fake.REWARDS = {"keypoints": broken}
     fake.reward_in_chunks, fake.reward_batch = posescore.reward_in_chunks, posescore.reward_batch
     return fake
@@ -493,3 +519,54 @@ def test_two_readers_a_verdict_holds_only_where_both_agree(tmp_path):
     assert "first / second reader" in sentence and "bench extreme 4.500 / 5.400 against 5.000 / 5.100" in sentence
     evaluate.write_report(tmp_path / "report.html", results, {}, [])
     assert "readers disagree" in (tmp_path / "report.html").read_text()
+
+
+# --- which weights: live runs and committed models -------------------------------------------------
+
+def test_labels_say_live_or_committed_samples_and_device(tmp_path):
+    run = tmp_path / "run"
+
+    def folder(path: Path, **config) -> Path:
+        path.mkdir(parents=True)
+        (path / "model_config.json").write_text(json.dumps(config))
+        return path
+
+    drpose = folder(run / "drpose", stage="finetune", step=20, drpose=dict(batch_size=4, device="auto"),
+                    trained_on=dict(device="cpu", processes=1))
+    ceiling = folder(run / "ceiling", stage="pretrain", step=20, train_args=dict(batch_size=4, device="auto"),
+                     trained_on=dict(device="cpu", processes=1))
+    older = folder(run / "older", stage="finetune", step=100, drpose=dict(batch_size=4, device="auto"))
+    committed = folder(tmp_path / "pretrained" / "demo_drpose", stage="finetune", step=400,
+                       drpose=dict(batch_size=16, device="auto"), trained_on=dict(device="cuda", processes=4))
+    assert evaluate.model_label(drpose, run) == evaluate.model_label(ceiling, run) == "live, 80 samples, CPU"
+    assert evaluate.model_label(older, run) == "live, 400 samples"  # no record of where it trained: not guessed
+    assert evaluate.model_label(committed, run) == "committed, 25,600 samples, GPU"
+    assert evaluate.model_label(None, run) is None and evaluate.model_label(run / "gone", run) is None
+
+
+def test_the_report_opens_with_which_weights_the_verdict_reads(tmp_path):
+    errors = {"dynamic": dict(base=4.0, drpose=4.4, ceiling=3.0), "extreme": dict(base=5.0, drpose=4.6, ceiling=4.0)}
+    results = _results(errors)
+    results["labels"] = dict(drpose="live, 80 samples, CPU", ceiling="live, 80 samples, CPU")
+    line = evaluate.weights_line(results)
+    assert line.startswith("No committed GPU-trained weights are evaluated here")
+    assert "pretrained/demo_drpose" in line and "drpose (live, 80 samples, CPU)" in line
+    evaluate.write_report(tmp_path / "report.html", results, {}, [])
+    page = (tmp_path / "report.html").read_text()
+    assert page.index(line) < page.index("<table>")
+    assert "<th>drpose (live, 80 samples, CPU)</th>" in page
+    assert evaluate.verdict_sentence(results).startswith("Verdict: drpose (live, 80 samples, CPU) reads ")
+
+    for row in errors.values():  # a committed DrPose beside the live one: it leads the verdict
+        row["committed_drpose"] = row["base"] - 0.5
+    results = _results(errors)
+    results["labels"] = dict(drpose="live, 80 samples, CPU", ceiling="committed, 25,600 samples, GPU",
+                             committed_drpose="committed, 25,600 samples, GPU")
+    line = evaluate.weights_line(results)
+    assert line.startswith("Committed weights, evaluated here beside the base: ceiling (committed, 25,600 samples, "
+                           "GPU) and committed_drpose (committed, 25,600 samples, GPU); the verdict reads them")
+    assert "Live runs of this machine, which show the loop running: drpose (live, 80 samples, CPU)." in line
+    verdict = evaluate.verdict_sentence(results)
+    assert verdict.startswith("Verdict: committed_drpose (committed, 25,600 samples, GPU) reads a better pose than "
+                              "the base on every row")
+    assert "; drpose (live, 80 samples, CPU) reads " in verdict

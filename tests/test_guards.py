@@ -366,6 +366,9 @@ def test_finetune_flags_have_ranges(tmp_path, flags, expect):
     (["--views-from", "nothing"], "--views-from"),
     (["--input", "missing.png"], "--input"),
     (["--device", "gpu"], "--device gpu"),
+    (["--judge-count", "0"], "--judge-count 0"),
+    (["--judge-count", "1000000000"], "--judge-count 1000000000"),
+    (["--judge-sets", "nope"], "--judge-sets nope"),
 ])
 def test_reconstruct_flags_have_ranges(tmp_path, flags, expect):
     assert_refused(rc.Args, tmp_path, flags, expect)

@@ -227,7 +227,7 @@ def test_judged_error_pays_for_a_view_the_reader_is_unsure_of():
     assert torch.equal(judged_error(error, solid), error)  # without a sureness, the rule of solidity alone
 
 
-def test_judge_views_reads_an_empty_map_as_no_body(monkeypatch):
+def test_judge_verdict_reads_an_empty_map_as_no_body(monkeypatch):
     """A reader whose maps are empty on a view (what a reader trained on pose-free images answers a blob with) is
     unsure of it, and the judge adds the full penalty; on the GT it is sure."""
     gskel = posescore.build_gskel(32, (8, 16)).eval()
@@ -241,7 +241,7 @@ def test_judge_views_reads_an_empty_map_as_no_body(monkeypatch):
         return out
 
     monkeypatch.setattr(posescore, "gskel_logits", logits)
-    verdict = posescore.judge_views(ctx, blob, gt, joints)
+    verdict = posescore.judge_verdict(ctx, blob, gt, joints)
     assert torch.allclose(verdict["sureness"][:, 0], torch.ones(2))
     assert (verdict["sureness"][:, 1:] < 0.01).all()
     assert (verdict["solidity"][:, 1:] > posescore.SOLID_SHARE).all()  # solid: only the sureness pays

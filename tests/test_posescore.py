@@ -4,6 +4,7 @@ One toy run folder (body model, scans, bench; 16 px renders made by prepare_data
 built once; g_skel is trained on it through the real `train` path in about 15 s on 2 CPU cores.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -303,6 +304,30 @@ def test_init_with_zero_steps_keeps_the_weights_and_writes_to_out(trained, run_d
     config = json.loads((out / "posescore_config.json").read_text())
     assert config["width"] == 1.0 and config["args"]["channels"] == [16, 32]
     assert (out / "validation.json").exists() and not (run_dir / "posescore" / "reader").exists()
+
+
+def test_remembered_gskel_runs_once_per_distinct_input_and_changes_no_reward():
+    ctx = _tiny_ctx()
+    calls = []
+    ctx.gskel.register_forward_hook(lambda *_: calls.append(1))
+    remembered = dataclasses.replace(ctx, gskel=ps.RememberedGskel(ctx.gskel))
+    generator = torch.Generator().manual_seed(0)
+    views = torch.rand(3, pd.NUM_VIEWS, 6, 8, 8, generator=generator) * 2 - 1
+    joints = torch.randn(3, 55, 3, generator=generator) * 0.3
+    for name in ps.VALIDATED_REWARDS:  # as validation asks: every reward, the true and a moved pose
+        for pose in (joints, joints + 0.05):
+            before = len(calls)
+            expected, _ = ps.REWARDS[name](views, {"joints": pose}, ctx)
+            assert len(calls) == before + 1
+            got, _ = ps.REWARDS[name](views, {"joints": pose}, remembered)
+            assert torch.equal(got, expected), name
+    assert len(calls) == len(ps.VALIDATED_REWARDS) * 2 + 1  # the remembered network ran once, the plain one every time
+    other = views.clone()
+    other[0, 2, 0, 4, 4] += 0.5  # one pixel of one view differs: no replay
+    got, _ = ps.posescore_reward(other, {"joints": joints}, remembered)
+    assert len(calls) == len(ps.VALIDATED_REWARDS) * 2 + 2
+    assert torch.equal(got, ps.posescore_reward(other, {"joints": joints}, ctx)[0])
+    assert not torch.equal(got, ps.posescore_reward(views, {"joints": joints}, ctx)[0])
 
 
 def test_a_forked_reward_that_reads_only_gskel_runs_through_stage_2_and_drpose(trained, run_dir, tmp_path,

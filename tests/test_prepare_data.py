@@ -277,6 +277,21 @@ def test_render_is_differentiable_in_vertices(body, t_pose):
     assert torch.isfinite(vertices.grad).all() and vertices.grad.abs().sum() > 0
 
 
+def test_rasterizing_a_batch_equals_rasterizing_each_image_alone(body):
+    # 4 subjects x 6 views is more images than one rasterizer chunk: every pixel must land in its own image.
+    poses = pd.generate_poses("broad", 4, np.random.default_rng(5))
+    with torch.no_grad():
+        vertices, _ = pd.body_forward(body, {k: torch.from_numpy(poses[k]) for k in pd.POSE_KEYS})
+    cam = pd.world_to_views(vertices - vertices.mean(1, keepdim=True)).flatten(0, 1)  # (24, N, 3)
+    pix = pd.views_to_pixels(cam, 32)
+    assert len(pix) > pd.RASTER_CHUNK
+    together = pd.rasterize(pix, cam[..., 2], body.faces_tensor, 32)
+    alone = torch.cat([pd.rasterize(pix[i:i + 1], cam[i:i + 1, :, 2], body.faces_tensor, 32) for i in range(len(pix))])
+    assert torch.equal(together, alone)
+    covered = (together >= 0).sum((1, 2))
+    assert (covered > 20).all() and len(set(covered.tolist())) > 12  # a body in every image, not the same one
+
+
 def test_view_conventions():
     # The front camera sees the person's left (+x) on the image's right; the left-side camera
     # (azimuth 90) sees the person's front (+z) on the image's left.

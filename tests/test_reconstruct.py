@@ -267,3 +267,60 @@ def test_cli_exits_2_with_one_line_for_a_bad_image(tmp_path):
     assert run.returncode == 2
     lines = [line for line in run.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1, run.stderr
+
+
+# --- the judge sets and committed models ---------------------------------------------------------------
+
+def test_a_committed_copy_of_the_base_reads_exactly_as_the_base_from_views_reconstruct_kept(world, tmp_path,
+                                                                                          monkeypatch):
+    """A model folder outside the run (a committed one, as `make demo` takes pretrained/demo_drpose) is evaluated
+    from what reconstruct.py made with it: a copy of the base must read exactly as the base in every judge row,
+    from the judge-set views reconstruct kept (evaluate generates none), and carry its committed label."""
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "body").symlink_to(world["root"] / "body")
+    (run / "data" / "bench").symlink_to(world["root"] / "data" / "bench")
+    bench = np.load(world["root"] / "data" / "bench" / "bench.npz")
+    pd.save_npz(run / "data" / "scans" / "val.npz", **{k: bench[k] for k in ("color", "normal", "mask", "joints")})
+    pd.write_json(run / "data" / "scans" / "manifest.json", dict(files={"val.npz": 2}, resolution=RES,
+                                                                  views=list(pd.VIEW_AZIMUTHS)))
+    torch.manual_seed(0)
+    unet = pretrain.build_unet(pretrain.unet_config(RES, (8, 16), 1, 1, 2, 16)).eval()
+    pretrain.save_model(run / "base", unet, dict(resolution=RES, num_views=pd.NUM_VIEWS, stage="pretrain",
+                                                 sampling=dict(num_steps=2, guidance=1.0)))
+    committed = tmp_path / "pretrained" / "demo_drpose"
+    shutil.copytree(run / "base", committed)
+    config = json.loads((committed / pretrain.CONFIG_NAME).read_text())
+    config.update(stage="finetune", step=100, drpose=dict(batch_size=16), trained_on=dict(device="cuda", processes=1))
+    pd.write_json(committed / pretrain.CONFIG_NAME, config)
+    torch.manual_seed(1)
+    posescore.build_gskel(RES, (8, 8)).save_pretrained(run / "pose_reader")
+    pd.write_json(run / "pose_reader" / "posescore_config.json", dict(resolution=RES, width=1.0))
+    quick = dict(run_dir=run, fit_every=2, fit_steps=2, carve_steps=1, judge_count=2)
+    rc.main(rc.Args(model="base", **quick))
+    rc.main(rc.Args(model=str(committed), tag="committed_drpose", **quick))
+    assert {p.name for p in (run / "recon" / "base").glob("judge_*.npz")} == {"judge_val.npz"}  # no drpose_gt here
+
+    def no_generation(*_):
+        raise AssertionError("evaluate generated views that reconstruct.py kept")
+
+    monkeypatch.setattr(rc, "generate_set", no_generation)
+    results = evaluate.main(evaluate.Args(run_dir=run, models=("base", "committed_drpose"), num_samples=500,
+                                          max_grids=0, judge_count=2))
+    monkeypatch.undo()
+    val = results["judge_sets"]["val"]["models"]
+    assert val["committed_drpose"] == val["base"] and val["base"]["judged_px"] > 0
+    for split in results["splits"].values():
+        assert split["models"]["committed_drpose"]["judged_error_px"] == split["models"]["base"]["judged_error_px"]
+    assert results["labels"] == {"committed_drpose": "committed, 1,600 samples, GPU"}
+    first_line = (run / "eval" / "results.md").read_text().splitlines()[0]
+    assert first_line.startswith("Committed weights, evaluated here beside the base: committed_drpose (committed, "
+                                 "1,600 samples, GPU)")
+    page = (run / "eval" / "report.html").read_text()
+    assert page.index(first_line) < page.index("<table>")
+    # Without the kept views evaluate generates the same ones itself.
+    for path in (run / "recon").glob("*/judge_*.npz"):
+        path.unlink()
+    again = evaluate.main(evaluate.Args(run_dir=run, models=("base", "committed_drpose"), num_samples=500,
+                                        max_grids=0, judge_count=2))
+    assert again["judge_sets"]["val"] == results["judge_sets"]["val"]
