@@ -253,3 +253,20 @@ def test_pose_free_training_flags_are_checked():
         posescore.TrainArgs(pose_free=1.5).resolved()
     with pytest.raises(UserError, match="--pose-free-kinds"):
         posescore.TrainArgs(pose_free=0.5, pose_free_kinds=()).resolved()
+
+
+def test_adversarial_images_stay_in_the_ball_and_raise_the_loss():
+    """PGD for adversarial training: each image moves at most eps (L2) and g_skel's loss against the unchanged
+    targets rises; eps 0 leaves the images alone."""
+    torch.manual_seed(0)
+    gskel = posescore.build_gskel(32, (8, 16)).eval()
+    images = figure(count=1)[0]  # (6 views as 6 images, 6, H, W)
+    view = torch.arange(6)
+    target = posescore.skeleton_maps(torch.randn(1, 55, 3) * 0.3, 32)[0]  # (6, K, H, W)
+    pos_weight = torch.tensor(1.0)
+    moved = posescore.adversarial_images(gskel, images, view, target, 1.0, 3, pos_weight)
+    assert ((moved - images).flatten(1).norm(dim=1) <= 1.0 + 1e-4).all()
+    loss = lambda x: torch.nn.functional.binary_cross_entropy_with_logits(  # noqa: E731
+        posescore.gskel_apply(gskel, x, view), target).item()
+    assert loss(moved) > loss(images)
+    assert torch.equal(posescore.adversarial_images(gskel, images, view, target, 0.0, 3, pos_weight), images)
