@@ -209,11 +209,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None,
                         help="the json of every probe and ascent step (default <run-dir>/gate/reward_gate_<reward>.json)")
+    parser.add_argument("--table", type=Path, nargs="+", default=None,
+                        help="only print one markdown table of these gate jsons (a row per reward), then exit")
     return parser
+
+
+def gate_table(paths: list[Path]) -> str:
+    """One markdown row per gate json: the reward, its g_skel and realism weight, the step the verdict is read at,
+    and the gap each reader closes on each split there and at the last step."""
+    runs = [(p, json.loads(Path(p).read_text())) for p in paths]
+    keys = list(runs[0][1]["gate"]["gap_closed"])
+    lines = ["| reward | g_skel | realism | judged at step | " + " | ".join(k.replace("_", " ") for k in keys)
+             + " | verdict |", "|---|---|---|---|" + "---|" * len(keys) + "---|"]
+    for _, run in runs:
+        gate, args = run["gate"], run["args"]
+        cells = [f"{_share(gate['gap_closed'][k])} / {_share(gate['gap_closed_last_step'][k])}" for k in keys]
+        lines.append(f"| {args['reward']} | {Path(args['reward_dir']).name if args.get('reward_dir') not in (None, 'None') else 'posescore'}"
+                     f" | {args['realism_weight']:g} | {gate['judged_at_step']}{'' if gate['reached_gt'] else ' (never reached GT)'}"
+                     f" | " + " | ".join(cells) + f" | {'PASS' if gate['passes'] else 'FAIL'} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.table:
+        print(gate_table(args.table))
+        return
     check_args(args)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)

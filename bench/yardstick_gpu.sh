@@ -41,9 +41,8 @@ done; done; done
 wait; tick "reader and ${#models[@]} ceilings"
 [ -z "${READER:-}" ] && grep -a "PSNR\|joint err\|trained in" $RUN.reader.log | tail -4 && cp $RUN.reader.log $OUT/reader.log
 READER=${READER:-$RUN/pose_reader}
-python3 bench/judge_check.py --run-dir $RUN --reader $READER --out $OUT/judge_check.json --device cuda | tail -16
-python3 bench/judge_check.py --run-dir $RUN --reader pretrained/demo_reader --out $OUT/judge_check_before.json --device cuda | tail -16
+python3 bench/judge_check.py --run-dir $RUN --readers $READER pretrained/demo_reader2 --out $OUT/judge_check.json --device cuda | tail -24
 tick "judge checks"
-python3 bench/yardstick.py --run-dir $RUN --reader $READER --models base "${models[@]}" --count 48 --device cuda \
+python3 bench/yardstick.py --run-dir $RUN --readers $READER pretrained/demo_reader2 --models base "${models[@]}" --count 48 --device cuda \
   --out $OUT/yardstick.json
 tick "yardstick"
