@@ -59,7 +59,8 @@ from prepare_data import (BONE_GROUPS, views_mask, BONES, NUM_BODY_JOINTS, NUM_V
                           from_uint8, load_body_model, load_split, views_to_latents, views_to_pixels, world_to_views,
                           generate_poses, render_subjects, sample_outfits, MASK_THRESHOLD, encoded_normal_min)
 from plumbing import (SEED_MAX, UserError, atomic_dir, run_cli, write_json, with_preset, check_device, check_number,
-                      check_finite_weights, guard_output, guard_output_file, provenance, read_json, read_npz_key)
+                      check_finite_weights, guard_output, guard_output_file, provenance, read_json, read_npz,
+                      read_npz_key)
 
 
 @dataclass
@@ -119,6 +120,13 @@ class TrainArgs:
     pose_free_kinds: tuple[Literal["gaussian", "gaussians", "mean"], ...] = ("gaussian", "gaussians")
     """which pose-free images: gaussian (one Gaussian of the view's ink mass, centre and spread), gaussians
     (the ink as a cloud of 2 to 5 smaller Gaussians), mean (the mean of 16 other training people's same view)"""
+    negatives: tuple[Path, ...] = ()
+    """hard negatives: npz files of single views with key `views` (M, 6, H, W) uint8 and their `view_ids` (M,)
+    (indices of VIEW_AZIMUTHS), e.g. hacked views that `bench/mine_negatives.py` mines from a reward ascent and
+    from models that game the reward on the DrPose poses' inputs (never the bench); their target is empty maps.
+    For the reward's g_skel only: a reader never trains on a model's output"""
+    negative_share: float = 0.3
+    """share of each batch replaced by rows of --negatives (when given)"""
     perturb_levels: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
     """validation: std (radians) of the noise added to every body_pose joint for perturbed poses"""
     log_every: int = 50
@@ -162,6 +170,10 @@ class TrainArgs:
         check_number(self, "pose_free", 0, high=1, fix="pass a share from 0 (off) to 1")
         check_number(self, "adv_eps", 0, high=100, fix="pass an L2 radius >= 0 (about 1 moves each value ~1%)")
         check_number(self, "adv_steps", 1, high=100)
+        check_number(self, "negative_share", 0, high=1, fix="pass a share from 0 (off) to 1")
+        for path in self.negatives:
+            if not path.is_file():
+                raise UserError(f"--negatives {path} is not a file; pass npz files made by bench/mine_negatives.py")
         if self.pose_free > 0 and not self.pose_free_kinds:
             raise UserError("--pose-free-kinds is empty; pass one or more of " + " ".join(POSE_FREE_KINDS))
         if self.init is None and (not self.channels or len(self.channels) > MAX_LEVELS or any(
@@ -1110,9 +1122,26 @@ def adversarial_images(gskel, images: torch.Tensor, view: torch.Tensor, target: 
     return (images + delta).clamp(-1, 1).detach()
 
 
-def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, log_path: Path | None = None):
-    """Fit g_skel by per-pixel BCE on single views. latents (N, V, 6, H, W), joints (N, 55, 3).
-    Targets are drawn on the fly (a full set of maps would be N*V*K*H*W floats). Returns g_skel."""
+def load_negatives(paths, resolution: int) -> dict | None:
+    """--negatives files -> {"views": (M, 6, H, W) in [-1, 1], "view_ids": (M,)}, or None without files."""
+    if not paths:
+        return None
+    views, view_ids = [], []
+    for path in paths:
+        arrays = read_npz(path, ("views", "view_ids"), "python bench/mine_negatives.py")
+        if arrays["views"].ndim != 4 or arrays["views"].shape[1:] != (6, resolution, resolution):
+            raise UserError(f"--negatives {path} holds views {arrays['views'].shape}, not (M, 6, {resolution}, "
+                            f"{resolution}); mine them from this run's data with bench/mine_negatives.py")
+        views.append(torch.from_numpy(arrays["views"]).float() / 127.5 - 1)
+        view_ids.append(torch.from_numpy(arrays["view_ids"]).long().clamp(0, NUM_VIEWS - 1))
+    return dict(views=torch.cat(views), view_ids=torch.cat(view_ids))
+
+
+def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, log_path: Path | None = None,
+                negatives: dict | None = None):
+    """Fit g_skel by per-pixel BCE on single views. latents (N, V, 6, H, W), joints (N, 55, 3); negatives
+    (load_negatives) are views whose target is empty maps. Targets are drawn on the fly (a full set of maps would
+    be N*V*K*H*W floats). Returns g_skel."""
     resolution, device = latents.shape[-1], torch.device(args.device)
     torch.manual_seed(args.seed)  # the initial weights
     generator = torch.Generator().manual_seed(args.seed)  # batches and augmentation
@@ -1135,6 +1164,11 @@ def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, lo
             free = torch.rand(args.batch_size, generator=generator) < args.pose_free
             images = torch.where(free[:, None, None, None], pose_free_images(
                 latents, subject, view, args.pose_free_kinds, generator), images)
+        if negatives is not None:  # a share of the rows: hacked views, each read as its own view, and no skeleton
+            negative = torch.rand(args.batch_size, generator=generator) < args.negative_share
+            pick = torch.randint(len(negatives["views"]), (args.batch_size,), generator=generator)
+            images = torch.where(negative[:, None, None, None], negatives["views"][pick], images)
+            view = torch.where(negative, negatives["view_ids"][pick], view)
         images = augment(images.to(device), args.blur, args.noise, generator)
         if args.mess > 0:
             images = solid_mess(images, generator, args.mess)
@@ -1142,6 +1176,8 @@ def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, lo
         target = draw_bones(pix, resolution, args.width)  # (N, K, H, W): only the views in the batch
         if args.pose_free > 0:
             target = target * (~free).to(target)[:, None, None, None]
+        if negatives is not None:
+            target = target * (~negative).to(target)[:, None, None, None]
         if args.adv_eps > 0:
             images = adversarial_images(gskel, images, view.to(device), target, args.adv_eps, args.adv_steps, pos_weight)
         logits = gskel_apply(gskel, images, view.to(device))
@@ -1434,6 +1470,7 @@ def _train(args: TrainArgs) -> None:
     scans = load_view_latents(data_dir / "scans" / "train.npz")
     resolution = scans["latents"].shape[-1]
     latents, joints = scans["latents"], scans["joints_t"]
+    negatives = load_negatives(args.negatives, resolution)
     if args.init is not None:  # the starting weights fix the architecture and the line width
         init_gskel, init_config = load_gskel_network(args.init)
         if init_config["resolution"] != resolution:
@@ -1459,7 +1496,7 @@ def _train(args: TrainArgs) -> None:
 
     with atomic_dir(folder) as tmp:
         start = time.time()
-        gskel = train_gskel(latents, joints, args, log_path=tmp / "metrics.jsonl")
+        gskel = train_gskel(latents, joints, args, log_path=tmp / "metrics.jsonl", negatives=negatives)
         train_seconds = time.time() - start
         gskel.save_pretrained(tmp)
         config = dict(stage="posescore", resolution=resolution, width=args.width, train_seconds=round(train_seconds, 1),

@@ -7,7 +7,7 @@ input images of the first DrPose poses, stored once so that the case never chang
 DRPOSE_MODEL is a model folder (`pretrain.load_model`) that draws a dense blob in every side view: the one
 stored here is DrPose with the paper's recipe, `bench/effect_gpu.sh` row `paper`, seed 0, 12,800 samples
 (batch 16, 800 steps, lr 5e-4) on one H100 from `pretrained/demo_base`. Both models sample the same inputs with
-the same noise (`evaluate.generate_set`, --seed). The npz holds, as uint8 (views * 127.5 + 127.5):
+the same noise (`reconstruct.generate_set`, --seed). The npz holds, as uint8 (views * 127.5 + 127.5):
     gamed   (N, V, 6, H, W)  the gamed model's views          base   (N, V, 6, H, W)  the base's views
     rows    (N,)             the rows of data/drpose/pairs.npz (= data/drpose_gt/train.npz) they were drawn from
 and, as text, the command and the two models' configs. bench/judge_check.py reads it.
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from evaluate import generate_set  # noqa: E402
+from reconstruct import generate_set  # noqa: E402
 from plumbing import atomic_write  # noqa: E402
 from prepare_data import from_uint8, load_split  # noqa: E402
 
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--gamed", type=Path, required=True, help="a model folder that draws pose-free blobs")
     parser.add_argument("--base", type=Path, default=Path("pretrained/demo_base"))
     parser.add_argument("--count", type=int, default=48, help="the first N DrPose poses")
-    parser.add_argument("--seed", type=int, default=0, help="the sampling noise (evaluate.generate_set)")
+    parser.add_argument("--seed", type=int, default=0, help="the sampling noise (reconstruct.generate_set)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/judge/pose_free_views.npz"))
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -27,6 +27,7 @@ CANDIDATES=(
   "posescore_lowpass|--reward posescore_lowpass"
   "posescore_contrast|--reward posescore_contrast"
   "posescore_realism0.3|--reward posescore --realism-weight 0.3"
+  "posescore_dice_realism0.3|--reward posescore_dice --realism-weight 0.3"
   "posescore_adv|--reward posescore --reward-dir $RUN/posescore_adv"
   "posescore_adv_free|--reward posescore --reward-dir $RUN/posescore_adv_free"
   "posescore_mess_free|--reward posescore --reward-dir $RUN/posescore_mess_free"

@@ -1,9 +1,12 @@
 """The judge (pose reader + solidity) and the supervised ceiling's levers (replay, EMA): would each fail
 if it were wrong?"""
 
+import importlib.util
 import json
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -270,3 +273,46 @@ def test_adversarial_images_stay_in_the_ball_and_raise_the_loss():
         posescore.gskel_apply(gskel, x, view), target).item()
     assert loss(moved) > loss(images)
     assert torch.equal(posescore.adversarial_images(gskel, images, view, target, 0.0, 3, pos_weight), images)
+
+
+def test_negatives_train_gskel_to_draw_no_skeleton_on_them(tmp_path):
+    """--negatives (bench/mine_negatives.py's file): rows of each batch are replaced by the file's views, read as
+    their own view ids, with empty maps as the target; a g_skel trained on nothing else draws (almost) no bone
+    on them, where the same training without them draws the scans' bones."""
+    latents = figure(count=4)  # (N, V, 6, H, W)
+    joints = torch.randn(4, 55, 3) * 0.3
+    hacked = box_blur(figure(count=2, seed=1)[:, 1:], 8).flatten(0, 1)  # (10, 6, H, W): blob-like side views
+    path = tmp_path / "negatives.npz"
+    np.savez(path, views=((hacked * 127.5 + 127.5).round().byte()).numpy(), view_ids=np.tile(np.arange(1, 6), 2))
+    negatives = posescore.load_negatives([path], 32)
+    assert negatives["views"].shape == (10, 6, 32, 32) and negatives["view_ids"].tolist() == list(range(1, 6)) * 2
+
+    def trained(share):
+        args = posescore.TrainArgs(steps=60, batch_size=8, lr=2e-2, channels=(8, 16), negatives=(path,),
+                                   negative_share=share, log_every=1000, threads=1).resolved()
+        torch.manual_seed(0)
+        return posescore.train_gskel(latents, joints, args, negatives=negatives if share else None)
+
+    def bone_share(gskel):  # the mean bone probability on the negatives
+        with torch.no_grad():
+            return torch.sigmoid(posescore.gskel_apply(gskel, negatives["views"], negatives["view_ids"])).mean().item()
+
+    assert bone_share(trained(1.0)) < 0.5 * bone_share(trained(0.0))
+
+
+def test_negatives_files_are_checked(tmp_path):
+    with pytest.raises(UserError, match="--negatives .*missing.npz is not a file"):
+        posescore.TrainArgs(negatives=(tmp_path / "missing.npz",)).resolved()
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, views=np.zeros((3, 6, 16, 16), np.uint8), view_ids=np.zeros(3, np.int64))
+    with pytest.raises(UserError, match="not \\(M, 6, 32, 32\\)"):
+        posescore.load_negatives([bad], 32)
+    with pytest.raises(UserError, match="--negative-share"):
+        posescore.TrainArgs(negative_share=2.0).resolved()
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).parents[1] / "bench").glob("*.py")))
+def test_every_bench_script_imports(script):
+    """A bench script that no longer imports (a function moved between stages) fails here, not on a GPU."""
+    spec = importlib.util.spec_from_file_location(f"bench_{script[:-3]}", Path(__file__).parents[1] / "bench" / script)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
