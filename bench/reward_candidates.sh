@@ -2,7 +2,7 @@
 # Every reward candidate through the hacking gate (bench/reward_probe.py), on the CPU, after `make demo`: the
 # g_skels the candidates need (each from the reward's own g_skel, posescore/, never from a reader's), then one gate
 # per candidate, JOBS at a time on one thread each, then one table (a row per candidate, each reader and split).
-# Usage (repo root): [RUN=runs/demo] [OUT=$RUN/gate] [JOBS=2] bash bench/reward_candidates.sh
+# Usage (repo root): [RUN=runs/demo] [OUT=$RUN/gate] [JOBS=2] [MODELS="DIR ..."] bash bench/reward_candidates.sh
 set -uo pipefail
 RUN=${RUN:-runs/demo}; OUT=${OUT:-$RUN/gate}; JOBS=${JOBS:-2}
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
@@ -17,6 +17,19 @@ gskel posescore_adv --steps 200 --adv-eps 1.0 --adv-steps 3 &
 gskel posescore_adv_free --steps 300 --adv-eps 1.0 --adv-steps 3 --pose-free 0.25 --pose-free-kinds gaussian gaussians mean &
 wait
 gskel posescore_mess_free --steps 300 --mess 1 --pose-free 0.25 --pose-free-kinds gaussian gaussians mean
+# --- mined hard negatives, two rounds: mine what the reward's g_skel pays for (bench/mine_negatives.py, DrPose rows
+# 96+, never the bench), retrain on it, mine again from the retrained one. MODELS: folders of models that game the
+# reward (e.g. DrPose with the paper's recipe at 12,800 samples), whose side views join the first round.
+MODELS=${MODELS:-}
+mine() {  # name, flags
+  [ -f $RUN/negatives/$1.npz ] || $PY bench/mine_negatives.py --run-dir $RUN "${@:2}" --out $RUN/negatives/$1.npz \
+    > $OUT/$1.mine.log 2>&1
+}
+mkdir -p $RUN/negatives
+mine round1 --reward-dir $RUN/posescore ${MODELS:+--models $MODELS}
+gskel posescore_neg1 --steps 300 --negatives $RUN/negatives/round1.npz
+mine round2 --reward-dir $RUN/posescore_neg1 --rows 192 96
+gskel posescore_neg2 --steps 300 --negatives $RUN/negatives/round1.npz $RUN/negatives/round2.npz
 # --- the gates: name | flags --------------------------------------------------------------------------------
 CANDIDATES=(
   "posescore|--reward posescore"
@@ -31,6 +44,8 @@ CANDIDATES=(
   "posescore_adv|--reward posescore --reward-dir $RUN/posescore_adv"
   "posescore_adv_free|--reward posescore --reward-dir $RUN/posescore_adv_free"
   "posescore_mess_free|--reward posescore --reward-dir $RUN/posescore_mess_free"
+  "posescore_neg1|--reward posescore --reward-dir $RUN/posescore_neg1"
+  "posescore_neg2|--reward posescore --reward-dir $RUN/posescore_neg2"
 )
 running=0
 for entry in "${CANDIDATES[@]}"; do
