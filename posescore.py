@@ -495,6 +495,9 @@ class RewardContext(GskelContext):
     """optional LPIPS-style distance (N, 3, H, W) x2 in [-1, 1] -> (N,) or (N, 1, 1, 1); None = off"""
     perceptual_weight: float = 1.0
     """weight of the perceptual term in PoseScore when `perceptual` is set"""
+    members: tuple = ()
+    """other g_skels (RewardContexts) of an ensemble reward (`posescore_ensemble`): the folders the reward folder's
+    `ensemble.json` lists; empty for every other reward"""
 
 
 def check_reward_inputs(views: torch.Tensor, batch: dict, ctx: GskelContext) -> torch.Tensor:
@@ -670,9 +673,23 @@ def posescore_contrast_reward(views: torch.Tensor, batch: dict, ctx: RewardConte
     return margin.mean((1, 2)), parts
 
 
+ENSEMBLE_K = 1.0  # posescore_ensemble: mean - ENSEMBLE_K * std over the members' PoseScores
+
+
+def posescore_ensemble_reward(views: torch.Tensor, batch: dict, ctx: RewardContext):
+    """PoseScore of the reward's g_skel and of each g_skel in ctx.members (the folders that `ensemble.json` in the
+    reward folder lists, e.g. {"members": ["../posescore_seed1", "../posescore_seed2"]}), mean - ENSEMBLE_K * std
+    over them: a view that one g_skel pays for and the others do not earns less, as ensembles of reward models curb
+    over-optimisation. Without members it is PoseScore."""
+    scores = torch.stack([posescore_reward(views, batch, member)[0] for member in (ctx, *ctx.members)])  # (M, B)
+    spread = (scores.var(0, unbiased=False) + 1e-12).sqrt()  # the epsilon keeps the gradient finite at zero spread
+    return scores.mean(0) - ENSEMBLE_K * spread, {"mean": scores.mean(0), "std": spread}
+
+
 REWARDS = {"posescore": posescore_reward, "keypoints": keypoints_reward, "posescore_dice": posescore_dice_reward,
            "posescore_smooth": posescore_smooth_reward, "posescore_median": posescore_median_reward,
-           "posescore_contrast": posescore_contrast_reward, "posescore_lowpass": posescore_lowpass_reward}
+           "posescore_contrast": posescore_contrast_reward, "posescore_lowpass": posescore_lowpass_reward,
+           "posescore_ensemble": posescore_ensemble_reward}
 # The rewards stage 2 validates (true vs perturbed poses), by name: the paper's and the two the
 # README's findings are about. A forked reward is validated by bench/reward_probe.py, not here, so
 # one that needs more from the context than g_skel cannot break this stage.
@@ -700,10 +717,20 @@ def load_perceptual(path: Path, device="cpu") -> Callable:
 
 def load_reward_context(reward_dir: Path, device="cpu", lpips_weights: Path | None = None,
                         perceptual_weight: float = 1.0) -> RewardContext:
-    """The frozen g_skel of a reward folder (posescore/), ready for any reward in REWARDS."""
+    """The frozen g_skel of a reward folder (posescore/), ready for any reward in REWARDS; where the folder holds
+    an `ensemble.json` ({"members": [g_skel folders, relative to it]}), its members too (posescore_ensemble)."""
     gskel_ctx = load_gskel(reward_dir, device)
     perceptual = load_perceptual(lpips_weights, device) if lpips_weights is not None else None
-    return RewardContext(**vars(gskel_ctx), perceptual=perceptual, perceptual_weight=perceptual_weight)
+    members, listing = (), Path(reward_dir) / "ensemble.json"
+    if listing.exists():
+        folders = read_json(listing, "an ensemble.json written by hand").get("members")
+        if not isinstance(folders, list) or not all(isinstance(f, str) for f in folders):
+            raise UserError(f'{listing}: pass {{"members": ["../other_gskel", ...]}}, folders relative to {reward_dir}')
+        members = tuple(RewardContext(**vars(load_gskel(Path(reward_dir) / f, device))) for f in folders)
+        if any(m.resolution != gskel_ctx.resolution for m in members):
+            raise UserError(f"{listing}: every member must read {gskel_ctx.resolution} px views, as {reward_dir} does")
+    return RewardContext(**vars(gskel_ctx), perceptual=perceptual, perceptual_weight=perceptual_weight,
+                         members=members)
 
 
 def resolve_reward(spec: str) -> Callable:

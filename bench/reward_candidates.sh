@@ -17,6 +17,15 @@ gskel posescore_adv --steps 200 --adv-eps 1.0 --adv-steps 3 &
 gskel posescore_adv_free --steps 300 --adv-eps 1.0 --adv-steps 3 --pose-free 0.25 --pose-free-kinds gaussian gaussians mean &
 wait
 gskel posescore_mess_free --steps 300 --mess 1 --pose-free 0.25 --pose-free-kinds gaussian gaussians mean
+# --- an ensemble: the reward's g_skel and two more made by the same command with other seeds (posescore_ensemble
+# reads the members that ensemble.json in its reward folder lists) ----------------------------------------------
+for seed in 1 2; do
+  [ -f $RUN/posescore_seed$seed/posescore_config.json ] || $PY posescore.py train --preset demo --run-dir $RUN \
+    --out $RUN/posescore_seed$seed --seed $seed > $OUT/posescore_seed$seed.train.log 2>&1 &
+done
+wait
+[ -f $RUN/posescore_ens/ensemble.json ] || { rm -rf $RUN/posescore_ens && cp -r $RUN/posescore $RUN/posescore_ens &&
+  echo '{"members": ["../posescore_seed1", "../posescore_seed2"]}' > $RUN/posescore_ens/ensemble.json; }
 # --- mined hard negatives, two rounds: mine what the reward's g_skel pays for (bench/mine_negatives.py, DrPose rows
 # 96+, never the bench), retrain on it, mine again from the retrained one. MODELS: folders of models that game the
 # reward (e.g. DrPose with the paper's recipe at 12,800 samples), whose side views join the first round.
@@ -46,6 +55,7 @@ CANDIDATES=(
   "posescore_mess_free|--reward posescore --reward-dir $RUN/posescore_mess_free"
   "posescore_neg1|--reward posescore --reward-dir $RUN/posescore_neg1"
   "posescore_neg2|--reward posescore --reward-dir $RUN/posescore_neg2"
+  "posescore_ensemble|--reward posescore_ensemble --reward-dir $RUN/posescore_ens"
 )
 running=0
 for entry in "${CANDIDATES[@]}"; do

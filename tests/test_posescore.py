@@ -6,6 +6,7 @@ built once; g_skel is trained on it through the real `train` path in about 15 s 
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -367,3 +368,32 @@ def _numbers(tree):
     if isinstance(tree, list):
         return [v for x in tree for v in _numbers(x)]
     return [tree] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
+
+
+def test_ensemble_reward_is_mean_minus_spread_and_loads_its_members(trained, val, run_dir, tmp_path):
+    """posescore_ensemble: mean - ENSEMBLE_K * std of the members' PoseScores; without members it is PoseScore;
+    load_reward_context reads the members that ensemble.json lists (relative folders) and refuses a bad list."""
+    ctx, _ = trained
+    views, batch = val["latents"][:3], {"joints": val["joints_t"][:3]}
+    alone, _ = ps.posescore_ensemble_reward(views, batch, ctx)
+    assert torch.allclose(alone, ps.posescore_reward(views, batch, ctx)[0], atol=1e-5)
+    other = _tiny_ctx(res=ctx.resolution)  # an untrained g_skel: it disagrees with the trained one
+    mixed = ps.RewardContext(**{k: getattr(ctx, k) for k in ("gskel", "resolution", "width", "device")}, members=(other,))
+    got, parts = ps.posescore_ensemble_reward(views, batch, mixed)
+    scores = torch.stack([ps.posescore_reward(views, batch, c)[0] for c in (ctx, other)])
+    assert torch.allclose(got, scores.mean(0) - ps.ENSEMBLE_K * scores.std(0, unbiased=False), atol=1e-5)
+    assert (got < scores.mean(0)).all() and torch.allclose(parts["mean"], scores.mean(0))
+    folder = tmp_path / "ensemble"
+    shutil.copytree(run_dir / "posescore", folder)
+    (folder / "ensemble.json").write_text(json.dumps({"members": ["../member"]}))
+    shutil.copytree(run_dir / "posescore", tmp_path / "member")
+    loaded = ps.load_reward_context(folder)
+    assert len(loaded.members) == 1 and ps.load_reward_context(run_dir / "posescore").members == ()
+    same, _ = ps.posescore_ensemble_reward(views, batch, loaded)  # two equal g_skels: no spread
+    assert torch.allclose(same, ps.posescore_reward(views, batch, ctx)[0], atol=1e-4)
+    (folder / "ensemble.json").write_text(json.dumps({"members": "../member"}))
+    with pytest.raises(pd.UserError, match="ensemble.json"):
+        ps.load_reward_context(folder)
+    (folder / "ensemble.json").write_text(json.dumps({"members": ["../missing"]}))
+    with pytest.raises(pd.UserError, match="missing"):
+        ps.load_reward_context(folder)
