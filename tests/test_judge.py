@@ -4,6 +4,7 @@ if it were wrong?"""
 import importlib.util
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -316,3 +317,10 @@ def test_every_bench_script_imports(script):
     """A bench script that no longer imports (a function moved between stages) fails here, not on a GPU."""
     spec = importlib.util.spec_from_file_location(f"bench_{script[:-3]}", Path(__file__).parents[1] / "bench" / script)
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).parents[1] / "bench").glob("*.sh")))
+def test_every_bench_shell_script_parses(script):
+    """The GPU recipes run where CI cannot: at least their syntax is checked here."""
+    proc = subprocess.run(["bash", "-n", f"bench/{script}"], cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
