@@ -56,6 +56,7 @@ CANDIDATES=(
   "posescore_neg1|--reward posescore --reward-dir $RUN/posescore_neg1"
   "posescore_neg2|--reward posescore --reward-dir $RUN/posescore_neg2"
   "posescore_ensemble|--reward posescore_ensemble --reward-dir $RUN/posescore_ens"
+  "posescore_ensemble_realism0.3|--reward posescore_ensemble --reward-dir $RUN/posescore_ens --realism-weight 0.3"
 )
 running=0
 for entry in "${CANDIDATES[@]}"; do
