@@ -13,6 +13,13 @@ configuration starts from the same weights and runs the same plans and noise: a 
 (capture and compile happen there; their time is reported), then `--steps` timed steps. A step is
 what finetune.py's loop does: sample with grad, reward, loss, backward, clip, AdamW.
 
+The step's model FLOPs are counted by torch.utils.flop_counter over one eager step of each plan length (gradient
+checkpointing off, so no recomputation is counted: the model's FLOPs, not the hardware's); each configuration's
+line then prints its TFLOP/s (the timed steps' FLOPs over their time) and its MFU, that rate as a share of
+`--peak-tflops` (default: the GPU's dense bf16 peak where known, 989 on an H100 or H200; none on a CPU). The
+paper preset's step, which does not fit without checkpointing, is counted on one subject and multiplied by the
+batch.
+
 Configurations: the levers, each added to the ones before it (`--levers` runs them all), and `fast`:
   plain           bench/plain_chain.py (the loop before the fast path): eager, int timesteps, frozen
                   pass = adapters off, gradient checkpointing on (the old cuda default), foreach AdamW
@@ -48,6 +55,9 @@ import posescore  # noqa: E402
 import prepare_data as pd  # noqa: E402
 import pretrain  # noqa: E402
 from plain_chain import sample_with_grad_plain  # noqa: E402
+
+CHECKPOINT_ABOVE = 1e8  # U-Nets over this many parameters always train with gradient checkpointing (the paper's)
+DENSE_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense (no sparsity) peaks, by GPU name
 
 LEVERS = ["plain", "no_ckpt", "bf16_frozen", "graphs", "fused_adamw", "cudnn_benchmark", "channels_last", "compile"]
 
@@ -99,14 +109,51 @@ def inputs(w: dict, count: int, device: str) -> list:
     return out
 
 
-def run_config(name: str, w: dict, steps: list, warmup: int, device: str, write, profile=False) -> dict:
+def step_flops(w: dict, step: tuple, device: str) -> int:
+    """Model FLOPs of one DrPose step (sample with grad, reward, backward) as torch.utils.flop_counter counts them
+    over one eager step without gradient checkpointing: matmuls, convolutions and attention, forward and backward,
+    no recomputation. A U-Net over CHECKPOINT_ABOVE parameters (the paper's) is counted on the step's first subject
+    and the count multiplied by the batch: every term is per subject, and the whole batch would not fit."""
+    from torch.utils.flop_counter import FlopCounterMode
+    image, batch, noise, plan = step
+    scale = 1
+    if w["unet"].num_parameters() > CHECKPOINT_ABOVE and len(image) > 1:
+        scale, image, noise = len(image), image[:1], noise[:1]
+        batch = {k: v[:1] for k, v in batch.items()}
+    torch.manual_seed(0)
+    unet = ft.add_lora(copy.deepcopy(w["unet"]), w["lora_rank"]).train()
+    alphas, codec = pretrain.alphas_cumprod().to(device), pretrain.LatentCodec()
+    with FlopCounterMode(display=False) as counter:
+        with plumbing.autocast(torch.device(device)):
+            views, eps_gaps = ft.sample_with_grad(unet, image, noise, plan, w["guidance"], alphas, w["ddim_steps"],
+                                                  codec, reference=ft.Reference(unet))
+        rewards, _ = w["reward"](views, batch, w["ctx"])
+        ft.drpose_loss(rewards, ft.kl_term(eps_gaps), 0.01).backward()
+    del unet
+    return counter.get_total_flops() * scale
+
+
+def plan_flops(w: dict, steps: list, device: str) -> list[int]:
+    """step_flops of every step, counted once per distinct plan length (the chain's stop and its grad steps'
+    count: the DrTune plan detaches each grad step's input, so where they lie does not change the count)."""
+    counted = {}
+    for step in steps:
+        plan = step[3]
+        key = (plan.stop, len(plan.grad_steps), plan.detach_input)
+        if key not in counted:
+            counted[key] = step_flops(w, step, device)
+    return [counted[(p.stop, len(p.grad_steps), p.detach_input)] for *_, p in steps]
+
+
+def run_config(name: str, w: dict, steps: list, warmup: int, device: str, write, profile=False,
+               flops: list | None = None, peak_tflops: float | None = None) -> dict:
     cuda = device == "cuda"
     if name == "fast":  # finetune.py's default on cuda
         on = set(LEVERS[:LEVERS.index("fused_adamw") + 1])
-        checkpointing = cuda and w["unet"].num_parameters() > 1e8
+        checkpointing = cuda and w["unet"].num_parameters() > CHECKPOINT_ABOVE
     else:
         on = set(LEVERS[:LEVERS.index(name) + 1])
-        checkpointing = (name == "plain" and cuda) or w["unet"].num_parameters() > 1e8  # SD-size always needs it
+        checkpointing = (name == "plain" and cuda) or w["unet"].num_parameters() > CHECKPOINT_ABOVE  # SD-size needs it
     base = copy.deepcopy(w["unet"])
     ctx = copy.copy(w["ctx"])
     frozen_copy = plumbing.frozen_bf16(base) if "bf16_frozen" in on and cuda else None
@@ -174,9 +221,14 @@ def run_config(name: str, w: dict, steps: list, warmup: int, device: str, write,
                   spread=[round(min(timed), 4), round(max(timed), 4)], steps_timed=len(timed),
                   warmup_s=round(sum(times[:warmup]), 2), peak_gib=round(peak, 2) if peak else None,
                   first_losses=[round(x, 5) for x in losses[:3]])
+    if flops:  # the timed steps' FLOPs over their time: plans differ in length from step to step
+        result["tflops_per_s"] = round(sum(flops[warmup:len(times)]) / sum(timed) / 1e12, 3)
+        result["mfu"] = round(result["tflops_per_s"] / peak_tflops, 4) if peak_tflops else None
     write(result)
+    rate = (f"  {result['tflops_per_s']:7.2f} TFLOP/s" + (f" MFU {result['mfu']:.1%}" if result.get("mfu") else "")
+            if flops else "")
     print(f"  {name:14s} {median:8.4f} s/step  {w['batch'] / median:8.1f} samples/s  peak "
-          f"{peak or 0:6.2f} GiB  warm-up {result['warmup_s']:6.1f} s  losses {result['first_losses']}", flush=True)
+          f"{peak or 0:6.2f} GiB{rate}  warm-up {result['warmup_s']:6.1f} s  losses {result['first_losses']}", flush=True)
     del unet, frozen_copy, reference, nograd_call, optimizer
     if cuda:
         torch.cuda.empty_cache()
@@ -196,6 +248,9 @@ def main() -> None:
     parser.add_argument("--configs", nargs="*", help="these configurations only (names in LEVERS)")
     parser.add_argument("--profile", nargs="*", default=[], help="print the top GPU kernels of these configurations")
     parser.add_argument("--json", type=Path, help="append the results to this json file")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense bf16 peak for MFU (default: known GPUs' peak; none on a CPU)")
+    parser.add_argument("--no-flops", action="store_true", help="skip counting the step's FLOPs")
     args = parser.parse_args()
     names = args.configs or (LEVERS[:7] + (["compile"] if args.compile else []) + ["fast"] if args.levers
                              else ["plain", "fast"])
@@ -204,14 +259,21 @@ def main() -> None:
                 command="python " + " ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M"),
                 commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                       cwd=REPO).stdout.strip() if (REPO / ".git").exists() else "not a git checkout")
-    print(f"{gpu}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    peak_tflops = args.peak_tflops or next((v for k, v in DENSE_BF16_TFLOPS.items() if k in gpu), None)
+    print(f"{gpu}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+          + (f", dense bf16 peak {peak_tflops:g} TFLOP/s" if peak_tflops else ""))
+    head["peak_tflops"] = peak_tflops
     results = dict(head, presets={})
     for preset in args.presets:
         w = workload(preset, args.device, args.batch)
         steps = inputs(w, args.warmup + args.steps, args.device)
         table = results["presets"].setdefault(preset, {})
+        flops = None if args.no_flops else plan_flops(w, steps, args.device)  # (steps,) one per step
+        mean_flops = statistics.mean(flops[args.warmup:]) if flops else None
+        results.setdefault("step_tflop", {})[preset] = round(mean_flops / 1e12, 4) if flops else None
         print(f"{preset}: batch {w['batch']} x {w['views']} views, {w['res']} px, T {w['ddim_steps']}, guidance "
-              f"{w['guidance']}, LoRA r{w['lora_rank']}, U-Net {w['unet'].num_parameters() / 1e6:.1f} M", flush=True)
+              f"{w['guidance']}, LoRA r{w['lora_rank']}, U-Net {w['unet'].num_parameters() / 1e6:.1f} M"
+              + (f", {mean_flops / 1e12:.3f} TFLOP a timed step (mean over their plans)" if flops else ""), flush=True)
         for name in names:
             def write(result, name=name):  # after every configuration: a killed run keeps what it measured
                 table[name] = result
@@ -220,7 +282,8 @@ def main() -> None:
                     args.json.write_text(json.dumps(results, indent=1))
             count = args.steps if args.lever_steps is None or name == "fast" else args.lever_steps
             try:
-                run_config(name, w, steps[:args.warmup + count], args.warmup, args.device, write, name in args.profile)
+                run_config(name, w, steps[:args.warmup + count], args.warmup, args.device, write, name in args.profile,
+                           flops, peak_tflops)
             except Exception as err:  # one failing lever must not lose the others' numbers
                 print(f"  {name:14s} FAILED: {type(err).__name__}: {str(err)[:300]}", flush=True)
                 write(dict(error=f"{type(err).__name__}: {str(err)[:300]}"))

@@ -3,6 +3,8 @@ bit for bit; on a GPU the fast chain (bf16 frozen copy, CUDA graphs, device time
 loop's loss and gradients within bf16 tolerance and syncs with the host nowhere; --max-minutes stops
 with a checkpoint and --resume in a new process ends with the weights of a straight run."""
 
+import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils.flop_counter import FlopCounterMode
 
 import finetune as ft
 import plumbing
@@ -212,3 +215,22 @@ def test_lora_checkpoint_of_another_rank_is_refused(run, tmp_path):
     ft.drpose(ft.Args(**args))
     with pytest.raises(pd.UserError, match="incompatible|other trainable"):
         ft.drpose(ft.Args(**(args | dict(lora_rank=2, steps=3, resume=True))))
+
+
+def test_step_flops_count_each_unet_call_and_scale_with_the_batch(monkeypatch):
+    """bench/drpose_step.py's model FLOPs: two more executed chain steps add exactly two no-grad U-Net forwards (the
+    base with its adapters), and the count per subject times the batch is the whole batch's count, as the paper
+    preset's is taken."""
+    spec = importlib.util.spec_from_file_location("drpose_step", Path(__file__).parents[1] / "bench" / "drpose_step.py")
+    ds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ds)
+    w = ds.workload("demo", "cpu", 2)
+    image, batch, noise, _ = ds.inputs(w, 1, "cpu")[0]
+    short, long = (image, batch, noise, ft.ChainPlan(3, (0, 2), True)), (image, batch, noise, ft.ChainPlan(5, (0, 2), True))
+    lora = ft.add_lora(copy.deepcopy(w["unet"]), w["lora_rank"])
+    with FlopCounterMode(display=False) as one, torch.no_grad():
+        pretrain.guided_output(lora, noise, torch.tensor(500), image, w["guidance"])
+    whole = ds.step_flops(w, long, "cpu")
+    assert whole - ds.step_flops(w, short, "cpu") == 2 * one.get_total_flops()
+    monkeypatch.setattr(ds, "CHECKPOINT_ABOVE", 0)  # this small U-Net counted as the paper's is: one subject x 2
+    assert ds.step_flops(w, long, "cpu") == whole
