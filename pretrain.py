@@ -287,10 +287,31 @@ class MultiViewAttnProcessor:
         return out.reshape(bv, n, c)  # (B*V, N, C)
 
 
-def set_view_attention(unet, num_views: int = NUM_VIEWS, multi_view: bool = True):
+class RowWiseMultiViewAttnProcessor(MultiViewAttnProcessor):
+    """Self-attention across views along image rows (Era3D's row-wise attention, which PSHuman uses at its size):
+    the cameras circle the subject at one elevation, so row r of one view sees the same height band as row r of
+    every other view, and a token attends to its row in all views: tokens (B*V, h*w, C) attend as (B*h, V*w, C).
+    Each token attends to V*w tokens instead of V*h*w, which is what makes multi-view attention fit at 96 x 96
+    latents. Square token grids only."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
+            raise ValueError("RowWiseMultiViewAttnProcessor is for unmasked self-attention on (B*V, N, C) tokens")
+        bv, n, c = hidden_states.shape  # (B*V, N, C)
+        side, views = math.isqrt(n), self.num_views
+        if side * side != n:
+            raise ValueError(f"RowWiseMultiViewAttnProcessor needs a square token grid, got {n} tokens")
+        rows = hidden_states.reshape(bv // views, views, side, side, c).transpose(1, 2)  # (B, h, V, w, C)
+        out = self.inner(attn, rows.reshape(-1, views * side, c), None, None, temb)  # (B*h, V*w, C)
+        return out.reshape(bv // views, side, views, side, c).transpose(1, 2).reshape(bv, n, c)  # (B*V, N, C)
+
+
+def set_view_attention(unet, num_views: int = NUM_VIEWS, multi_view: bool = True, row_wise: bool = False):
     """Install the multi-view processor on every self-attention (attn1); cross-attention (attn2)
-    keeps the stock one. multi_view=False gives each view its own attention (for tests/ablation)."""
-    processors = {name: (MultiViewAttnProcessor(num_views) if multi_view and name.endswith("attn1.processor")
+    keeps the stock one. multi_view=False gives each view its own attention (for tests/ablation);
+    row_wise=True attends across views along rows only (RowWiseMultiViewAttnProcessor), for large latents."""
+    kind = RowWiseMultiViewAttnProcessor if row_wise else MultiViewAttnProcessor
+    processors = {name: (kind(num_views) if multi_view and name.endswith("attn1.processor")
                          else AttnProcessor2_0()) for name in unet.attn_processors}
     unet.set_attn_processor(processors)
     return unet

@@ -114,6 +114,12 @@ def test_multiview_attention_mixes_views_and_per_view_does_not():
         before, after = model_output(unet, x, t, image), model_output(unet, changed, t, image)
     assert torch.equal(after[:, 0], before[:, 0])  # each view alone: no leak
     assert (after[:, 3] - before[:, 3]).abs().max() > 1e-4
+    with torch.no_grad():  # row-wise: views still mix in the whole U-Net (its convolutions widen each row's reach)
+        set_view_attention(unet, row_wise=True)
+        before, after = model_output(unet, x, t, image), model_output(unet, changed, t, image)
+    assert (after[:, 0] - before[:, 0]).abs().max() > 1e-4
+    assert isinstance(unet.attn_processors[next(k for k in unet.attn_processors if "attn1" in k)],
+                      pretrain.RowWiseMultiViewAttnProcessor)
 
 
 def test_views_in_a_batch_do_not_mix_across_subjects():
@@ -303,3 +309,24 @@ def test_pretraining_on_a_codec_that_changes_shape(run_dir, monkeypatch):
     assert json.loads((base / "val_metrics.json").read_text())["val"]["count"] == 2
     with pytest.raises(UserError, match="--codec nope is not in pretrain.CODECS"):
         tiny_args(run_dir, codec="nope").resolved()
+
+
+def test_row_wise_attention_mixes_views_along_rows_only():
+    """RowWiseMultiViewAttnProcessor: a token's output changes when the same row of another view changes, and not
+    when another row changes (of its own view or another); with one view it is attention within each row."""
+    from diffusers.models.attention_processor import Attention
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, heads=2, dim_head=4).eval()
+    processor = pretrain.RowWiseMultiViewAttnProcessor(num_views=3)
+    tokens = torch.randn(2 * 3, 4 * 4, 8)  # (B*V, h*w, C): 2 subjects, 3 views, a 4 x 4 grid
+    out = processor(attn, tokens)
+    assert out.shape == tokens.shape
+    grid = lambda x: x.reshape(2, 3, 4, 4, 8)  # noqa: E731  (B, V, h, w, C)
+    same_row = grid(tokens.clone())
+    same_row[0, 1, 2] += 1.0  # subject 0, view 1, row 2
+    changed = grid(processor(attn, same_row.reshape_as(tokens))) - grid(out)
+    assert changed[0, 0, 2].abs().max() > 1e-4  # view 0, row 2 sees view 1's row 2
+    assert changed[0, :, [0, 1, 3]].abs().max() < 1e-6  # other rows do not
+    assert changed[1].abs().max() < 1e-6  # nor the other subject
+    with pytest.raises(ValueError, match="square"):
+        processor(attn, torch.randn(3, 12, 8))
