@@ -1159,7 +1159,7 @@ def load_negatives(paths, resolution: int) -> dict | None:
         if arrays["views"].ndim != 4 or arrays["views"].shape[1:] != (6, resolution, resolution):
             raise UserError(f"--negatives {path} holds views {arrays['views'].shape}, not (M, 6, {resolution}, "
                             f"{resolution}); mine them from this run's data with bench/mine_negatives.py")
-        views.append(torch.from_numpy(arrays["views"]).float() / 127.5 - 1)
+        views.append(from_uint8(arrays["views"]) * 2 - 1)
         view_ids.append(torch.from_numpy(arrays["view_ids"]).long().clamp(0, NUM_VIEWS - 1))
     return dict(views=torch.cat(views), view_ids=torch.cat(view_ids))
 
@@ -1187,24 +1187,24 @@ def train_gskel(latents: torch.Tensor, joints: torch.Tensor, args: TrainArgs, lo
         subject = torch.randint(num, (args.batch_size,), generator=generator)
         view = torch.randint(NUM_VIEWS, (args.batch_size,), generator=generator)
         images = latents[subject, view]  # (N, 6, H, W)
-        if args.pose_free > 0:  # a share of the rows: the same views without their limbs, and no skeleton
+        no_skeleton = torch.zeros(args.batch_size, dtype=torch.bool)  # rows whose target is empty maps
+        if args.pose_free > 0:  # a share of the rows: the same views without their limbs
             free = torch.rand(args.batch_size, generator=generator) < args.pose_free
             images = torch.where(free[:, None, None, None], pose_free_images(
                 latents, subject, view, args.pose_free_kinds, generator), images)
-        if negatives is not None:  # a share of the rows: hacked views, each read as its own view, and no skeleton
+            no_skeleton |= free
+        if negatives is not None:  # a share of the rows: hacked views, each read as its own view
             negative = torch.rand(args.batch_size, generator=generator) < args.negative_share
             pick = torch.randint(len(negatives["views"]), (args.batch_size,), generator=generator)
             images = torch.where(negative[:, None, None, None], negatives["views"][pick], images)
             view = torch.where(negative, negatives["view_ids"][pick], view)
+            no_skeleton |= negative
         images = augment(images.to(device), args.blur, args.noise, generator)
         if args.mess > 0:
             images = solid_mess(images, generator, args.mess)
         pix = project_joints(joints[subject].to(device), resolution)[torch.arange(args.batch_size), view]
         target = draw_bones(pix, resolution, args.width)  # (N, K, H, W): only the views in the batch
-        if args.pose_free > 0:
-            target = target * (~free).to(target)[:, None, None, None]
-        if negatives is not None:
-            target = target * (~negative).to(target)[:, None, None, None]
+        target = target * (~no_skeleton).to(target)[:, None, None, None]
         if args.adv_eps > 0:
             images = adversarial_images(gskel, images, view.to(device), target, args.adv_eps, args.adv_steps, pos_weight)
         logits = gskel_apply(gskel, images, view.to(device))

@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -120,7 +121,6 @@ def step_flops(w: dict, step: tuple, device: str) -> int:
     over one eager step without gradient checkpointing: matmuls, convolutions and attention, forward and backward,
     no recomputation. A U-Net over CHECKPOINT_ABOVE parameters (the paper's) is counted on the step's first subject
     and the count multiplied by the batch: every term is per subject, and the whole batch would not fit."""
-    from torch.utils.flop_counter import FlopCounterMode
     image, batch, noise, plan = step
     scale = 1
     if w["unet"].num_parameters() > CHECKPOINT_ABOVE and len(image) > 1:
@@ -142,13 +142,12 @@ def step_flops(w: dict, step: tuple, device: str) -> int:
 def plan_flops(w: dict, steps: list, device: str) -> list[int]:
     """step_flops of every step, counted once per distinct plan length (the chain's stop and its grad steps'
     count: the DrTune plan detaches each grad step's input, so where they lie does not change the count)."""
+    length = lambda plan: (plan.stop, len(plan.grad_steps), plan.detach_input)  # noqa: E731
     counted = {}
     for step in steps:
-        plan = step[3]
-        key = (plan.stop, len(plan.grad_steps), plan.detach_input)
-        if key not in counted:
-            counted[key] = step_flops(w, step, device)
-    return [counted[(p.stop, len(p.grad_steps), p.detach_input)] for *_, p in steps]
+        if length(step[3]) not in counted:
+            counted[length(step[3])] = step_flops(w, step, device)
+    return [counted[length(step[3])] for step in steps]
 
 
 def run_config(name: str, w: dict, steps: list, warmup: int, device: str, write, profile=False,

@@ -33,14 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import posescore  # noqa: E402
 from reconstruct import generate_set  # noqa: E402
 from plumbing import UserError, atomic_write, contact_sheet, guard_output_file, one_line_errors, write_json  # noqa: E402
-from prepare_data import from_uint8, load_split, views_to_latents  # noqa: E402
+from prepare_data import from_uint8, load_split, to_uint8, views_to_latents  # noqa: E402
 from reward_probe import ascent  # noqa: E402
 
 FIRST_FREE_ROW = 96  # rows below are the evaluation's DrPose poses (48) and the judge's gamed-views case (48)
-
-
-def to_uint8(views: torch.Tensor) -> np.ndarray:
-    return (views * 127.5 + 127.5).round().clamp(0, 255).byte().numpy()
 
 
 def side_views(views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,12 +106,12 @@ def main(argv: list[str] | None = None) -> None:
     views, view_ids = torch.cat(views), torch.cat(view_ids)
     with atomic_write(args.out) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, views=to_uint8(views), view_ids=view_ids.numpy())
+            np.savez_compressed(fh, views=to_uint8((views + 1) / 2), view_ids=view_ids.numpy())
     write_json(args.out.with_suffix(".json"), dict(
         command="python " + " ".join(sys.argv), rows=[int(rows[0]), int(rows[-1]) + 1], reward=args.reward,
         reward_dir=str(args.reward_dir or args.run_dir / "posescore"), gt_reward=gt_reward, ascent=log,
         models=list(model_views), negatives=len(views)))
-    sheet = [to_uint8(v[i, :, :3]) for v in (gt, base_views, *sources) for i in range(3)]
+    sheet = [to_uint8((v[i, :, :3] + 1) / 2) for v in (gt, base_views, *sources) for i in range(3)]
     contact_sheet(args.out.with_suffix(".png"), sheet)
     reached = next((line["step"] for line in log if line["reached_gt"]), None)
     print(f"wrote {args.out}: {len(views)} side views from rows {rows[0]}-{rows[-1]}"

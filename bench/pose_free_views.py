@@ -7,7 +7,7 @@ input images of the first DrPose poses, stored once so that the case never chang
 DRPOSE_MODEL is a model folder (`pretrain.load_model`) that draws a dense blob in every side view: the one
 stored here is DrPose with the paper's recipe, `bench/effect_gpu.sh` row `paper`, seed 0, 12,800 samples
 (batch 16, 800 steps, lr 5e-4) on one H100 from `pretrained/demo_base`. Both models sample the same inputs with
-the same noise (`reconstruct.generate_set`, --seed). The npz holds, as uint8 (views * 127.5 + 127.5):
+the same noise (`reconstruct.generate_set`, --seed). The npz holds, as uint8 ((views + 1) / 2 * 255):
     gamed   (N, V, 6, H, W)  the gamed model's views          base   (N, V, 6, H, W)  the base's views
     rows    (N,)             the rows of data/drpose/pairs.npz (= data/drpose_gt/train.npz) they were drawn from
 and, as text, the command and the two models' configs. bench/judge_check.py reads it.
@@ -24,11 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reconstruct import generate_set  # noqa: E402
 from plumbing import atomic_write  # noqa: E402
-from prepare_data import from_uint8, load_split  # noqa: E402
-
-
-def to_uint8(views: torch.Tensor) -> np.ndarray:
-    return (views * 127.5 + 127.5).round().clamp(0, 255).byte().numpy()
+from prepare_data import from_uint8, load_split, to_uint8  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(1)
     pairs = load_split(args.run_dir / "data" / "drpose" / "pairs.npz", expect_keys=("image",))
     images = from_uint8(pairs["image"][:args.count])  # (N, 3, H, W) the single input images DrPose sees
-    arrays = {name: to_uint8(generate_set(folder, images, args.seed, "cpu"))
+    arrays = {name: to_uint8((generate_set(folder, images, args.seed, "cpu") + 1) / 2)
               for name, folder in (("gamed", args.gamed), ("base", args.base))}
     configs = {name: json.loads((folder / "model_config.json").read_text())
                for name, folder in (("gamed", args.gamed), ("base", args.base))}
